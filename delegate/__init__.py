@@ -1,0 +1,1 @@
+"""Backend-specific knowledge: one module per ExecuTorch backend."""
