@@ -1,0 +1,334 @@
+"""Read facts out of a serialized ExecuTorch ``.pte`` without running it.
+
+Uses ExecuTorch's own flatbuffer deserializer on the program part of the file
+only: the extended header (``eh00`` at byte 8) gives the size of the flatbuffer
+and where the segments start, so the (possibly multi-GB) segment data -- delegate
+payloads, constants, named data -- is never read, only its sizes from the
+program's segment table.
+
+``inspect_pte(path)`` returns a JSON-serializable dict::
+
+    {
+      "file_size": int, "program_size": int, "file_identifier": "ET12", "version": int,
+      "extended_header": {"program_size", "segment_base_offset", "segment_data_size"} | None,
+      "methods": {name: {
+          "num_inputs", "num_outputs",
+          "inputs": [io], "outputs": [io],       # io: {"kind": "Tensor", "dtype", "sizes",
+                                                 #      "dim_order", "shape_dynamism"} or
+                                                 #     {"kind": "Int"|..., "value": ...}
+          "operators": ["aten::addmm.out", ...],  # non-delegated kernels (plan operator table)
+          "delegates": [{"backend_id", "location": "inline"|"segment", "index",
+                         "payload_bytes", "compile_specs": [keys], "calls"}],
+          "instructions": {"KernelCall", "DelegateCall", "other", "total", "by_kind": {...}},
+          "num_values", "non_const_buffer_sizes"}},
+      "constant_methods": {name: value},        # int/float/bool/str/list..., pytree-unflattened
+      "segments": {"count", "total_bytes", "sizes": [...]},
+      "constant_segment": {"segment_index", "num_tensors", "bytes"} | None,
+      "constant_buffer": {"count", "bytes"},    # inline (legacy) constants
+      "mutable_data": {"count", "bytes"},
+      "named_data": {"count", "bytes", "keys": [...]} | None,
+      "backend_delegate_data": {"count", "bytes"},  # inline delegate payloads
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["inspect_pte", "delegated_backends", "non_delegated_ops", "PTEInspectError"]
+
+# Bytes of the file head that hold the flatbuffer root offset, the file
+# identifier and the extended header (executorch: _ExtendedHeader.NUM_HEAD_BYTES).
+_NUM_HEAD_BYTES = 64
+
+# ExecuTorch ScalarType names -> torch dtype names.
+_DTYPE_NAMES = {
+    "BYTE": "uint8",
+    "CHAR": "int8",
+    "SHORT": "int16",
+    "INT": "int32",
+    "LONG": "int64",
+    "HALF": "float16",
+    "FLOAT": "float32",
+    "DOUBLE": "float64",
+    "COMPLEX32": "complex32",
+    "COMPLEX64": "complex64",
+    "COMPLEX128": "complex128",
+    "BOOL": "bool",
+    "QINT8": "qint8",
+    "QUINT8": "quint8",
+    "QINT32": "qint32",
+    "BFLOAT16": "bfloat16",
+    "QUINT4x2": "quint4x2",
+    "QUINT2x4": "quint2x4",
+    "BITS16": "bits16",
+    "FLOAT8E5M2": "float8_e5m2",
+    "FLOAT8E4M3FN": "float8_e4m3fn",
+    "FLOAT8E5M2FNUZ": "float8_e5m2fnuz",
+    "FLOAT8E4M3FNUZ": "float8_e4m3fnuz",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+}
+
+
+class PTEInspectError(ValueError):
+    """The file is not a readable ExecuTorch program."""
+
+
+def _read_program_bytes(path: str | os.PathLike) -> tuple[bytes, int, Any]:
+    """Return (flatbuffer bytes, file size, extended header or None)."""
+    from executorch.exir._serialize._program import _ExtendedHeader
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(_NUM_HEAD_BYTES)
+        if len(head) < 8 or head[4:6] != b"ET":
+            raise PTEInspectError(f"{path}: not an ExecuTorch program (file identifier {head[4:8]!r})")
+        eh = None
+        if len(head) >= 8 + _ExtendedHeader.EXPECTED_LENGTH:
+            cand = _ExtendedHeader.from_bytes(head[8:])
+            if cand.is_valid():
+                eh = cand
+        program_size = eh.program_size if eh is not None else size
+        if program_size > size:
+            raise PTEInspectError(f"{path}: truncated (program size {program_size} > file size {size})")
+        f.seek(0)
+        data = f.read(program_size)
+    return data, size, eh
+
+
+def _enum_name(v: Any) -> Any:
+    return v.name if hasattr(v, "name") else v
+
+
+def _scalar(v: Any) -> Any:
+    """Make a decoded primitive JSON-friendly (non-finite doubles become strings)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _describe_value(values: list, idx: int, _depth: int = 0) -> dict:
+    """Describe values[idx] (an EValue) as a JSON-friendly dict."""
+    from executorch.exir import schema as S
+
+    if idx < 0 or idx >= len(values):
+        return {"kind": "Invalid", "index": idx}
+    val = values[idx].val
+    kind = type(val).__name__
+    if isinstance(val, S.Tensor):
+        st = _enum_name(val.scalar_type)
+        return {
+            "kind": "Tensor",
+            "dtype": _DTYPE_NAMES.get(st, str(st).lower()),
+            "sizes": list(val.sizes),
+            "dim_order": list(val.dim_order),
+            "shape_dynamism": _enum_name(val.shape_dynamism),
+        }
+    out: dict[str, Any] = {"kind": kind}
+    if isinstance(val, S.Int):
+        out["value"] = val.int_val
+    elif isinstance(val, S.Bool):
+        out["value"] = bool(val.bool_val)
+    elif isinstance(val, S.Double):
+        d = val.double_val
+        out["value"] = _scalar(float(d)) if not isinstance(d, str) else d
+    elif isinstance(val, S.String):
+        out["value"] = val.string_val
+    elif isinstance(val, (S.DoubleList, S.BoolList)):
+        out["value"] = [_scalar(x) for x in val.items]
+    elif isinstance(val, S.IntList):
+        # Boxed list: items are indices of Int EValues (see exir emitter _emit_int_list).
+        out["value"] = [
+            _describe_value(values, i, _depth + 1).get("value") if _depth < 4 else None for i in val.items
+        ]
+    elif isinstance(val, S.TensorList):
+        out["items"] = [_describe_value(values, i, _depth + 1) if _depth < 4 else {"index": i} for i in val.items]
+    return out
+
+
+def _constant_value(values: list, idx: int) -> Any:
+    d = _describe_value(values, idx)
+    if d["kind"] == "Tensor":
+        return {k: d[k] for k in ("kind", "dtype", "sizes")}
+    return d.get("value")
+
+
+def _unflatten(leaves: list, encoded_out_str: str) -> Any:
+    """Rebuild a constant method's return value from its flattened outputs."""
+    try:
+        from torch.utils import _pytree as pytree
+
+        spec = pytree.treespec_loads(encoded_out_str)
+        if spec.num_leaves == len(leaves):
+            return pytree.tree_unflatten(leaves, spec)
+    except Exception:  # noqa: BLE001 - fall back to a shape-only guess
+        pass
+    return leaves[0] if len(leaves) == 1 else list(leaves)
+
+
+def _is_constant_method(plan: Any) -> bool:
+    return (
+        not plan.inputs
+        and not plan.operators
+        and not plan.delegates
+        and all(not c.instructions for c in plan.chains)
+    )
+
+
+def _op_name(op: Any) -> str:
+    return f"{op.name}.{op.overload}" if op.overload else op.name
+
+
+def inspect_pte(path: str | os.PathLike) -> dict:
+    """Inspect a serialized ``.pte`` file; see the module docstring for the result."""
+    from executorch.exir import schema as S
+    from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+
+    data, file_size, eh = _read_program_bytes(path)
+    try:
+        program = _flatbuffer_to_program(data)
+    except Exception as e:  # flatbuffers raises assorted errors on garbage
+        raise PTEInspectError(f"{path}: cannot parse program flatbuffer: {e}") from e
+
+    seg_sizes = [s.size for s in program.segments]
+
+    def seg_size(i: int) -> int | None:
+        return seg_sizes[i] if 0 <= i < len(seg_sizes) else None
+
+    methods: dict[str, dict] = {}
+    constant_methods: dict[str, Any] = {}
+    for plan in program.execution_plan:
+        if _is_constant_method(plan):
+            leaves = [_constant_value(plan.values, i) for i in plan.outputs]
+            constant_methods[plan.name] = _unflatten(leaves, plan.container_meta_type.encoded_out_str)
+            continue
+
+        by_kind: dict[str, int] = {}
+        delegate_calls: dict[int, int] = {}
+        for chain in plan.chains:
+            for ins in chain.instructions:
+                k = type(ins.instr_args).__name__
+                by_kind[k] = by_kind.get(k, 0) + 1
+                if isinstance(ins.instr_args, S.DelegateCall):
+                    di = ins.instr_args.delegate_index
+                    delegate_calls[di] = delegate_calls.get(di, 0) + 1
+        n_kernel = by_kind.get("KernelCall", 0)
+        n_deleg = by_kind.get("DelegateCall", 0)
+        total = sum(by_kind.values())
+
+        delegates = []
+        for di, d in enumerate(plan.delegates):
+            ref = d.processed
+            if ref.location == S.DataLocation.INLINE:
+                loc = "inline"
+                bdd = program.backend_delegate_data
+                payload = len(bdd[ref.index].data) if 0 <= ref.index < len(bdd) else None
+            else:
+                loc = "segment"
+                payload = seg_size(ref.index)
+            delegates.append(
+                {
+                    "backend_id": d.id,
+                    "location": loc,
+                    "index": ref.index,
+                    "payload_bytes": payload,
+                    "compile_specs": [cs.key for cs in d.compile_specs],
+                    "calls": delegate_calls.get(di, 0),
+                }
+            )
+
+        methods[plan.name] = {
+            "num_inputs": len(plan.inputs),
+            "num_outputs": len(plan.outputs),
+            "inputs": [_describe_value(plan.values, i) for i in plan.inputs],
+            "outputs": [_describe_value(plan.values, i) for i in plan.outputs],
+            "operators": [_op_name(op) for op in plan.operators],
+            "delegates": delegates,
+            "instructions": {
+                "KernelCall": n_kernel,
+                "DelegateCall": n_deleg,
+                "other": total - n_kernel - n_deleg,
+                "total": total,
+                "by_kind": by_kind,
+            },
+            "num_values": len(plan.values),
+            "non_const_buffer_sizes": list(plan.non_const_buffer_sizes),
+        }
+
+    cs = program.constant_segment
+    constant_segment = None
+    if cs is not None and cs.offsets:
+        constant_segment = {
+            "segment_index": cs.segment_index,
+            # offsets[0] is the reserved empty entry for non-constant tensors.
+            "num_tensors": max(len(cs.offsets) - 1, 0),
+            "bytes": seg_size(cs.segment_index),
+        }
+    mutable = program.mutable_data_segments or []
+    named = program.named_data
+    named_data = None
+    if named:
+        named_segs = {n.segment_index for n in named}
+        named_data = {
+            "count": len(named),
+            "bytes": sum(seg_size(i) or 0 for i in named_segs),
+            "keys": [n.key for n in named],
+        }
+
+    return {
+        "path": str(path),
+        "file_size": file_size,
+        "program_size": len(data),
+        "file_identifier": data[4:8].decode("ascii", "replace"),
+        "version": program.version,
+        "extended_header": None
+        if eh is None
+        else {
+            "program_size": eh.program_size,
+            "segment_base_offset": eh.segment_base_offset,
+            "segment_data_size": eh.segment_data_size,
+        },
+        "methods": methods,
+        "constant_methods": constant_methods,
+        "segments": {"count": len(seg_sizes), "total_bytes": sum(seg_sizes), "sizes": seg_sizes},
+        "constant_segment": constant_segment,
+        "constant_buffer": {
+            "count": len(program.constant_buffer),
+            "bytes": sum(len(b.storage) for b in program.constant_buffer),
+        },
+        "mutable_data": {
+            "count": len(mutable),
+            "bytes": sum(seg_size(m.segment_index) or 0 for m in mutable),
+        },
+        "named_data": named_data,
+        "backend_delegate_data": {
+            "count": len(program.backend_delegate_data),
+            "bytes": sum(len(b.data) for b in program.backend_delegate_data),
+        },
+    }
+
+
+def delegated_backends(info: dict) -> set[str]:
+    """Backend ids of every delegate called anywhere in the program."""
+    return {d["backend_id"] for m in info["methods"].values() for d in m["delegates"]}
+
+
+def non_delegated_ops(info: dict, method: str = "forward") -> list[str]:
+    """Operators ``method`` runs outside any delegate, as ``name.overload``."""
+    try:
+        return list(info["methods"][method]["operators"])
+    except KeyError:
+        raise KeyError(f"no method {method!r}; have {sorted(info['methods'])}") from None
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m mlxbuild.pte_inspect FILE.pte
+    import sys
+
+    for p in sys.argv[1:]:
+        print(json.dumps(inspect_pte(Path(p)), indent=1))
