@@ -1,0 +1,254 @@
+"""What each ExecuTorch backend can build, as data.
+
+This table is the single source of truth used by manifest validation
+(:func:`check`, :func:`options_model`) and by the README (:func:`render_markdown`).
+It must stay cheap to import: no torch, no executorch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ALL_BACKENDS",
+    "DTYPES",
+    "SUPPORTED_BACKENDS",
+    "BackendCapabilities",
+    "LayerSupport",
+    "CAPABILITIES",
+    "check",
+    "get",
+    "options_model",
+    "render_markdown",
+]
+
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+ALL_BACKENDS: tuple[str, ...] = ("mlx", "xnnpack", "portable", "coreml", "vulkan", "cuda")
+LAYERS: tuple[str, ...] = ("linear", "embedding")
+
+
+# --------------------------------------------------------------------------- options
+
+
+class BackendOptions(BaseModel):
+    """Base for per-backend ``targets[].options`` models (unknown keys are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MlxOptions(BackendOptions):
+    """Options for the MLX delegate (none yet)."""
+
+
+class XnnpackOptions(BackendOptions):
+    """Options for the XNNPACK delegate (none yet)."""
+
+
+class PortableOptions(BackendOptions):
+    """Options for the portable (no delegate) backend (none yet)."""
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class LayerSupport:
+    """Quantization formats a backend accepts for one layer kind.
+
+    ``format: none`` (unquantized) is always accepted.
+    """
+
+    affine_bits: tuple[int, ...] = ()  # bits allowed with format 'affine'; () = no affine
+    nvfp4: bool = False
+    int8_dynamic: bool = False  # int8 dynamic activation quantization (linear only)
+    note: str = ""
+
+    def formats(self) -> tuple[str, ...]:
+        out = ["none"]
+        if self.affine_bits:
+            out.append("affine")
+        if self.nvfp4:
+            out.append("nvfp4")
+        return tuple(out)
+
+    def describe(self) -> str:
+        parts = ["none"]
+        if self.affine_bits:
+            bits = "/".join(str(b) for b in self.affine_bits)
+            parts.append(f"affine {bits}-bit" + ("" if self.int8_dynamic else " (weight-only)"))
+        if self.int8_dynamic:
+            parts.append("int8_dynamic activations (affine 4/8-bit)")
+        if self.nvfp4:
+            parts.append("nvfp4")
+        text = ", ".join(parts)
+        if self.note:
+            text += f" — {self.note}"
+        return text
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    name: str
+    supported: bool
+    dtypes: tuple[str, ...] = ()
+    linear: LayerSupport = field(default_factory=LayerSupport)
+    embedding: LayerSupport = field(default_factory=LayerSupport)
+    options: type[BackendOptions] = BackendOptions
+    notes: str = ""
+
+    def layer(self, kind: str) -> LayerSupport:
+        return self.linear if kind == "linear" else self.embedding
+
+
+CAPABILITIES: dict[str, BackendCapabilities] = {
+    "mlx": BackendCapabilities(
+        name="mlx",
+        supported=True,
+        dtypes=("fp32", "fp16", "bf16"),
+        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        options=MlxOptions,
+        notes="Apple MLX delegate; weight-only quantization lowered to MLX quantized kernels.",
+    ),
+    "xnnpack": BackendCapabilities(
+        name="xnnpack",
+        supported=True,
+        dtypes=("fp32", "fp16"),
+        linear=LayerSupport(affine_bits=(4, 8), int8_dynamic=True),
+        embedding=LayerSupport(
+            affine_bits=(2, 4, 8), note="quantized embedding kernels run as portable ops"
+        ),
+        options=XnnpackOptions,
+        notes="CPU delegate; bf16 is not supported by XNNPACK.",
+    ),
+    "portable": BackendCapabilities(
+        name="portable",
+        supported=True,
+        dtypes=("fp32", "fp16", "bf16"),
+        linear=LayerSupport(affine_bits=(4, 8)),
+        embedding=LayerSupport(affine_bits=(2, 4, 8)),
+        options=PortableOptions,
+        notes="No delegate: reference portable/quantized kernels (slow, maximally compatible).",
+    ),
+    "coreml": BackendCapabilities(name="coreml", supported=False),
+    "vulkan": BackendCapabilities(name="vulkan", supported=False),
+    "cuda": BackendCapabilities(name="cuda", supported=False),
+}
+
+SUPPORTED_BACKENDS: tuple[str, ...] = tuple(b for b in ALL_BACKENDS if CAPABILITIES[b].supported)
+
+
+def get(backend: str) -> BackendCapabilities:
+    """Capabilities of ``backend``; raises ``KeyError`` for an unknown name."""
+    try:
+        return CAPABILITIES[backend]
+    except KeyError:
+        raise KeyError(
+            f"unknown backend {backend!r}; expected one of: {', '.join(ALL_BACKENDS)}"
+        ) from None
+
+
+def options_model(backend: str) -> type[BackendOptions]:
+    """The pydantic model validating ``targets[].options`` for ``backend``."""
+    return get(backend).options
+
+
+def unsupported_message(backend: str) -> str:
+    return f"backend {backend!r} is not supported yet (supported: {', '.join(SUPPORTED_BACKENDS)})"
+
+
+def _int8_dynamic_backends() -> list[str]:
+    return [b for b in SUPPORTED_BACKENDS if CAPABILITIES[b].linear.int8_dynamic]
+
+
+def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
+    """Problems with building ``scheme`` at ``dtype`` on ``backend``.
+
+    ``scheme`` is a :class:`mlxbuild.manifest.Scheme` (or anything with optional
+    ``linear`` / ``embedding`` attributes carrying ``format``, ``bits`` and
+    ``activations``), or ``None`` for no quantization.
+
+    Returns a list of ``(field, message)``; ``field`` is one of ``"backend"``,
+    ``"dtype"`` or ``"<layer>.<attr>"`` (e.g. ``"linear.activations"``), relative
+    to the scheme for layer issues. An empty list means the combination is fine.
+    """
+    if backend not in CAPABILITIES:
+        return [
+            ("backend", f"{backend!r} is not allowed; expected one of: {', '.join(ALL_BACKENDS)}")
+        ]
+    caps = CAPABILITIES[backend]
+    if not caps.supported:
+        return [("backend", unsupported_message(backend))]
+
+    issues: list[tuple[str, str]] = []
+    if dtype not in caps.dtypes:
+        issues.append(
+            (
+                "dtype",
+                f"dtype {dtype!r} is not supported by {backend} "
+                f"(supported: {', '.join(caps.dtypes)})",
+            )
+        )
+    if scheme is None:
+        return issues
+
+    for kind in LAYERS:
+        layer = getattr(scheme, kind, None)
+        if layer is None:
+            continue
+        fmt = getattr(layer, "format", "none")
+        if fmt == "none":
+            continue
+        sup = caps.layer(kind)
+        if (fmt == "nvfp4" and not sup.nvfp4) or (fmt == "affine" and not sup.affine_bits):
+            issues.append(
+                (
+                    f"{kind}.format",
+                    f"{fmt} is not supported by {backend} for {kind} layers "
+                    f"(supported formats: {', '.join(sup.formats())})",
+                )
+            )
+            continue
+        if fmt == "affine":
+            bits = getattr(layer, "bits", None)
+            if bits not in sup.affine_bits:
+                issues.append(
+                    (
+                        f"{kind}.bits",
+                        f"{bits}-bit affine is not supported by {backend} for {kind} layers "
+                        f"(supported bits: {', '.join(str(b) for b in sup.affine_bits)})",
+                    )
+                )
+        if getattr(layer, "activations", "none") == "int8_dynamic" and not sup.int8_dynamic:
+            others = _int8_dynamic_backends()
+            where = ", ".join(others) if others else "no backend"
+            issues.append(
+                (f"{kind}.activations", f"int8_dynamic activations are only supported by {where}")
+            )
+    return issues
+
+
+def render_markdown() -> str:
+    """The capability table as a Markdown table (for the README)."""
+    lines = [
+        "| Backend | Status | dtypes | linear | embedding | options |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ALL_BACKENDS:
+        caps = CAPABILITIES[name]
+        if not caps.supported:
+            lines.append(f"| `{name}` | not supported yet | — | — | — | — |")
+            continue
+        opts = ", ".join(f"`{k}`" for k in caps.options.model_fields) or "none"
+        lines.append(
+            f"| `{name}` | supported | {', '.join(caps.dtypes)} | {caps.linear.describe()} "
+            f"| {caps.embedding.describe()} | {opts} |"
+        )
+    notes = [f"- `{n}`: {CAPABILITIES[n].notes}" for n in ALL_BACKENDS if CAPABILITIES[n].notes]
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,981 @@
+"""The build manifest: YAML -> validated pydantic models.
+
+Public API::
+
+    load_manifest(path) -> Manifest          # raises ManifestError (one line, file:line:col)
+    parse_manifest(text, file="<string>") -> Manifest
+    json_schema() -> dict                    # the JSON schema committed in schema/
+
+Every validation problem is reported as a single :class:`~mlxbuild.errors.ManifestError`
+pointing at the offending YAML node. This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from delegate import capabilities
+from mlxbuild.errors import ManifestError
+
+__all__ = [
+    "ARCHITECTURES",
+    "BACKENDS",
+    "DTYPES",
+    "SCHEMA_PATH",
+    "SOURCE_KINDS",
+    "ExportSpec",
+    "LayerQuant",
+    "Manifest",
+    "ModelSpec",
+    "Scheme",
+    "Source",
+    "SyntheticSource",
+    "Target",
+    "json_schema",
+    "load_manifest",
+    "parse_manifest",
+]
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "manifest.schema.json"
+
+ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama")
+BACKENDS: tuple[str, ...] = capabilities.ALL_BACKENDS
+DTYPES: tuple[str, ...] = capabilities.DTYPES
+TASKS: tuple[str, ...] = ("text-generation",)
+SOURCE_KINDS: tuple[str, ...] = ("path", "hf", "synthetic", "module")
+QUANT_FORMATS: tuple[str, ...] = ("affine", "nvfp4", "none")
+QUANT_BITS: tuple[int, ...] = (2, 4, 8)
+GROUP_SIZES: tuple[Union[int, str], ...] = (32, 64, 128, 256, "per_channel")
+ACTIVATIONS: tuple[str, ...] = ("none", "int8_dynamic")
+DEFAULT_GROUP_SIZE = 32
+NVFP4_GROUP_SIZE = 16
+NO_QUANTIZATION = "none"
+
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+SEMVER_PATTERN = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+HF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+MODULE_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
+
+_SLUG_RE = re.compile(SLUG_PATTERN)
+_SEMVER_RE = re.compile(SEMVER_PATTERN)
+_HF_RE = re.compile(HF_PATTERN)
+_MODULE_RE = re.compile(MODULE_PATTERN)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Issue(ValueError):
+    """Raised inside validators: ``sub`` is a path relative to the validated value."""
+
+    def __init__(self, sub: tuple, message: str) -> None:
+        super().__init__(message)
+        self.sub = tuple(sub)
+        self.message = message
+
+
+def _describe(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"a boolean ({str(v).lower()})"
+    if isinstance(v, int):
+        return f"an integer ({v})"
+    if isinstance(v, float):
+        return f"a number ({v})"
+    if isinstance(v, str):
+        return f"a string ({v!r})"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    return f"a {type(v).__name__}"
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (str, int, float)) or v is None:
+        return repr(v)
+    return _describe(v)
+
+
+def _choice(*values: Any):
+    """A Literal type whose error says what is allowed."""
+    allowed = ", ".join(str(c) for c in values)
+
+    def check(v: Any) -> Any:
+        for c in values:
+            if type(v) is type(c) and v == c:
+                return v
+        raise _Issue((), f"{_show(v)} is not allowed; expected one of: {allowed}")
+
+    return Annotated[Literal[values], BeforeValidator(check)]  # type: ignore[valid-type]
+
+
+def _string_check(what: str, regex: re.Pattern | None = None, hint: str = "") -> Callable:
+    def check(v: Any) -> Any:
+        if not isinstance(v, str):
+            raise _Issue((), f"expected a {what} string, got {_describe(v)}")
+        if regex is None:
+            if not v.strip():
+                raise _Issue((), f"expected a {what} string, got an empty string")
+        elif not regex.fullmatch(v):
+            raise _Issue((), f"{v!r} is not a valid {what}; {hint}")
+        return v
+
+    return check
+
+
+_SLUG_HINT = "use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+def _none_to_empty(v: Any) -> Any:
+    return {} if v is None else v
+
+
+def _check_scheme_name(v: Any) -> Any:
+    _string_check("scheme name", _SLUG_RE, _SLUG_HINT)(v)
+    if v == NO_QUANTIZATION:
+        raise _Issue((), "'none' is reserved (it means no quantization); choose another scheme name")
+    return v
+
+
+def _check_identifier(v: Any) -> Any:
+    if not isinstance(v, str) or not v.isidentifier():
+        raise _Issue((), f"{_show(v)} is not a valid method name; expected a Python identifier")
+    return v
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_constant(v: Any) -> Any:
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        for i, item in enumerate(v):
+            if not _is_number(item):
+                raise _Issue((i,), f"list items must be numbers, got {_describe(item)}")
+        return v
+    raise _Issue(
+        (), f"expected an int, float, bool, string or list of numbers, got {_describe(v)}"
+    )
+
+
+Slug = Annotated[
+    str,
+    StringConstraints(pattern=SLUG_PATTERN),
+    BeforeValidator(_string_check("name", _SLUG_RE, _SLUG_HINT)),
+]
+SchemeName = Annotated[
+    str, StringConstraints(pattern=SLUG_PATTERN), BeforeValidator(_check_scheme_name)
+]
+SchemeRef = Annotated[
+    str,
+    StringConstraints(pattern=SLUG_PATTERN),
+    BeforeValidator(_string_check("scheme name", _SLUG_RE, _SLUG_HINT)),
+]
+SemVer = Annotated[
+    str,
+    StringConstraints(pattern=SEMVER_PATTERN),
+    BeforeValidator(
+        _string_check(
+            "semantic version",
+            _SEMVER_RE,
+            "expected MAJOR.MINOR.PATCH[-prerelease][+build], e.g. 0.1.0",
+        )
+    ),
+]
+HfRepo = Annotated[
+    str,
+    StringConstraints(pattern=HF_PATTERN),
+    BeforeValidator(_string_check("Hugging Face repo id", _HF_RE, "expected 'owner/name'")),
+]
+ModuleRef = Annotated[
+    str,
+    StringConstraints(pattern=MODULE_PATTERN),
+    BeforeValidator(
+        _string_check("module reference", _MODULE_RE, "expected 'dotted.module:attr'")
+    ),
+]
+NonEmptyStr = Annotated[
+    str, StringConstraints(min_length=1), BeforeValidator(_string_check("non-empty"))
+]
+Identifier = Annotated[str, BeforeValidator(_check_identifier)]
+FreeDict = Annotated[dict[str, Any], BeforeValidator(_none_to_empty)]
+ConstantValue = Annotated[
+    Union[StrictBool, StrictInt, StrictFloat, StrictStr, list[Union[StrictInt, StrictFloat]]],
+    BeforeValidator(_check_constant),
+]
+
+Architecture = _choice(*ARCHITECTURES)
+Backend = _choice(*BACKENDS)
+Dtype = _choice(*DTYPES)
+Task = _choice(*TASKS)
+QuantFormat = _choice(*QUANT_FORMATS)
+Bits = _choice(*QUANT_BITS)
+GroupSize = _choice(*GROUP_SIZES)
+Activations = _choice(*ACTIVATIONS)
+
+
+class _Model(BaseModel):
+    """Base: unknown keys are rejected with a message listing the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def check_known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise _Issue((key,), cls._unknown_field_message(key))
+            data = cls._prepare(dict(data))
+        return data
+
+    @classmethod
+    def _unknown_field_message(cls, key: Any) -> str:
+        return f"unknown field {key!r}; allowed: {', '.join(cls.model_fields)}"
+
+    @classmethod
+    def _prepare(cls, data: dict) -> dict:
+        """Hook for cross-key checks on the raw mapping (keys in file order)."""
+        return data
+
+
+# --------------------------------------------------------------------------- model
+
+
+class SyntheticSource(_Model):
+    """A randomly initialised model of a known architecture (for tests and CI)."""
+
+    architecture: Architecture = Field(description="model family")
+    seed: StrictInt = Field(0, ge=0, description="RNG seed for the weights")
+    config: FreeDict = Field(
+        default_factory=dict, description="architecture config overrides, e.g. hidden_size"
+    )
+
+
+class Source(_Model):
+    """Where the weights come from: exactly one of path / hf / synthetic / module."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [{"required": [k]} for k in SOURCE_KINDS],
+            "dependentRequired": {"revision": ["hf"], "kwargs": ["module"]},
+        },
+    )
+
+    path: NonEmptyStr | None = Field(
+        None, description="local checkpoint; relative to the manifest's directory"
+    )
+    hf: HfRepo | None = Field(None, description="Hugging Face Hub repo id 'owner/name'")
+    revision: NonEmptyStr | None = Field(None, description="Hub revision (only with hf)")
+    synthetic: SyntheticSource | None = None
+    module: ModuleRef | None = Field(
+        None, description="'dotted.module:factory' returning an nn.Module"
+    )
+    kwargs: dict[str, Any] | None = Field(None, description="factory kwargs (only with module)")
+
+    @classmethod
+    def _prepare(cls, data: dict) -> dict:
+        kinds = ", ".join(SOURCE_KINDS)
+        given = [k for k in data if k in SOURCE_KINDS and data[k] is not None]
+        if not given:
+            raise _Issue((), f"no model source given; expected exactly one of: {kinds}")
+        if len(given) > 1:
+            raise _Issue(
+                (given[1],),
+                f"only one model source may be given, found both {given[0]!r} and "
+                f"{given[1]!r}; expected exactly one of: {kinds}",
+            )
+        if data.get("revision") is not None and given[0] != "hf":
+            raise _Issue(("revision",), "'revision' is only allowed together with 'hf'")
+        if data.get("kwargs") is not None and given[0] != "module":
+            raise _Issue(("kwargs",), "'kwargs' is only allowed together with 'module'")
+        return data
+
+    @property
+    def kind(self) -> str:
+        """Which source is set: 'path', 'hf', 'synthetic' or 'module'."""
+        for k in SOURCE_KINDS:
+            if getattr(self, k) is not None:
+                return k
+        raise AssertionError("validated Source without a kind")
+
+    def resolved_path(self, base_dir: str | os.PathLike | None = None) -> Path | None:
+        """``path`` made absolute against ``base_dir`` (default: cwd); None if not a path source."""
+        if self.path is None:
+            return None
+        return _resolve(self.path, base_dir)
+
+
+class ModelSpec(_Model):
+    source: Source
+    dtype: Dtype = Field("fp32", description="compute/weight dtype of the exported model")
+    task: Task = "text-generation"
+    tokenizer: NonEmptyStr | None = Field(
+        None, description="tokenizer file/dir; relative to the manifest's directory"
+    )
+
+
+class ExportSpec(_Model):
+    max_context_length: StrictInt = Field(ge=2, description="KV-cache length")
+    max_prefill_chunk: StrictInt | None = Field(
+        None, ge=1, description="tokens per prefill call; default: max_context_length"
+    )
+    constant_methods: dict[Identifier, ConstantValue] = Field(
+        default_factory=dict, description="extra constant methods baked into the .pte"
+    )
+
+    @field_validator("constant_methods", mode="before")
+    @classmethod
+    def constant_methods_null(cls, v: Any) -> Any:
+        return _none_to_empty(v)
+
+    @field_validator("max_prefill_chunk")
+    @classmethod
+    def check_prefill_chunk(cls, v: int | None, info: ValidationInfo) -> int | None:
+        ctx = info.data.get("max_context_length")
+        if v is not None and isinstance(ctx, int) and v > ctx:
+            raise _Issue((), f"must be <= max_context_length ({ctx}), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def default_prefill_chunk(self) -> "ExportSpec":
+        if self.max_prefill_chunk is None:
+            self.max_prefill_chunk = self.max_context_length
+        return self
+
+
+class LayerQuant(_Model):
+    """Quantization of one layer kind (linear or embedding)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"format": {"const": "affine"}}},
+                    "then": {"required": ["bits"]},
+                },
+                {
+                    "if": {
+                        "properties": {"format": {"enum": ["nvfp4", "none"]}},
+                        "required": ["format"],
+                    },
+                    "then": {
+                        "not": {"anyOf": [{"required": ["bits"]}, {"required": ["group_size"]}]}
+                    },
+                },
+            ]
+        },
+    )
+
+    format: QuantFormat = "affine"
+    bits: Bits | None = Field(None, description="required for affine; not allowed otherwise")
+    group_size: GroupSize | None = Field(
+        None, description=f"affine only; default {DEFAULT_GROUP_SIZE} (nvfp4: fixed at 16)"
+    )
+    activations: Activations = Field(
+        "none", description="int8_dynamic: linear only, affine 4/8-bit"
+    )
+
+    @model_validator(mode="after")
+    def check_format(self) -> "LayerQuant":
+        if self.format == "affine":
+            if self.bits is None:
+                allowed = ", ".join(str(b) for b in QUANT_BITS)
+                raise _Issue(("bits",), f"required when format is 'affine' (one of: {allowed})")
+            if self.group_size is None:
+                self.group_size = DEFAULT_GROUP_SIZE
+        else:
+            why = " (nvfp4 is always 4-bit)" if self.format == "nvfp4" else ""
+            if self.bits is not None:
+                raise _Issue(("bits",), f"not allowed when format is {self.format!r}{why}")
+            if self.group_size is not None:
+                why = (
+                    f" (nvfp4 uses a fixed group size of {NVFP4_GROUP_SIZE})"
+                    if self.format == "nvfp4"
+                    else ""
+                )
+                raise _Issue(("group_size",), f"not allowed when format is {self.format!r}{why}")
+        if self.activations == "int8_dynamic" and not (
+            self.format == "affine" and self.bits in (4, 8)
+        ):
+            raise _Issue(
+                ("activations",),
+                "int8_dynamic activations require format 'affine' with bits 4 or 8",
+            )
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.format != "none"
+
+    @property
+    def effective_group_size(self) -> int | str | None:
+        """Group size actually used: 16 for nvfp4, None when not quantized."""
+        if self.format == "nvfp4":
+            return NVFP4_GROUP_SIZE
+        if self.format == "none":
+            return None
+        return self.group_size
+
+
+class Scheme(_Model):
+    """A named quantization scheme; omitted (or null) layers stay unquantized."""
+
+    linear: LayerQuant | None = None
+    embedding: LayerQuant | None = None
+
+    @model_validator(mode="after")
+    def check_activations(self) -> "Scheme":
+        if self.embedding is not None and self.embedding.activations != "none":
+            raise _Issue(
+                ("embedding", "activations"),
+                "activation quantization is only allowed on 'linear', not 'embedding'",
+            )
+        return self
+
+    def layer(self, kind: str) -> LayerQuant | None:
+        """The quantization for 'linear' or 'embedding', or None if unquantized."""
+        if kind not in ("linear", "embedding"):
+            raise KeyError(f"unknown layer kind {kind!r}; expected 'linear' or 'embedding'")
+        lq = getattr(self, kind)
+        return lq if lq is not None and lq.quantized else None
+
+    @property
+    def is_empty(self) -> bool:
+        """True if nothing gets quantized."""
+        return self.layer("linear") is None and self.layer("embedding") is None
+
+
+def _target_schema_extra(schema: dict[str, Any]) -> None:
+    rules = []
+    for b in capabilities.SUPPORTED_BACKENDS:
+        opts = capabilities.options_model(b).model_json_schema()
+        if "$defs" in opts:  # keep the schema self-contained; fall back to a plain object
+            opts = {"type": "object"}
+        opts.pop("title", None)
+        rules.append(
+            {
+                "if": {"properties": {"backend": {"const": b}}, "required": ["backend"]},
+                "then": {"properties": {"options": opts}},
+            }
+        )
+    schema["allOf"] = rules
+
+
+
+class Target(_Model):
+    """One artifact to build: a backend plus a quantization scheme."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_target_schema_extra)
+
+    name: Slug
+    backend: Backend
+    quantization: SchemeRef = Field(
+        NO_QUANTIZATION, description="a scheme name from `quantization`, or 'none'"
+    )
+    options: FreeDict = Field(default_factory=dict, description="backend-specific options")
+
+    def backend_options(self) -> capabilities.BackendOptions:
+        """``options`` parsed with the backend's options model (already validated)."""
+        return capabilities.options_model(self.backend).model_validate(self.options)
+
+
+
+
+class Manifest(_Model):
+    """A whole manifest. Build with :func:`load_manifest` to get file positions in errors."""
+
+    model_config = ConfigDict(
+        extra="forbid", title="mlxbuild manifest"
+    )
+
+    name: Slug = Field(description="project slug")
+    version: SemVer = Field(description="semantic version of this build")
+    model: ModelSpec
+    export: ExportSpec
+    quantization: dict[SchemeName, Scheme] = Field(
+        default_factory=dict, description="named quantization schemes"
+    )
+    targets: list[Target] = Field(min_length=1, description="artifacts to build")
+
+    _manifest_path: Path | None = PrivateAttr(None)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def quantization_null(cls, v: Any) -> Any:
+        return _none_to_empty(v)
+
+    @model_validator(mode="after")
+    def check_targets(self) -> "Manifest":
+        seen: dict[str, int] = {}
+        defined = ", ".join([*self.quantization, NO_QUANTIZATION])
+        for i, t in enumerate(self.targets):
+            at = ("targets", i)
+            if t.name in seen:
+                raise _Issue(
+                    (*at, "name"),
+                    f"duplicate target name {t.name!r} (already used by targets[{seen[t.name]}])",
+                )
+            seen[t.name] = i
+            caps = capabilities.get(t.backend)
+            if not caps.supported:
+                raise _Issue((*at, "backend"), capabilities.unsupported_message(t.backend))
+            try:
+                caps.options.model_validate(t.options)
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = tuple(err["loc"])
+                if err["type"] == "extra_forbidden":
+                    allowed = ", ".join(caps.options.model_fields) or "none (it takes no options)"
+                    msg = f"unknown option {loc[-1]!r} for backend {t.backend!r}; allowed: {allowed}"
+                else:
+                    msg = _translate(err)
+                raise _Issue((*at, "options", *loc), msg) from None
+            if t.quantization != NO_QUANTIZATION and t.quantization not in self.quantization:
+                raise _Issue(
+                    (*at, "quantization"),
+                    f"unknown quantization scheme {t.quantization!r}; defined: {defined}",
+                )
+            scheme = self.quantization.get(t.quantization)
+            for fld, msg in capabilities.check(t.backend, scheme, self.model.dtype):
+                if fld in ("dtype", "backend"):
+                    raise _Issue((*at, "backend"), msg)
+                raise _Issue(
+                    (*at, "quantization"),
+                    f"scheme {t.quantization!r} is not compatible with backend "
+                    f"{t.backend!r}: {fld}: {msg}",
+                )
+        return self
+
+    # -- lookups ---------------------------------------------------------------
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def target(self, name: str) -> Target:
+        """The target called ``name`` (KeyError listing the defined names otherwise)."""
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(f"no target named {name!r}; defined: {', '.join(self.target_names)}")
+
+    def scheme_for(self, target: Target | str) -> Scheme:
+        """The quantization scheme of a target (an empty Scheme for 'none')."""
+        t = self.target(target) if isinstance(target, str) else target
+        if t.quantization == NO_QUANTIZATION:
+            return Scheme()
+        return self.quantization[t.quantization]
+
+    # -- paths -----------------------------------------------------------------
+
+    @property
+    def manifest_path(self) -> Path | None:
+        """Absolute path of the manifest file (None if built from a dict)."""
+        return self._manifest_path
+
+    @manifest_path.setter
+    def manifest_path(self, value: str | os.PathLike | None) -> None:
+        self._manifest_path = None if value is None else Path(value).resolve()
+
+    @property
+    def source_file(self) -> Path | None:
+        """Alias of :attr:`manifest_path`."""
+        return self._manifest_path
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths resolve against (manifest dir, else cwd)."""
+        if self._manifest_path is not None:
+            return self._manifest_path.parent
+        return Path.cwd()
+
+    def resolve(self, p: str | os.PathLike) -> Path:
+        """``p`` made absolute against :attr:`base_dir` (``~`` expanded)."""
+        return _resolve(p, self.base_dir)
+
+    @property
+    def source_path(self) -> Path | None:
+        """Absolute checkpoint path for a ``path`` source, else None."""
+        return self.model.source.resolved_path(self.base_dir)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """Absolute tokenizer path, or None if not given."""
+        return None if self.model.tokenizer is None else self.resolve(self.model.tokenizer)
+
+
+def _resolve(p: str | os.PathLike, base_dir: str | os.PathLike | None) -> Path:
+    path = Path(p).expanduser()
+    if not path.is_absolute():
+        path = Path(base_dir if base_dir is not None else Path.cwd()) / path
+    return Path(os.path.normpath(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the manifest (what ``schema/manifest.schema.json`` contains)."""
+    schema = Manifest.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$comment": "Generated by `python -m mlxbuild.manifest --write-schema`; do not edit.",
+        **schema,
+    }
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+_MAX_NODES = 100_000  # guards against alias bombs
+
+Positions = dict[tuple, tuple[int, int]]
+
+
+def _pos(mark: yaml.Mark | None) -> tuple[int, int]:
+    if mark is None:
+        return (1, 1)
+    return (mark.line + 1, mark.column + 1)
+
+
+def _display(path: tuple, data: Any = None) -> str:
+    """``('targets', 1, 'backend')`` -> ``targets[1].backend``."""
+    out = ""
+    cur = data
+    for el in path:
+        if isinstance(el, int) and not isinstance(el, bool) and not isinstance(cur, dict):
+            out += f"[{el}]"
+        else:
+            out += ("." if out else "") + str(el)
+        if isinstance(cur, dict):
+            cur = cur.get(el)
+        elif isinstance(cur, list) and isinstance(el, int) and 0 <= el < len(cur):
+            cur = cur[el]
+        else:
+            cur = None
+    return out
+
+
+class _Composer:
+    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
+        self.loader = loader
+        self.file = file
+        self.positions: Positions = {}
+        self._active: set[int] = set()
+        self._count = 0
+
+    def fail(self, node: yaml.Node, path: tuple, message: str) -> ManifestError:
+        line, col = _pos(node.start_mark)
+        return ManifestError(self.file, line, col, _display(path) or None, message)
+
+    def build(self, node: yaml.Node, path: tuple) -> Any:
+        self._count += 1
+        if self._count > _MAX_NODES:
+            raise self.fail(node, path, f"manifest too large (more than {_MAX_NODES} YAML nodes)")
+        if isinstance(node, yaml.ScalarNode):
+            return self.loader.construct_object(node, deep=True)
+        if id(node) in self._active:
+            raise self.fail(node, path, "recursive YAML aliases are not supported")
+        self._active.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode):
+                if node.tag != _SEQ_TAG:
+                    raise self.fail(node, path, f"unsupported YAML tag {node.tag!r}")
+                items = []
+                for i, child in enumerate(node.value):
+                    self.positions[(*path, i)] = _pos(child.start_mark)
+                    items.append(self.build(child, (*path, i)))
+                return items
+            if isinstance(node, yaml.MappingNode):
+                return self.build_mapping(node, path)
+            raise self.fail(node, path, f"unsupported YAML node {type(node).__name__}")
+        finally:
+            self._active.discard(id(node))
+
+    def build_mapping(self, node: yaml.MappingNode, path: tuple) -> dict:
+        if node.tag != _MAP_TAG:
+            raise self.fail(node, path, f"unsupported YAML tag {node.tag!r}")
+        first_seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.key(key_node, path)
+            if key in first_seen:
+                line = first_seen[key].start_mark.line + 1
+                raise self.fail(
+                    key_node, (*path, key), f"duplicate key {key!r} (first defined on line {line})"
+                )
+            first_seen[key] = key_node
+        if any(k.tag == _MERGE_TAG for k, _ in node.value):
+            self.loader.flatten_mapping(node)  # resolves `<<: *anchor` (own keys win)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.key(key_node, path)
+            self.positions[(*path, key)] = _pos(key_node.start_mark)
+            out.pop(key, None)  # keep file order for overridden merged keys
+            out[key] = self.build(value_node, (*path, key))
+        return out
+
+    def key(self, key_node: yaml.Node, path: tuple) -> Any:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise self.fail(key_node, path, "mapping keys must be plain scalars")
+        return self.loader.construct_object(key_node, deep=True)
+
+
+def _yaml_error(file: str, text: str, e: yaml.YAMLError) -> ManifestError:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        line, col = _pos(mark)
+        what = e.problem or e.context or "syntax error"
+        if what.startswith("but "):
+            what = what[4:]
+        if e.context and e.problem and e.context_mark is not None:
+            what = f"{what} ({e.context} on line {e.context_mark.line + 1})"
+        return ManifestError(file, line, col, None, f"invalid YAML: {what}")
+    if isinstance(e, yaml.reader.ReaderError):
+        before = text[: e.position]
+        line = before.count("\n") + 1
+        col = e.position - (before.rfind("\n") + 1) + 1
+        return ManifestError(file, line, col, None, f"invalid YAML: {e.reason}")
+    return ManifestError(file, 1, 1, None, f"invalid YAML: {e}")
+
+
+def _compose(text: str, file: str) -> tuple[Any, Positions]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ManifestError(
+                file, 1, 1, None,
+                f"manifest is empty; expected a mapping with: {', '.join(Manifest.model_fields)}",
+            )
+        comp = _Composer(loader, file)
+        comp.positions[()] = _pos(node.start_mark)
+        data = comp.build(node, ())
+        return data, comp.positions
+    except yaml.YAMLError as e:
+        raise _yaml_error(file, text, e) from None
+    finally:
+        loader.dispose()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "a boolean",
+    "bool_parsing": "a boolean",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+}
+
+
+def _translate(err: dict) -> str:
+    """A short message for one pydantic error (without location)."""
+    t = err["type"]
+    ctx = err.get("ctx") or {}
+    inp = err.get("input")
+    exc = ctx.get("error")
+    if isinstance(exc, _Issue):
+        return exc.message
+    if t == "missing":
+        return "required field is missing"
+    if t in _TYPE_WORDS:
+        return f"expected {_TYPE_WORDS[t]}, got {_describe(inp)}"
+    if t == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}, got {inp!r}"
+    if t == "greater_than":
+        return f"must be > {ctx.get('gt')}, got {inp!r}"
+    if t == "less_than_equal":
+        return f"must be <= {ctx.get('le')}, got {inp!r}"
+    if t == "less_than":
+        return f"must be < {ctx.get('lt')}, got {inp!r}"
+    if t == "too_short":
+        n = ctx.get("min_length", 1)
+        return f"must not be empty (at least {n} item{'s' if n != 1 else ''} required)"
+    if t == "too_long":
+        return f"too many items (at most {ctx.get('max_length')})"
+    if t == "extra_forbidden":
+        return "unknown field"
+    if t == "literal_error":
+        return f"{_show(inp)} is not allowed; expected one of: {ctx.get('expected')}"
+    if t == "string_pattern_mismatch":
+        return f"{inp!r} does not match the pattern {ctx.get('pattern')}"
+    if exc is not None:
+        return str(exc)
+    return str(err.get("msg", "invalid value"))
+
+
+def _locate(err: dict, data: Any, positions: Positions) -> tuple[tuple[int, int], str]:
+    """(line, col) and dotted field for one pydantic error."""
+    loc = tuple(err["loc"])
+    exc = (err.get("ctx") or {}).get("error")
+    sub = exc.sub if isinstance(exc, _Issue) else ()
+    keep_tail = err["type"] == "missing"
+
+    path: list = []
+    cur = data
+    rest: tuple = ()
+    for i, el in enumerate(loc):
+        if isinstance(cur, dict) and _has_key(cur, el):
+            cur = cur[el]
+        elif (
+            isinstance(cur, list)
+            and isinstance(el, int)
+            and not isinstance(el, bool)
+            and 0 <= el < len(cur)
+        ):
+            cur = cur[el]
+        else:
+            rest = loc[i:] if keep_tail else ()  # drop '[key]', union tags, ...
+            break
+        path.append(el)
+    full = (*path, *rest, *sub)
+
+    # position: deepest prefix of `full` that exists in the file
+    pos = positions.get(())
+    for n in range(len(full), -1, -1):
+        if full[:n] in positions:
+            pos = positions[full[:n]]
+            break
+    return pos or (1, 1), _display(full, data)
+
+
+def _has_key(d: dict, key: Any) -> bool:
+    try:
+        return key in d
+    except TypeError:
+        return False
+
+
+def _first_error(e: ValidationError, data: Any, positions: Positions, file: str) -> ManifestError:
+    best = None
+    for idx, err in enumerate(e.errors()):
+        (line, col), field = _locate(err, data, positions)
+        key = (line, col, idx)
+        if best is None or key < best[0]:
+            best = (key, field, _translate(err))
+    assert best is not None
+    (line, col, _), field, message = best
+    return ManifestError(file, line, col, field or None, message)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_manifest(text: str, file: str | os.PathLike = "<string>") -> Manifest:
+    """Parse and validate manifest YAML ``text``; ``file`` is used in errors and to resolve paths."""
+    fname = os.fspath(file)
+    data, positions = _compose(text, fname)
+    if not isinstance(data, dict):
+        line, col = positions.get((), (1, 1))
+        raise ManifestError(
+            fname, line, col, None,
+            f"the top level must be a mapping with: {', '.join(Manifest.model_fields)}; "
+            f"got {_describe(data)}",
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e, data, positions, fname) from None
+    if fname != "<string>":
+        manifest.manifest_path = fname
+    return manifest
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read, parse and validate the manifest at ``path``.
+
+    Raises :class:`ManifestError` (one line: ``file:line:col: field: message``)
+    for any problem, including an unreadable file.
+    """
+    fname = os.fspath(path)
+    try:
+        raw = Path(fname).read_bytes()
+    except OSError as e:
+        raise ManifestError(fname, 1, 1, None, f"cannot read manifest: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        before = raw[: e.start]
+        line = before.count(b"\n") + 1
+        col = e.start - (before.rfind(b"\n") + 1) + 1
+        raise ManifestError(fname, line, col, None, "manifest is not valid UTF-8") from None
+    return parse_manifest(text, fname)
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m mlxbuild.manifest --write-schema [PATH]`` or ``... FILE.yaml...`` to check."""
+    if argv and argv[0] == "--write-schema":
+        out = Path(argv[1]) if len(argv) > 1 else SCHEMA_PATH
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(schema_text(), encoding="utf-8")
+        print(f"wrote {out}")
+        return 0
+    if argv and argv[0] == "--markdown":
+        print(capabilities.render_markdown(), end="")
+        return 0
+    if not argv:
+        print(_main.__doc__, file=sys.stderr)
+        return 2
+    rc = 0
+    for f in argv:
+        try:
+            m = load_manifest(f)
+        except ManifestError as e:
+            print(e, file=sys.stderr)
+            rc = 1
+        else:
+            print(f"{f}: ok ({m.name} {m.version}, targets: {', '.join(m.target_names)})")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
