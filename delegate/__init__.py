@@ -1,1 +1,35 @@
-"""Backend-specific knowledge: one module per ExecuTorch backend."""
+"""Backend-specific knowledge: one module per ExecuTorch backend.
+
+Each backend module is importable without torch (the planner reads its
+constants); everything that needs torch or executorch is imported inside the
+functions. A backend module provides:
+
+- ``FLAVOUR``: which export variant it lowers from (the source transforms applied
+  before torch.export: attention and KV-cache ops its runtime understands);
+- ``VERIFY``: ``"runtime"`` when the build host can execute its programs, or
+  ``"structural"`` when it can only inspect them;
+- ``prepare(model)`` / ``install_cache(exportable, config, max_cache_len, chunk, dtype)``:
+  the flavour's source transforms;
+- ``lower(programs, options, constant_methods)``: an ExecuTorch program manager.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+BACKENDS = ("mlx", "xnnpack", "portable")
+
+
+def backend(name: str) -> ModuleType:
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not supported yet (supported: {', '.join(BACKENDS)})")
+    return importlib.import_module(f"delegate.{name}")
+
+
+def flavour(name: str) -> ModuleType:
+    for b in BACKENDS:
+        module = backend(b)
+        if module.FLAVOUR == name:
+            return module
+    raise ValueError(f"unknown export flavour {name!r}")

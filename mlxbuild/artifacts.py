@@ -1,0 +1,85 @@
+"""Publish a verified target under artifacts/<name>/<version>/ with its metadata record.
+
+Files are staged on the cache's filesystem and renamed into place, the .pte
+first and the metadata record last: the record is what marks an artifact as
+complete, so an interrupted build leaves either the old artifact or the new
+one, never a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mlxbuild.fingerprint import sha256_file
+
+RECORD_SUFFIX = ".json"
+
+
+def record_path(out_dir: Path, stem: str) -> Path:
+    return Path(out_dir) / f"{stem}{RECORD_SUFFIX}"
+
+
+def is_published(out_dir: Path, stem: str, package_key: str) -> bool:
+    """Cheap check for a no-op build: the record names this key and its files are there."""
+    rec = record_path(out_dir, stem)
+    try:
+        meta = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        return False
+    files = meta.get("files", {})
+    return meta.get("package_key") == package_key and all(
+        (Path(out_dir) / f).exists() and (Path(out_dir) / f).stat().st_size == info["size"]
+        for f, info in files.items())
+
+
+def publish(params: dict, cache, package_key: str) -> dict:
+    from mlxbuild.pte_inspect import inspect_pte
+
+    lowered = cache.path("lower", params["lower"])
+    verified = json.loads((cache.path("verify", params["verify"]) / "verify.json").read_text())
+    lower_info = json.loads((lowered / "lower.json").read_text())
+    out_dir, stem = Path(params["out_dir"]), params["stem"]
+    sources = [(lowered / "model.pte", f"{stem}.pte")]
+    sources += [(lowered / name, f"{stem}-{name}" if name != "model.ptd" else f"{stem}.ptd")
+                for name in lower_info.get("ptd", [])]
+
+    files = {dest: {"sha256": sha256_file(src), "size": src.stat().st_size} for src, dest in sources}
+    pte_info = inspect_pte(lowered / "model.pte")
+    record = {
+        **params["record"],
+        "package_key": package_key,
+        "files": files,
+        "sha256": files[f"{stem}.pte"]["sha256"],
+        "size": files[f"{stem}.pte"]["size"],
+        "methods": pte_info["methods"],
+        "constant_methods": pte_info["constant_methods"],
+        "delegation": lower_info["delegation"],
+        "verification": verified,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = cache.scratch_dir()
+    try:
+        for src, dest in sources:
+            shutil.copyfile(src, staging / dest)
+        (staging / (stem + RECORD_SUFFIX)).write_text(json.dumps(record, indent=1, default=str))
+        # Drop the old record first so a crash between renames can't pair it with new bytes.
+        record_path(out_dir, stem).unlink(missing_ok=True)
+        for _, dest in sources:
+            _move(staging / dest, out_dir / dest)
+        _move(staging / (stem + RECORD_SUFFIX), record_path(out_dir, stem))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return record
+
+
+def _move(src: Path, dest: Path) -> None:
+    try:
+        os.replace(src, dest)
+    except OSError:
+        # Different filesystems: copy beside the destination under a hidden name, then rename.
+        tmp = dest.with_name(f".{dest.name}.partial")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)

@@ -1,0 +1,18 @@
+"""Read manifests and plan them together, so shared steps appear once."""
+
+from __future__ import annotations
+
+from mlxbuild.fingerprint import FileHasher
+from mlxbuild.manifest import load_manifest
+from mlxbuild.plan import Plan, plan_manifest
+from mlxbuild.settings import Roots
+
+
+def plan_manifests(paths, roots: Roots) -> Plan:
+    manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
+    hasher = FileHasher(roots.hash_state)
+    plan = Plan()
+    for path, manifest in manifests:
+        plan.groups[path] = plan_manifest(manifest, plan, hasher, roots.artifacts)
+    hasher.save()
+    return plan

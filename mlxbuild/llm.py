@@ -1,0 +1,83 @@
+"""Text-generation models as ExecuTorch wants them: a static KV cache and a
+``forward(input_ids[1, T], cache_position[T]) -> logits[1, T, V]`` signature.
+
+Used by the export, reference and verification stages; imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The seq-len dim is traced at this example size and bounded by max_prefill_chunk.
+EXAMPLE_SEQ = 3
+
+
+def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = None):
+    """Load the materialized weights entry (a Hugging Face folder or a module state)."""
+    meta = json.loads((Path(weights_dir) / "source.json").read_text())
+    if "module" in meta["load"]:
+        from safetensors.torch import load_file
+
+        model = build_module(meta["load"])
+        model.load_state_dict(load_file(Path(weights_dir) / "model.safetensors"), strict=True)
+        return model.to(DTYPES[dtype]).eval()
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+    return model.eval()
+
+
+def build_module(recipe: dict):
+    module_name, _, attr = recipe["module"].partition(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    model = factory(**(recipe.get("kwargs") or {}))
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{recipe['module']} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def is_hf(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generation_config")
+
+
+def make_exportable(model, max_context_length: int):
+    """Wrap an HF causal LM with a static cache; a user's own module is used as-is."""
+    if not is_hf(model):
+        return model
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": max_context_length}
+    return TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_context_length)
+
+
+def example_inputs(max_prefill_chunk: int):
+    n = min(EXAMPLE_SEQ, max_prefill_chunk)
+    kwargs = {"input_ids": torch.zeros((1, n), dtype=torch.long),
+              "cache_position": torch.arange(n, dtype=torch.long)}
+    if max_prefill_chunk == 1:
+        return kwargs, None
+    seq = torch.export.Dim("seq_len", min=1, max=max_prefill_chunk)
+    return kwargs, {"input_ids": {1: seq}, "cache_position": {0: seq}}
+
+
+def text_config(model) -> dict:
+    """vocab size and special ids the constant methods publish."""
+    if not is_hf(model):
+        return {}
+    cfg = model.config.get_text_config()
+    out = {"vocab_size": cfg.vocab_size}
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(model.generation_config, name, None) or getattr(cfg, name, None)
+        if value is not None:
+            out[name] = value
+    return out

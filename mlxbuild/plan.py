@@ -1,0 +1,147 @@
+"""Manifest → plan: the build's steps, each with a content key, and nothing run yet.
+
+A step's key hashes everything that can change its output: the manifest fields
+it reads, its upstream keys (so checkpoint hashes flow down), and the versions
+of the tools it runs. Shared work is shared by construction: two targets or two
+manifests that need the same (weights, scheme, flavour) plan the same export
+key, and so one export task.
+
+This module must not import torch: planning is what a no-op build runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import delegate
+from mlxbuild import sources
+from mlxbuild.fingerprint import FileHasher, stable_hash, tool_versions
+from mlxbuild.tolerance import tolerance
+
+# The prompt each verification feeds: a prefill then single-token decode steps.
+VERIFY_PROMPT = 8
+VERIFY_DECODE_STEPS = 4
+
+
+@dataclass
+class Step:
+    kind: str  # weights | quantize | export | reference | lower | verify | package
+    name: str  # the doit task name
+    key: str
+    deps: list[str]
+    params: dict
+    label: str
+    dependents: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    steps: dict[str, Step] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # manifest path -> package steps
+
+    def add(self, step: Step) -> Step:
+        known = self.steps.get(step.name)
+        if known is not None:
+            return known
+        self.steps[step.name] = step
+        for dep in step.deps:
+            self.steps[dep].dependents.append(step.name)
+        return step
+
+
+def _versions(*names: str) -> dict:
+    v = tool_versions()
+    return {n: v[n] for n in names + ("mlxbuild",)}
+
+
+def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path) -> list[str]:
+    """Add one manifest's steps to `plan`; return its package step names."""
+    manifest_dir = Path(manifest.source_file).parent if manifest.source_file else Path.cwd()
+    src = sources.identify(manifest.model.source, manifest_dir, hasher)
+    dtype = manifest.model.dtype
+    exp = manifest.export
+    export_spec = {"max_context_length": exp.max_context_length,
+                   "max_prefill_chunk": exp.max_prefill_chunk, "task": manifest.model.task}
+
+    weights = plan.add(Step(
+        kind="weights", name=f"weights:{_short(stable_hash(src['identity'], dtype))}",
+        key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers")),
+        deps=[], params={"load": src["load"], "dtype": dtype}, label=f"{manifest.name} ({dtype})"))
+
+    packages = []
+    for target in manifest.targets:
+        backend = delegate.backend(target.backend)
+        scheme_name = target.quantization
+        scheme = manifest.scheme_for(target).model_dump(mode="json")
+
+        quant = plan.add(Step(
+            kind="quantize",
+            name=f"quantize:{scheme_name}.{_short(stable_hash(weights.key, scheme))}",
+            key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao")),
+            deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": dtype},
+            label=f"{manifest.name} {scheme_name}"))
+
+        flavour = backend.FLAVOUR
+        export_key = stable_hash("export", quant.key, flavour, export_spec,
+                                 _versions("torch", "executorch", "transformers"))
+        export = plan.add(Step(
+            kind="export", name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
+            deps=[quant.name],
+            params={"weights": weights.key, "quantized": quant.key, "flavour": flavour,
+                    "dtype": dtype, **export_spec},
+            label=f"{manifest.name} {scheme_name}/{flavour}"))
+
+        verify_spec = {"prompt": min(VERIFY_PROMPT, exp.max_prefill_chunk),
+                       "decode_steps": min(VERIFY_DECODE_STEPS, exp.max_context_length - VERIFY_PROMPT),
+                       "seed": 0}
+        ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
+                              _versions("torch", "transformers", "executorch"))
+        reference = plan.add(Step(
+            kind="reference", name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
+            deps=[quant.name],
+            params={"weights": weights.key, "quantized": quant.key, "dtype": dtype,
+                    **export_spec, **verify_spec},
+            label=f"{manifest.name} {scheme_name}"))
+
+        tname = f"{manifest.name}/{target.name}"
+        lower_params = {"export": export.key, "weights": weights.key, "backend": target.backend,
+                        "options": target.options, "constant_methods": exp.constant_methods,
+                        **export_spec}
+        lower = plan.add(Step(
+            kind="lower", name=f"lower:{tname}",
+            key=stable_hash("lower", export.key, lower_params, _versions("executorch")),
+            deps=[export.name], params=lower_params, label=tname))
+
+        tol = tolerance(dtype, scheme)
+        verify = plan.add(Step(
+            kind="verify", name=f"verify:{tname}",
+            key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY),
+            deps=[lower.name, reference.name],
+            params={"lower": lower.key, "reference": reference.key, "backend": target.backend,
+                    "tolerance": tol},
+            label=tname))
+
+        out_dir = artifacts_root / manifest.name / manifest.version
+        record = {
+            "name": manifest.name, "version": manifest.version, "target": target.name,
+            "backend": target.backend, "scheme": scheme_name, "quantization": scheme,
+            "dtype": dtype, "source": src["identity"] if "synthetic" in src["identity"]
+            else {k: v for k, v in src["load"].items() if k != "path"} or {"path": src["load"].get("path")},
+            "checkpoint_sha256": src["checkpoint"], "tool_versions": tool_versions(),
+            "keys": {"weights": weights.key, "quantize": quant.key, "export": export.key,
+                     "lower": lower.key, "verify": verify.key},
+        }
+        package = plan.add(Step(
+            kind="package", name=f"package:{tname}",
+            key=stable_hash("package", record),
+            deps=[verify.name],
+            params={"lower": lower.key, "verify": verify.key, "out_dir": str(out_dir),
+                    "stem": f"{manifest.name}-{target.name}", "record": record},
+            label=tname))
+        packages.append(package.name)
+    return packages
+
+
+def _short(key: str) -> str:
+    return key[:10]

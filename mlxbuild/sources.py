@@ -1,0 +1,78 @@
+"""Where a manifest's weights come from, and their identity, without importing torch.
+
+The identity of a source is what its cache keys hash: the synthetic recipe, or
+the sha256 of every checkpoint file that loading reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from mlxbuild.errors import BuildError
+from mlxbuild.fingerprint import FileHasher
+
+# Files of a Hugging Face folder that change what we load.
+CHECKPOINT_GLOBS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    files = sorted({p for g in CHECKPOINT_GLOBS for p in folder.glob(g) if p.is_file()})
+    if not (folder / "config.json").exists():
+        raise BuildError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise BuildError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+def resolve_hf(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot folder of a hub model, downloading only what loading needs.
+
+    huggingface_hub honours HF_HUB_OFFLINE and its cache; with no network and no
+    cached copy this fails with a message that says so.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(CHECKPOINT_GLOBS) + ["tokenizer*", "*.model"],
+        ))
+    except Exception as e:  # the hub raises many types; all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise BuildError(f"cannot get hf:{repo_id}@{revision or 'main'}{hint}: {type(e).__name__}: {e}") from None
+
+
+def identify(source, manifest_dir: Path, hasher: FileHasher) -> dict:
+    """Return {'identity': ..., 'checkpoint': {file: sha256}, 'load': how to load}."""
+    if source.synthetic is not None:
+        s = source.synthetic
+        recipe = {"architecture": s.architecture, "config": s.config, "seed": s.seed}
+        return {"identity": {"synthetic": recipe}, "checkpoint": {}, "load": {"synthetic": recipe}}
+    if source.path is not None:
+        folder = _resolve(manifest_dir, source.path)
+        if not folder.is_dir():
+            raise BuildError(f"model.source.path: {folder} is not a directory")
+        files = {p.name: hasher.hash(p) for p in checkpoint_files(folder)}
+        return {"identity": {"files": files}, "checkpoint": files, "load": {"path": str(folder)}}
+    if source.hf is not None:
+        folder = resolve_hf(source.hf, source.revision)
+        files = {p.name: hasher.hash(p) for p in checkpoint_files(folder)}
+        return {"identity": {"files": files}, "checkpoint": files,
+                "load": {"path": str(folder), "hf": source.hf, "revision": source.revision}}
+    if source.module is not None:
+        module_name, _, attr = source.module.partition(":")
+        spec = importlib.util.find_spec(module_name)
+        if spec is None or not spec.origin:
+            raise BuildError(f"model.source.module: cannot find module {module_name!r}")
+        code = hasher.hash(Path(spec.origin))
+        recipe = {"module": source.module, "kwargs": source.kwargs or {}}
+        return {"identity": {**recipe, "code": code}, "checkpoint": {Path(spec.origin).name: code},
+                "load": recipe}
+    raise BuildError("model.source: no source given")
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(os.path.expanduser(path))
+    return (p if p.is_absolute() else base / p).resolve()

@@ -1,0 +1,75 @@
+"""Lower one target from its saved program and serialize the .pte (and .ptd)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import delegate
+from mlxbuild.stages import export
+
+
+def constant_methods(params: dict, text: dict) -> dict:
+    """What ExecuTorch's LLM runners read, then the manifest's own entries on top."""
+    methods = {
+        "get_max_seq_len": params["max_context_length"],
+        "get_max_context_len": params["max_context_length"],
+        "get_prefill_chunk_size": params["max_prefill_chunk"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
+    }
+    if "vocab_size" in text:
+        methods["get_vocab_size"] = text["vocab_size"]
+    if text.get("bos_token_id") is not None:
+        methods["get_bos_id"] = text["bos_token_id"]
+    if text.get("eos_token_id") is not None:
+        eos = text["eos_token_id"]
+        methods["get_eos_ids"] = eos if isinstance(eos, list) else [eos]
+    methods.update(params.get("constant_methods") or {})
+    return methods
+
+
+def delegation_summary(edge) -> dict:
+    """Per method: which ops the delegate took and which stay on portable kernels."""
+    from executorch.exir.lowered_backend_module import get_lowered_submodules
+
+    summary = {}
+    for method in edge.methods:
+        gm = edge.exported_program(method).graph_module
+        outside = Counter()
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "executorch_call_delegate" not in str(node.target):
+                if node.target.__name__ != "getitem":
+                    outside[_op_name(node.target)] += 1
+        inside = Counter()
+        backends = []
+        for _, lowered, _ in get_lowered_submodules(gm):
+            backends.append(lowered.backend_id)
+            for node in lowered.original_module.graph.nodes:
+                if node.op == "call_function" and node.target.__name__ != "getitem":
+                    inside[_op_name(node.target)] += 1
+        summary[method] = {"delegates": backends, "delegated_ops": dict(sorted(inside.items())),
+                           "portable_ops": dict(sorted(outside.items()))}
+    return summary
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "__name__", str(target))
+    return name.removeprefix("aten.")
+
+
+def run(params: dict, cache, out: Path) -> dict:
+    backend = delegate.backend(params["backend"])
+    entry = cache.path("export", params["export"])
+    info = json.loads((entry / "export.json").read_text())
+    program = export.load_program(entry, backend.FLAVOUR)
+    methods = constant_methods(params, info["text_config"])
+    edge, prog = backend.lower({"forward": program}, params.get("options") or {}, methods)
+    (out / "model.pte").write_bytes(prog.buffer)
+    if getattr(prog, "_tensor_data", None):
+        prog.write_tensor_data_to_file(str(out))
+    result = {"constant_methods": methods, "delegation": delegation_summary(edge),
+              "ptd": sorted(p.name for p in out.glob("*.ptd"))}
+    (out / "lower.json").write_text(json.dumps(result, indent=1, default=str))
+    return {"bytes": len(prog.buffer)}

@@ -1,0 +1,35 @@
+"""Quantize the materialized weights with one scheme; keep the quantized state dict.
+
+The state dict holds torchao tensor subclasses; export reloads it with
+``load_state_dict(assign=True)`` so the same quantized tensors reach every flavour.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mlxbuild.llm import load_model
+from mlxbuild.quantize import apply_scheme
+
+
+def run(params: dict, cache, out: Path) -> dict:
+    model = load_model(cache.path("weights", params["weights"]), params["dtype"])
+    with torch.no_grad():
+        layers = apply_scheme(model, params["scheme"])
+    torch.save(model.state_dict(), out / "state.pt")
+    (out / "layers.json").write_text(json.dumps(layers, indent=1))
+    return {"layers": len(layers)}
+
+
+def load_into(model, entry: Path) -> None:
+    import torchao  # noqa: F401  (registers the tensor subclasses torch.load rebuilds)
+
+    state = torch.load(entry / "state.pt", weights_only=False, mmap=True)
+    model.load_state_dict(state, assign=True, strict=False)
+    # assign=True keeps the old parameters' requires_grad; integer tensor
+    # subclasses can't carry gradients, and export decomposition unwraps them.
+    for p in model.parameters():
+        p.requires_grad_(False)

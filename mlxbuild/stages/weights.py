@@ -1,0 +1,51 @@
+"""Materialize weights in the manifest's dtype as one Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mlxbuild.llm import DTYPES, build_module
+
+# transformers architecture names the synthetic source accepts, by manifest name.
+ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama"}
+
+
+def run(params: dict, cache, out: Path) -> dict:
+    load, dtype = params["load"], DTYPES[params["dtype"]]
+    if "synthetic" in load:
+        model = _synthetic(load["synthetic"], dtype)
+        model.save_pretrained(out)
+    elif "path" in load:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(load["path"], dtype=dtype)
+        model.save_pretrained(out)
+        _copy_tokenizer(Path(load["path"]), out)
+    elif "module" in load:
+        from safetensors.torch import save_model
+
+        torch.manual_seed(0)
+        model = build_module(load).to(dtype)
+        save_model(model, str(out / "model.safetensors"))
+    (out / "source.json").write_text(json.dumps({"load": load, "dtype": params["dtype"]}))
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _synthetic(recipe: dict, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(ARCHITECTURES[recipe["architecture"]], **recipe["config"])
+    torch.manual_seed(recipe["seed"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(dtype).eval()
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    import shutil
+
+    for p in list(src.glob("tokenizer*")) + list(src.glob("*.model")):
+        if p.is_file():
+            shutil.copy2(p, out / p.name)

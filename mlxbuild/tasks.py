@@ -1,0 +1,79 @@
+"""Plan → doit tasks: plain dicts whose actions call the stages.
+
+Up-to-date checks are ours, not doit's file timestamps: a cache step is done
+when its content-keyed entry exists, or when every step that consumes it is
+done (so an evicted export is not rebuilt just to feed finished lowerings); a
+package step is done when the published record carries its key. None of this
+imports torch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from mlxbuild import artifacts
+from mlxbuild.cache import Cache
+from mlxbuild.errors import MlxbuildError
+from mlxbuild.plan import Plan, Step
+from mlxbuild.settings import Roots
+
+
+def is_done(plan: Plan, step: Step, cache: Cache, _seen=None) -> bool:
+    if step.kind == "package":
+        return artifacts.is_published(Path(step.params["out_dir"]), step.params["stem"], step.key)
+    if cache.has(step.kind, step.key):
+        return True
+    users = [plan.steps[n] for n in step.dependents]
+    return bool(users) and all(is_done(plan, u, cache) for u in users)
+
+
+def run_step(step: Step, roots: Roots):
+    from doit.exceptions import TaskFailed
+
+    cache = Cache(roots.cache)
+    try:
+        if step.kind == "package":
+            artifacts.publish(step.params, cache, step.key)
+        elif not cache.has(step.kind, step.key):  # a parallel build may have made it meanwhile
+            from mlxbuild.stages import stage
+
+            with cache.writing(step.kind, step.key) as out:
+                stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+    except MlxbuildError as e:
+        return TaskFailed(str(e))
+    return True
+
+
+def _clean_entry(step: Step, roots: Roots):
+    Cache(roots.cache).remove(step.kind, step.key)
+
+
+def task_dicts(plan: Plan, roots: Roots):
+    cache = Cache(roots.cache)
+    for step in plan.steps.values():
+        kind, _, sub = step.name.partition(":")
+        task = {
+            "basename": kind,
+            "name": sub,
+            "doc": f"{step.kind} {step.label}",
+            "title": lambda t, s=step: f"{s.kind} {s.label}",
+            "actions": [(run_step, [step, roots])],
+            "task_dep": list(step.deps),
+            "uptodate": [partial(_uptodate, plan, step, cache)],
+        }
+        if step.kind == "package":
+            out = Path(step.params["out_dir"])
+            task["targets"] = [str(out / f"{step.params['stem']}.pte"),
+                               str(artifacts.record_path(out, step.params["stem"]))]
+            task["clean"] = True
+        else:
+            task["clean"] = [(_clean_entry, [step, roots])]
+        yield task
+    for group, packages in plan.groups.items():
+        yield {"basename": group, "doc": f"build every target of {group}", "actions": None,
+               "task_dep": packages}
+
+
+def _uptodate(plan, step, cache, task=None, values=None):
+    return is_done(plan, step, cache)
