@@ -31,6 +31,10 @@ def is_done(plan: Plan, step: Step, cache: Cache, _seen=None) -> bool:
 def run_step(step: Step, roots: Roots):
     from doit.exceptions import TaskFailed
 
+    from mlxbuild import progress
+
+    progress.begin(step.kind, step.label)
+    progress.quiet_libraries()
     cache = Cache(roots.cache)
     try:
         if step.kind == "package":

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import delegate
-from mlxbuild import llm
+from mlxbuild import llm, progress
 from mlxbuild.stages import quantize
 
 
@@ -25,8 +25,10 @@ def build_exportable(params: dict, cache, flavour_name: str):
 
 
 def run(params: dict, cache, out: Path) -> dict:
+    progress.note("loading quantized model")
     model, exportable = build_exportable(params, cache, params["flavour"])
     kwargs, dynamic = llm.example_inputs(params["max_prefill_chunk"])
+    progress.note("torch.export")
     with torch.no_grad():
         program = torch.export.export(exportable, (), kwargs, dynamic_shapes=dynamic, strict=True)
     torch.export.save(program, out / "program.pt2")

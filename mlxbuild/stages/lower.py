@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import delegate
+from mlxbuild import progress
 from mlxbuild.stages import export
 
 
@@ -63,9 +64,12 @@ def run(params: dict, cache, out: Path) -> dict:
     backend = delegate.backend(params["backend"])
     entry = cache.path("export", params["export"])
     info = json.loads((entry / "export.json").read_text())
+    progress.note("loading saved program")
     program = export.load_program(entry, backend.FLAVOUR)
     methods = constant_methods(params, info["text_config"])
+    progress.note(f"lowering to {backend.NAME} and serializing")
     edge, prog = backend.lower({"forward": program}, params.get("options") or {}, methods)
+    progress.note(f"{len(prog.buffer) / 1e6:.1f} MB program")
     (out / "model.pte").write_bytes(prog.buffer)
     if getattr(prog, "_tensor_data", None):
         prog.write_tensor_data_to_file(str(out))

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import torch
 
+from mlxbuild import progress
 from mlxbuild.llm import load_model
 from mlxbuild.quantize import apply_scheme
 
 
 def run(params: dict, cache, out: Path) -> dict:
     model = load_model(cache.path("weights", params["weights"]), params["dtype"])
+    progress.note("quantizing")
     with torch.no_grad():
         layers = apply_scheme(model, params["scheme"])
-    torch.save(model.state_dict(), out / "state.pt")
+    if any(layer["format"] != "none" for layer in layers.values()):
+        torch.save(model.state_dict(), out / "state.pt")
+    # else: the materialized weights are the model; a second full copy would only cost disk.
     (out / "layers.json").write_text(json.dumps(layers, indent=1))
     return {"layers": len(layers)}
 
@@ -27,6 +31,8 @@ def run(params: dict, cache, out: Path) -> dict:
 def load_into(model, entry: Path) -> None:
     import torchao  # noqa: F401  (registers the tensor subclasses torch.load rebuilds)
 
+    if not (entry / "state.pt").exists():
+        return  # unquantized scheme
     state = torch.load(entry / "state.pt", weights_only=False, mmap=True)
     model.load_state_dict(state, assign=True, strict=False)
     # assign=True keeps the old parameters' requires_grad; integer tensor

@@ -5,7 +5,11 @@ no cache entry, so the target is checked again on the next build.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,14 +69,35 @@ def compare(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
             "positions": int(ref.shape[0]), "tolerance": tol}
 
 
+@contextlib.contextmanager
+def native_stderr_captured():
+    """The ExecuTorch runtime logs from C++ straight to fd 2 (CPU probing and the like);
+    keep it, and show it only when running the program fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        log = {"text": ""}
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log["text"] = sink.read().decode(errors="replace")
+
+
 def numerical(pte: Path, reference: Path, tol: dict) -> dict:
     tokens = np.load(reference / "tokens.npy")
     ref = np.load(reference / "logits.npy")
     prompt = json.loads((reference / "reference.json").read_text())["prompt"]
     try:
-        got = run_pte(pte, tokens, prompt)
+        with native_stderr_captured() as log:
+            got = run_pte(pte, tokens, prompt)
     except Exception as e:  # a runtime error is a verification failure, not a crash
-        return {"passed": False, "executed": True, "reason": f"runtime error: {e}"}
+        tail = " | ".join(log["text"].strip().splitlines()[-3:])
+        return {"passed": False, "executed": True,
+                "reason": f"runtime error: {e}" + (f" (runtime log: {tail})" if tail else "")}
     return compare(got, ref, tol)
 
 
