@@ -21,10 +21,11 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
     """Load the materialized weights entry (a Hugging Face folder or a module state)."""
     meta = json.loads((Path(weights_dir) / "source.json").read_text())
     if "module" in meta["load"]:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_model as load_safetensors
 
         model = build_module(meta["load"])
-        model.load_state_dict(load_file(Path(weights_dir) / "model.safetensors"), strict=True)
+        # save_model stored tied tensors once; load_model restores every name that shares them.
+        load_safetensors(model, Path(weights_dir) / "model.safetensors", strict=True)
         return model.to(DTYPES[dtype]).eval()
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +74,10 @@ def example_inputs(max_prefill_chunk: int):
 def text_config(model) -> dict:
     """vocab size and special ids the constant methods publish."""
     if not is_hf(model):
-        return {}
+        # A user's module has no config: its input embedding tells the vocabulary, so
+        # verification prompts span it (not just ids 0 and 1) and runners get get_vocab_size.
+        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+        return {} if emb is None else {"vocab_size": emb.num_embeddings}
     cfg = model.config.get_text_config()
     out = {"vocab_size": cfg.vocab_size}
     for name in ("bos_token_id", "eos_token_id"):
