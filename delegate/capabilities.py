@@ -64,6 +64,11 @@ class LayerSupport:
     affine_bits: tuple[int, ...] = ()  # bits allowed with format 'affine'; () = no affine
     nvfp4: bool = False
     int8_dynamic: bool = False  # int8 dynamic activation quantization (linear only)
+    weight_only: bool = True  # affine without dynamic activations
+    nvfp4_dtypes: tuple[str, ...] = DTYPES
+    int8_dynamic_dtypes: tuple[str, ...] = DTYPES
+    # Why a format is missing, when it was tried and found not to work.
+    unsupported_because: str = ""
     note: str = ""
 
     def formats(self) -> tuple[str, ...]:
@@ -76,17 +81,22 @@ class LayerSupport:
 
     def describe(self) -> str:
         parts = ["none"]
-        if self.affine_bits:
-            bits = "/".join(str(b) for b in self.affine_bits)
-            parts.append(f"affine {bits}-bit" + ("" if self.int8_dynamic else " (weight-only)"))
+        bits = "/".join(str(b) for b in self.affine_bits)
+        if self.affine_bits and self.weight_only:
+            parts.append(f"affine {bits}-bit weight-only")
         if self.int8_dynamic:
-            parts.append("int8_dynamic activations (affine 4/8-bit)")
+            parts.append(f"affine {bits}-bit with int8_dynamic activations"
+                         + _only(self.int8_dynamic_dtypes))
         if self.nvfp4:
-            parts.append("nvfp4")
+            parts.append("nvfp4" + _only(self.nvfp4_dtypes))
         text = ", ".join(parts)
         if self.note:
             text += f" — {self.note}"
         return text
+
+
+def _only(dtypes: tuple[str, ...]) -> str:
+    return "" if dtypes == DTYPES else f" ({', '.join(dtypes)} only)"
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,8 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         name="mlx",
         supported=True,
         dtypes=("fp32", "fp16", "bf16"),
-        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
-        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, nvfp4_dtypes=("fp32", "bf16")),
+        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, nvfp4_dtypes=("fp32", "bf16")),
         options=MlxOptions,
         notes="Apple MLX delegate; weight-only quantization lowered to MLX quantized kernels.",
     ),
@@ -117,7 +127,12 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         name="xnnpack",
         supported=True,
         dtypes=("fp32", "fp16"),
-        linear=LayerSupport(affine_bits=(4, 8), int8_dynamic=True),
+        # Weight-only linear lowers but computes wrong logits, and 8da fails to
+        # compile in XNNPACK at fp16 (both found by verification with executorch 1.5.1).
+        linear=LayerSupport(
+            affine_bits=(4, 8), int8_dynamic=True, weight_only=False, int8_dynamic_dtypes=("fp32",),
+            unsupported_because="its weight-only linear lowering gives wrong logits in executorch 1.5.1",
+        ),
         embedding=LayerSupport(
             affine_bits=(2, 4, 8), note="quantized embedding kernels run as portable ops"
         ),
@@ -128,7 +143,9 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         name="portable",
         supported=True,
         dtypes=("fp32", "fp16", "bf16"),
-        linear=LayerSupport(affine_bits=(4, 8)),
+        linear=LayerSupport(
+            unsupported_because="the portable runtime rejects torchao's quantized linear (error 0x12)",
+        ),
         embedding=LayerSupport(affine_bits=(2, 4, 8)),
         options=PortableOptions,
         notes="No delegate: reference portable/quantized kernels (slow, maximally compatible).",
@@ -208,10 +225,18 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
                 (
                     f"{kind}.format",
                     f"{fmt} is not supported by {backend} for {kind} layers "
-                    f"(supported formats: {', '.join(sup.formats())})",
+                    + (f"({sup.unsupported_because}) " if fmt == "affine" and sup.unsupported_because else "")
+                    + f"(supported formats: {', '.join(sup.formats())})",
                 )
             )
             continue
+        if fmt == "nvfp4" and dtype not in sup.nvfp4_dtypes:
+            issues.append((f"{kind}.format", f"nvfp4 on {backend} needs dtype "
+                           f"{' or '.join(sup.nvfp4_dtypes)} (manifest dtype is {dtype})"))
+        dynamic = getattr(layer, "activations", "none") == "int8_dynamic"
+        if dynamic and sup.int8_dynamic and dtype not in sup.int8_dynamic_dtypes:
+            issues.append((f"{kind}.activations", f"int8_dynamic activations on {backend} need dtype "
+                           f"{' or '.join(sup.int8_dynamic_dtypes)} (manifest dtype is {dtype})"))
         if fmt == "affine":
             bits = getattr(layer, "bits", None)
             if bits not in sup.affine_bits:
@@ -222,6 +247,9 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
                         f"(supported bits: {', '.join(str(b) for b in sup.affine_bits)})",
                     )
                 )
+        if fmt == "affine" and not dynamic and not sup.weight_only and not issues:
+            issues.append((f"{kind}.activations", f"weight-only affine {kind} is not supported by "
+                           f"{backend}: {sup.unsupported_because}; use activations: int8_dynamic"))
         if getattr(layer, "activations", "none") == "int8_dynamic" and not sup.int8_dynamic:
             others = _int8_dynamic_backends()
             where = ", ".join(others) if others else "no backend"
