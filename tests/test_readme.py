@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from delegate import capabilities
@@ -26,6 +27,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_mlxbuild_validate_accepts_shipped_manifests():
     manifests = sorted(str(p) for p in (ROOT / "manifests").glob("*.yaml"))
-    out = subprocess.run(["mlxbuild", "validate", *manifests], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", *manifests],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ok: ") == len(manifests)
