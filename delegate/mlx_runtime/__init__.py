@@ -1,0 +1,1 @@
+"""Run MLX-delegated .pte files on any host through the `mlx` package."""
