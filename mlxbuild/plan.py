@@ -16,6 +16,7 @@ from pathlib import Path
 
 import delegate
 from mlxbuild import sources
+from mlxbuild.errors import BuildError
 from mlxbuild.fingerprint import FileHasher, stable_hash, tool_versions
 from mlxbuild.tolerance import tolerance
 
@@ -43,6 +44,11 @@ class Plan:
     def add(self, step: Step) -> Step:
         known = self.steps.get(step.name)
         if known is not None:
+            if known.key != step.key:
+                # Same manifest name and target, different inputs: two builds would race
+                # for one artifact path.
+                raise BuildError(f"{step.label}: two manifests define this target differently; "
+                                 "give them different names")
             return known
         self.steps[step.name] = step
         for dep in step.deps:
