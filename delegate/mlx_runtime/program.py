@@ -282,7 +282,11 @@ class Method:
             payload = self.program.segment(ref.index)
         from .graph import MLXGraphRunner
 
-        return MLXGraphRunner(payload, self.program.named_data, name=f"{self.name}/MLXBackend[{i}]")
+        try:
+            return MLXGraphRunner(payload, self.program.named_data, name=f"{self.name}/MLXBackend[{i}]")
+        except (ValueError, RuntimeError) as e:
+            raise ProgramError(f"{self.program.path.name}: method {self.name!r}: cannot load MLX delegate {i}: "
+                               f"{e}") from e
 
     def _delegate_call(self, index: int, args: Sequence[int]) -> None:
         import torch
