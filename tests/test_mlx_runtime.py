@@ -210,3 +210,51 @@ def test_unknown_node_is_named(built, monkeypatch):
     monkeypatch.delitem(HANDLERS, "RMSNormNode")
     with pytest.raises(mlx_runtime.ProgramError, match=r"no handler for MLX node type\(s\): RMSNormNode"):
         mlx_runtime.load(pte).forward(np.zeros((1, 2), dtype=np.int64), np.arange(2))
+
+
+# ------------------------------------------------------------------------ the executor alone
+
+
+def test_non_delegated_program_runs_on_torch_kernels(tmp_path):
+    """The .pte executor without a delegate: out-variant kernels, Int inputs, a mutable
+    buffer kept across calls, two methods, constant methods, and torch.cond's
+    JumpFalseCall / MoveCall."""
+    import torch
+    from executorch.exir import to_edge
+    from torch.export import export
+
+    class Counter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 3))
+            self.register_buffer("count", torch.zeros(1))
+
+        def forward(self, x, k: int):
+            self.count.add_(1)
+            y = torch.softmax(x @ self.w, -1) * k + self.count
+            return y, y.sum()
+
+    class Branch(torch.nn.Module):
+        def forward(self, p, x):
+            return torch.cond(p.sum() > 0, lambda x: x.sin(), lambda x: x.cos() * 2, (x,))
+
+    torch.manual_seed(0)
+    counter, x = Counter(), torch.randn(2, 4)
+    programs = {"forward": export(counter, (x, 3)),
+                "branch": export(Branch(), (torch.ones(1), torch.randn(3)))}
+    et = to_edge(programs, constant_methods={"meta": 7, "vals": [1.5, 2.5]}).to_executorch()
+    (tmp_path / "p.pte").write_bytes(et.buffer)
+
+    prog = mlx_runtime.load(tmp_path / "p.pte")
+    assert sorted(prog.method_names) == ["branch", "forward"]
+    assert prog.constant_methods == {"meta": 7, "vals": [1.5, 2.5]}
+    with torch.no_grad():
+        counter.count.zero_()
+        for _ in range(3):  # the buffer counts up in both
+            got, want = prog.forward(x, 3), counter(x, 3)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w)
+        v = torch.randn(3)
+        for sign in (1.0, -1.0):
+            (got,) = prog.run("branch", [torch.tensor([sign]), v])
+            torch.testing.assert_close(got, Branch()(torch.tensor([sign]), v))
