@@ -1,0 +1,43 @@
+"""Shared test fixtures (keep them generic: several test modules use this file)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def frozen_source(tmp_path_factory) -> Path:
+    """A copy of the `mlxbuild` and `delegate` packages as they are when the session starts.
+
+    Cache keys include a hash of our own source files, and the repository is edited
+    while tests run; subprocesses that put this directory first on PYTHONPATH (see
+    `subprocess_env`) all see one version of the code, so a warm cache built early
+    in the session stays warm. The editable install's finder comes after PYTHONPATH,
+    and doit's entry points name modules, not paths, so plugins load from here too.
+    """
+    root = tmp_path_factory.mktemp("src")
+    for package in ("mlxbuild", "delegate"):
+        shutil.copytree(REPO / package, root / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(frozen_source):
+    """Build an environment for a subprocess running the frozen source: `subprocess_env(**overrides)`."""
+
+    def make(**overrides: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("MLXBUILD_DEBUG", None)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(frozen_source)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env.update({k: str(v) for k, v in overrides.items()})
+        return env
+
+    return make
