@@ -24,14 +24,24 @@ def lits(values) -> list[int]:
     return [] if values is None else [int(v) for v in values]
 
 
+_SPELLING: dict[tuple[type, str], str] = {}
+
+
 def attr(node, name: str):
     """A field of an object-API table by its schema (snake_case) name; flatc's
     Python object API spells multi-word fields in camelCase (``sliceSizes``)."""
-    try:
-        return getattr(node, name)
-    except AttributeError:
-        head, *rest = name.split("_")
-        return getattr(node, head + "".join(w[:1].upper() + w[1:] for w in rest))
+    key = (type(node), name)
+    spelled = _SPELLING.get(key)
+    if spelled is None:
+        if hasattr(node, name):
+            spelled = name
+        else:
+            head, *rest = name.split("_")
+            spelled = head + "".join(w[:1].upper() + w[1:] for w in rest)
+            if not hasattr(node, spelled):
+                raise AttributeError(f"{type(node).__name__} has no field {name!r}")
+        _SPELLING[key] = spelled
+    return getattr(node, spelled)
 
 
 def text(value) -> str:
