@@ -5,6 +5,7 @@
     mlxbuild validate manifests/*.yaml           check manifests, one line per error
     mlxbuild plan manifests/qwen.yaml            steps, keys and what is already built
     mlxbuild schema                              the manifest JSON Schema
+    mlxbuild run artifacts/.../x-mlx-4w.pte      run an MLX artifact here (mlx.core): greedy decode
 """
 
 from __future__ import annotations
@@ -62,6 +63,51 @@ def _plan(paths: list[str], as_json: bool) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from mlxbuild.progress import quiet_libraries
+
+    quiet_libraries()
+    from delegate import mlx_runtime
+
+    try:
+        program = mlx_runtime.load(args.pte, args.data)
+        if args.info:
+            from mlxbuild.pte_inspect import inspect_pte
+
+            info = inspect_pte(args.pte)
+            nodes = {}
+            for name in program.method_names:
+                for i, runner in enumerate(program.method(name).delegates):
+                    nodes[f"{name}/{i}"] = runner.node_counts()
+            out = {"methods": program.method_names, "constant_methods": program.constant_methods,
+                   "operators": {m: info["methods"][m]["operators"] for m in program.method_names},
+                   "mlx_nodes": nodes}
+            print(json.dumps(out, indent=1))
+            return 0
+        if args.ids:
+            prompt = [int(t) for t in args.ids.replace(",", " ").split()]
+        else:
+            import numpy as np
+
+            vocab = int(program.constant_methods.get("get_vocab_size") or 2)
+            prompt = np.random.default_rng(args.seed).integers(0, vocab, args.random).tolist()
+        result = mlx_runtime.generate(program, prompt, args.max_new_tokens, method=args.method,
+                                      stop_at_eos=not args.no_eos)
+    except (mlx_runtime.ProgramError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        rate = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"prompt ({len(result['prompt'])}): {' '.join(map(str, result['prompt']))}")
+        print(f"generated ({len(result['tokens'])}, stopped: {result['stopped']}): "
+              f"{' '.join(map(str, result['tokens']))}")
+        print(f"prefill {rate(result['prefill_tokens_per_s'])} tok/s, decode {rate(result['decode_tokens_per_s'])} "
+              f"tok/s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["build"], ["doit"]):
@@ -78,7 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifests", nargs="+")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON Schema")
+    r = sub.add_parser("run", help="run an MLX .pte on this host through mlx.core (greedy decoding)")
+    r.add_argument("pte")
+    r.add_argument("--ids", help="prompt token ids, e.g. '1 15 27' (default: --random)")
+    r.add_argument("--random", type=int, default=8, metavar="N", help="a random prompt of N ids (default 8)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--no-eos", action="store_true", help="do not stop at get_eos_ids")
+    r.add_argument("--method", default="forward")
+    r.add_argument("--data", action="append", default=[], metavar="PTD",
+                   help="a .ptd data file (default: the ones beside the .pte)")
+    r.add_argument("--info", action="store_true", help="print methods, constant methods and MLX node counts")
+    r.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.cmd == "run":
+        return _run(args)
     if args.cmd == "validate":
         return _validate(args.manifests)
     if args.cmd == "plan":

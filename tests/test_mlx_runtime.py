@@ -258,3 +258,24 @@ def test_non_delegated_program_runs_on_torch_kernels(tmp_path):
         for sign in (1.0, -1.0):
             (got,) = prog.run("branch", [torch.tensor([sign]), v])
             torch.testing.assert_close(got, Branch()(torch.tensor([sign]), v))
+
+
+def test_generate_and_cli_run(built, references, capsys):
+    from mlxbuild.cli import main
+
+    pte, _ = _artifact(built, "4w")
+    tokens, _ = references["4w"]
+    prog = mlx_runtime.load(pte)
+    result = mlx_runtime.generate(prog, tokens[0, :PROMPT], DECODE, stop_at_eos=False)
+    assert result["tokens"] == tokens[0, PROMPT:].tolist()
+    assert result["stopped"] == "max_new_tokens" and result["decode_tokens_per_s"] > 0
+
+    ids = " ".join(map(str, tokens[0, :PROMPT]))
+    assert main(["run", str(pte), "--ids", ids, "--max-new-tokens", "5", "--no-eos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == tokens[0, PROMPT:PROMPT + 5].tolist()
+    assert main(["run", str(pte), "--info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["constant_methods"]["get_vocab_size"] == 512
+    assert info["mlx_nodes"]["forward/0"]["QuantizedMatmulNode"] == 15
+    assert main(["run", str(pte.with_name("missing.pte"))]) == 2
