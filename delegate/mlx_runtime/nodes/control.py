@@ -168,7 +168,8 @@ class ContiguousKVCache:
             buf = mx.concatenate([buf, pad], axis=2)
         if new.dtype != buf.dtype:
             new = new.astype(buf.dtype)
-        buf = mx.slice_update(buf, new, mx.array([position], dtype=mx.int32), [2])
+        buf = mx.array(buf)  # a new handle: item assignment leaves the old one alone
+        buf[:, :, position:end, :] = new
         pool[layer] = buf
         return buf[:, :, :end, :]
 

@@ -42,11 +42,12 @@ def slice_update(frame, node):
     if start >= stop:
         frame.set_t(node.out, dst)
         return
-    if step == 1:
-        out = mx.slice_update(dst, upd, mx.array([start], dtype=mx.int32), [axis])
-    else:
-        out = mx.array(dst)  # a fresh array: item assignment must not touch dst
-        out[_along(dst.ndim, axis, slice(start, stop, step))] = upd
+    if upd.dtype != dst.dtype:
+        upd = upd.astype(dst.dtype)
+    # A new handle on dst (no copy): item assignment rebinds only this handle, and
+    # the static SliceUpdate it builds donates dst's buffer when nothing else holds it.
+    out = mx.array(dst)
+    out[_along(dst.ndim, axis, slice(start, stop, step))] = upd
     frame.set_t(node.out, out)
 
 
