@@ -197,6 +197,14 @@ def kv_cache(frame) -> ContiguousKVCache:
     return cache
 
 
+def reset_kv_cache(frame_or_graph) -> None:
+    """Forget the UpdateAndAttend history of a loaded graph (or of ``frame.kv_cache``);
+    a runner's state reset should call this alongside zeroing its mutable buffers."""
+    cache = getattr(frame_or_graph, "kv_cache", None) or _caches.get(getattr(frame_or_graph, "graph", frame_or_graph))
+    if cache is not None:
+        cache.reset()
+
+
 @handles("UpdateAndAttendNode")
 def update_and_attend(frame, node):
     layer_id, out_dtype = attr(node, "layer_id"), attr(node, "out_dtype")
