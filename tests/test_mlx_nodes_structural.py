@@ -12,7 +12,6 @@ Families: shape (nodes/shape.py), indexing, conv, quantized/matmul, control.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
