@@ -35,6 +35,19 @@ def is_published(out_dir: Path, stem: str, package_key: str) -> bool:
         for f, info in files.items())
 
 
+def unpublish(out_dir: Path, stem: str) -> list[str]:
+    """Remove one published artifact: its record first, so nothing is left looking complete."""
+    rec = record_path(out_dir, stem)
+    try:
+        files = list(json.loads(rec.read_text()).get("files", {}))
+    except (OSError, ValueError):
+        files = [f"{stem}.pte"]
+    rec.unlink(missing_ok=True)
+    for name in files:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+    return files
+
+
 def publish(params: dict, cache, package_key: str) -> dict:
     from mlxbuild.pte_inspect import inspect_pte
 

@@ -28,10 +28,19 @@ def manifest_args(pos_args) -> list[str]:
 
 
 class ManifestLoader(TaskLoader2):
-    """Tasks for the manifests named on the command line (default: manifests/qwen.yaml)."""
+    """Tasks for the manifests named on the command line (default: manifests/qwen.yaml).
+
+    Verbs that take exactly one task name (`doit info`) get their manifest from
+    ``-m/--manifest`` instead: `doit info -m other.yaml lower:other/mlx-4w`.
+    """
+
+    cmd_options = ({
+        "name": "manifests", "short": "m", "long": "manifest", "type": list, "default": [],
+        "help": "manifest(s) whose tasks to load, besides any named as positional arguments",
+    },)
 
     def setup(self, opt_values):
-        pass
+        self.extra_manifests = list(opt_values.get("manifests") or [])
 
     def load_doit_config(self):
         from mlxbuild.settings import roots
@@ -45,7 +54,7 @@ class ManifestLoader(TaskLoader2):
         from mlxbuild.settings import roots
         from mlxbuild.tasks import task_dicts
 
-        paths = manifest_args(pos_args)
+        paths = list(dict.fromkeys(getattr(self, "extra_manifests", []) + manifest_args(pos_args)))
         if not paths:
             if not Path(DEFAULT_MANIFEST).exists():
                 raise InvalidCommand(f"name a manifest, e.g. `doit build {DEFAULT_MANIFEST}`")
@@ -66,16 +75,16 @@ class Build(Run):
 
     name = "build"
     doc_purpose = "build the .pte artifacts of one or more manifests"
-    doc_usage = "MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]"
+    doc_usage = "[-n N] [-v 0|1|2] MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]"
     doc_description = None
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # The build verb always reads manifests, whatever loader the local config names.
+    def __init__(self, task_loader=None, **kwargs):
+        # The build verb always reads manifests, whatever loader the local config names;
+        # set before the base class builds the option parser from the loader's options.
         loader = ManifestLoader()
-        loader.cmd_names = getattr(self.loader, "cmd_names", [])
-        loader.config = getattr(self.loader, "config", {})
-        self.loader = loader
+        loader.cmd_names = getattr(task_loader, "cmd_names", [])
+        loader.config = getattr(task_loader, "config", {})
+        super().__init__(task_loader=loader, **kwargs)
 
 
 class ProgressReporter(ConsoleReporter):

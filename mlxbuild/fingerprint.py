@@ -79,6 +79,78 @@ def tool_versions() -> dict[str, str]:
     return found
 
 
+OUR_PACKAGES = ("mlxbuild", "delegate")
+
+
+def _package_root(name: str) -> Path:
+    return Path(__import__(name).__file__).parent
+
+
+def _module_file(dotted: str) -> Path | None:
+    top, _, rest = dotted.partition(".")
+    if top not in OUR_PACKAGES:
+        return None
+    base = _package_root(top).joinpath(*rest.split(".")) if rest else _package_root(top)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _absolute(file: Path, module: str | None, level: int) -> str | None:
+    """The dotted name a (possibly relative) `from X import` refers to."""
+    if level == 0:
+        return module
+    for top in OUR_PACKAGES:
+        root = _package_root(top)
+        if root in file.parents:
+            parts = [top, *file.parent.relative_to(root).parts]
+            parts = parts[: len(parts) - (level - 1)]
+            return ".".join(parts + ([module] if module else []))
+    return None
+
+
+def _imports(file: Path) -> set[Path]:
+    """Our modules that `file` imports, statically (function-level imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute(file, node.module, node.level)
+            names = [module] + [f"{module}.{a.name}" for a in node.names] if module else []
+        for name in names:
+            target = _module_file(name)
+            if target:
+                found.add(target)
+    if file.name == "__init__.py" and "pkgutil" in file.read_text():
+        found.update(file.parent.rglob("*.py"))  # a package that loads all its modules
+    return found
+
+
+@lru_cache(maxsize=None)
+def code_hash(*roots: str) -> str:
+    """sha256 over the source of `roots` (dotted module names) and everything of ours they
+    import. A step's key includes the code that step runs and nothing else, so editing
+    the verifier does not invalidate exports."""
+    todo = [f for f in (_module_file(r) for r in roots) if f]
+    seen: set[Path] = set()
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        todo.extend(_imports(f) - seen)
+    h = hashlib.sha256()
+    for f in sorted(seen):
+        h.update(f.as_posix().split("/site-packages/")[-1].encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @lru_cache(maxsize=None)
 def _own_version() -> str:
     # The release number alone would let a code change reuse stale exports during

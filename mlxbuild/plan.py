@@ -17,7 +17,8 @@ from pathlib import Path
 import delegate
 from mlxbuild import sources
 from mlxbuild.errors import BuildError
-from mlxbuild.fingerprint import FileHasher, stable_hash, tool_versions
+from mlxbuild import __version__
+from mlxbuild.fingerprint import FileHasher, code_hash, stable_hash, tool_versions
 from mlxbuild.tolerance import tolerance
 
 # The prompt each verification feeds: a prefill then single-token decode steps.
@@ -56,9 +57,9 @@ class Plan:
         return step
 
 
-def _versions(*names: str) -> dict:
+def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
     v = tool_versions()
-    return {n: v[n] for n in names + ("mlxbuild",)}
+    return {**{n: v[n] for n in names}, "mlxbuild": __version__, "code": code_hash(*code)}
 
 
 def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path) -> list[str]:
@@ -72,7 +73,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
 
     weights = plan.add(Step(
         kind="weights", name=f"weights:{_short(stable_hash(src['identity'], dtype))}",
-        key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers")),
+        key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers", code=("mlxbuild.stages.weights",))),
         deps=[], params={"load": src["load"], "dtype": dtype}, label=f"{manifest.name} ({dtype})"))
 
     packages = []
@@ -84,13 +85,14 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         quant = plan.add(Step(
             kind="quantize",
             name=f"quantize:{scheme_name}.{_short(stable_hash(weights.key, scheme))}",
-            key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao")),
+            key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao", code=("mlxbuild.stages.quantize",))),
             deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": dtype},
             label=f"{manifest.name} {scheme_name}"))
 
         flavour = backend.FLAVOUR
         export_key = stable_hash("export", quant.key, flavour, export_spec,
-                                 _versions("torch", "executorch", "transformers"))
+                                 _versions("torch", "executorch", "transformers",
+                                           code=("mlxbuild.stages.export", f"delegate.{target.backend}")))
         export = plan.add(Step(
             kind="export", name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
             deps=[quant.name],
@@ -102,7 +104,8 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                        "decode_steps": min(VERIFY_DECODE_STEPS, exp.max_context_length - VERIFY_PROMPT),
                        "seed": 0}
         ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
-                              _versions("torch", "transformers", "executorch"))
+                              _versions("torch", "transformers", "executorch",
+                                        code=("mlxbuild.stages.reference",)))
         reference = plan.add(Step(
             kind="reference", name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
             deps=[quant.name],
@@ -116,13 +119,15 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                         **export_spec}
         lower = plan.add(Step(
             kind="lower", name=f"lower:{tname}",
-            key=stable_hash("lower", export.key, lower_params, _versions("executorch")),
+            key=stable_hash("lower", export.key, lower_params,
+                            _versions("executorch", code=("mlxbuild.stages.lower", f"delegate.{target.backend}"))),
             deps=[export.name], params=lower_params, label=tname))
 
         tol = tolerance(dtype, scheme)
         verify = plan.add(Step(
             kind="verify", name=f"verify:{tname}",
-            key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY),
+            key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY,
+                            _versions("executorch", code=("mlxbuild.stages.verify", f"delegate.{target.backend}"))),
             deps=[lower.name, reference.name],
             params={"lower": lower.key, "reference": reference.key, "backend": target.backend,
                     "tolerance": tol},

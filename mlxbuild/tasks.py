@@ -9,7 +9,6 @@ imports torch.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from mlxbuild import artifacts
@@ -64,7 +63,7 @@ def task_dicts(plan: Plan, roots: Roots):
             "title": lambda t, s=step: f"{s.kind} {s.label}",
             "actions": [(run_step, [step, roots])],
             "task_dep": list(step.deps),
-            "uptodate": [partial(_uptodate, plan, step, cache)],
+            "uptodate": [_Check(f"{step.kind} output present", is_done, plan, step, cache)],
         }
         if step.kind == "package":
             out = Path(step.params["out_dir"])
@@ -75,9 +74,32 @@ def task_dicts(plan: Plan, roots: Roots):
             task["clean"] = [(_clean_entry, [step, roots])]
         yield task
     for group, packages in plan.groups.items():
+        steps = [plan.steps[p] for p in packages]
         yield {"basename": group, "doc": f"build every target of {group}", "actions": None,
-               "task_dep": packages}
+               "task_dep": packages,
+               "uptodate": [_Check("every target published", _all_done, plan, steps, cache)],
+               # Cleaning a manifest removes what it published, not the shared cache.
+               "clean": [(_unpublish, [steps])]}
 
 
-def _uptodate(plan, step, cache, task=None, values=None):
-    return is_done(plan, step, cache)
+class _Check:
+    """An up-to-date callable that doit can print (`doit info`) in one line."""
+
+    def __init__(self, what, fn, *args):
+        self.what, self.fn, self.args = what, fn, args
+
+    def __call__(self, task=None, values=None):
+        return self.fn(*self.args)
+
+    def __repr__(self):
+        return self.what
+
+
+def _all_done(plan, steps, cache):
+    return all(is_done(plan, s, cache) for s in steps)
+
+
+def _unpublish(steps):
+    for step in steps:
+        artifacts.unpublish(Path(step.params["out_dir"]), step.params["stem"])
+
