@@ -311,15 +311,14 @@ class Method:
         want = []
         for idx in out_idx:
             v = self.values[idx]
-            want.append(mx_dtype(_DTYPE_CODES[v.dtype]) if isinstance(v, torch.Tensor) else None)
+            want.append(mx_dtype(_code_of(v.dtype)) if isinstance(v, torch.Tensor) else None)
         results = runner.execute(inputs, want)
-        for idx, r in zip(out_idx, results):
-            if isinstance(self.values[idx], torch.Tensor):
-                arr = to_numpy(r)
-                t = torch.from_numpy(np.array(arr))
-                self.values[idx] = t.view(torch.bfloat16) if r.dtype == _MX_BF16() else t
-            else:
+        for idx, r, dt in zip(out_idx, results, want):
+            if dt is None:
                 self.values[idx] = r
+                continue
+            t = torch.from_numpy(np.array(to_numpy(r)))  # a copy torch owns
+            self.values[idx] = t.view(torch.bfloat16) if self.values[idx].dtype == torch.bfloat16 else t
 
     # -- running -------------------------------------------------------------------
     def _kernel(self, op_index: int) -> _Kernel:
@@ -395,28 +394,19 @@ class Method:
         return out
 
 
-def _MX_BF16():
-    import mlx.core as mx
-
-    return mx.bfloat16
+_CODES: dict = {}
 
 
-def _dtype_codes() -> dict:
-    import torch
+def _code_of(dtype) -> int:
+    """torch dtype -> ExecuTorch ScalarType code."""
+    if not _CODES:
+        import torch
 
-    return {getattr(torch, n): c for c, n in _TORCH_DTYPES.items()}
-
-
-class _LazyCodes(dict):
-    def __missing__(self, key):
-        if not self:
-            self.update(_dtype_codes())
-            if key in self:
-                return self[key]
-        raise ProgramError(f"unsupported tensor dtype {key}")
-
-
-_DTYPE_CODES = _LazyCodes()
+        _CODES.update({getattr(torch, n): c for c, n in _TORCH_DTYPES.items()})
+    try:
+        return _CODES[dtype]
+    except KeyError:
+        raise ProgramError(f"unsupported tensor dtype {dtype}") from None
 
 
 def _scalar(v):
