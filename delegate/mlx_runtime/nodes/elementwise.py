@@ -16,6 +16,9 @@ and torch disagree the handler follows torch:
   MLX >= 0.32 (floor rounding; remainder takes the divisor's sign).
 - Gelu and Silu on fp16/bf16 are computed in float32 and rounded once, as torch's
   CPU kernels do (opmath), not in the half type.
+- Full: the lowering records float32 for ``full(shape, v)`` without ``dtype=``
+  (torch infers int64/bool from an int/bool fill); a graph-output slot's recorded
+  dtype wins (temporaries have none, so there the lowering's float32 stays).
 """
 
 from __future__ import annotations
@@ -312,10 +315,25 @@ def _fill(value, dtype):
     return value
 
 
+def meta_dtype(frame, tid):
+    """The dtype the program records for a non-temporary tensor slot (constants,
+    inputs, outputs, mutable buffers: ``tensor_meta`` is indexed by tid), or None."""
+    metas = getattr(frame.graph, "tensor_meta", None)
+    idx = tid.idx
+    if metas and isinstance(idx, int) and idx < len(metas) and metas[idx] is not None:
+        return frame.dtype(metas[idx].scalar_type)
+    return None
+
+
 @handles("FullNode")
 def full(frame, node):
     shape = [frame.int_(d) for d in (node.shape or [])]
-    dt = frame.dtype(node.scalar_type)
+    # The lowering writes float32 whenever full() has no dtype= argument, but torch
+    # infers it from the fill value (torch.full((2,), n) is int64). When the output
+    # slot's recorded dtype says otherwise, that one is the torch dtype.
+    dt = meta_dtype(frame, node.out)
+    if dt is None:
+        dt = frame.dtype(node.scalar_type)
     frame.set_t(node.out, mx.full(shape, _fill(frame.float_(node.v), dt), dtype=dt))
 
 

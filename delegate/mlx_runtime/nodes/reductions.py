@@ -26,6 +26,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..registry import handles
+from .elementwise import meta_dtype
 
 _HALF = (mx.float16, mx.bfloat16)
 
@@ -136,20 +137,10 @@ def softmax(frame, node):
     frame.set_t(node.out, mx.softmax(x, axis=int(node.axis), precise=precise))
 
 
-def _meta_dtype(frame, tid):
-    """The dtype recorded for a non-temp tensor slot (inputs, outputs, constants),
-    or None for temporaries."""
-    metas = getattr(frame.graph, "tensor_meta", None) or []
-    idx = tid.idx
-    if idx < len(metas) and metas[idx] is not None:
-        return frame.dtype(metas[idx].scalar_type)
-    return None
-
-
 @handles("CumsumNode")
 def cumsum(frame, node):
     x = frame.t(node.x)
-    out_dt = _meta_dtype(frame, node.out)
+    out_dt = meta_dtype(frame, node.out)
     if out_dt is not None and out_dt != x.dtype:
         x = x.astype(out_dt)  # cumsum(x, dim, dtype=...) casts first, as torch does
     x, out_dt = _accumulate(x)
