@@ -56,6 +56,11 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
     from torchao.quantization.quant_api import quantize_
 
     tied = _tied(model)
+    # A tied output projection under the same rule as the embedding ends up sharing the
+    # embedding's quantized tensor; quantizing it separately first (as ExecuTorch's
+    # export does) would spend the largest matrix's HQQ time to be thrown away.
+    retie = tied and _active(scheme.get("linear")) and scheme.get("linear") == scheme.get("embedding")
+    skip = {tied[0]} if retie else set()
     layers: dict[str, dict] = {}
     for kind, cls in (("embedding", torch.nn.Embedding), ("linear", torch.nn.Linear)):
         rule = scheme.get(kind)
@@ -63,14 +68,16 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
         if not _active(rule):
             layers.update({n: {"format": "none"} for n in names})
             continue
-        wanted = {n for n, m in model.named_modules() if isinstance(m, cls) and _fits(m, rule)}
+        wanted = {n for n, m in model.named_modules()
+                  if isinstance(m, cls) and n not in skip and _fits(m, rule)}
         quantize_(model, _config(rule, kind), filter_fn=lambda m, fqn, w=wanted: fqn in w)
         layers.update({n: (_describe(rule) if n in wanted else {"format": "none", "reason": "shape"})
-                       for n in names})
-    if tied and scheme.get("linear") == scheme.get("embedding"):
-        # Both sides hold identical quantized data: share it again so the artifact stores it once.
-        out, emb = tied
+                       for n in names if n not in skip})
+    if retie:
+        out_name, emb_name = tied
+        out, emb = model.get_submodule(out_name), model.get_submodule(emb_name)
         out.weight = emb.weight
+        layers[out_name] = {**layers[emb_name], "tied_to": emb_name}
     return layers
 
 
@@ -82,11 +89,13 @@ def _fits(module, rule) -> bool:
 
 
 def _tied(model):
+    """(output module name, input embedding name) when they share one weight."""
     get_out = getattr(model, "get_output_embeddings", None)
     get_in = getattr(model, "get_input_embeddings", None)
     if not (get_out and get_in):
         return None
     out, emb = get_out(), get_in()
-    if out is not None and emb is not None and out.weight is emb.weight:
-        return out, emb
-    return None
+    if out is None or emb is None or out.weight is not emb.weight:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return names[id(out)], names[id(emb)]
