@@ -1,9 +1,10 @@
 """The MLX-delegate runtime (delegate/mlx_runtime) on whole models and on bad input.
 
-One session build (a `doit build` subprocess) makes the tiny Qwen3 as two MLX
-artifacts, fp32 and 4-bit; each runs a prefill and 32 greedy decode steps through
-`mlx.core` and must agree with the eager model quantized the same way (the
-reference stage's own machinery, asked for 32 decode steps).
+One session build (a `doit build` subprocess) makes the tiny Qwen3 as MLX
+artifacts: fp32 and 4-bit from an fp32 model, and 4-bit from a bf16 model; each runs
+a prefill and 32 greedy decode steps through `mlx.core` and must agree with the
+eager model quantized the same way (the reference stage's own machinery, asked for
+32 decode steps).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from delegate.mlx_runtime.registry import HANDLERS  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 NAME, VERSION = "qwen3-tiny", "0.1.0"
 TARGETS = {"fp32": ("mlx-fp32", "none"), "4w": ("mlx-4w", "4w")}
+BF16 = "bf16-4w"  # the 4w target of a bf16 copy of the manifest
 PROMPT, DECODE = 8, 32
 
 
@@ -42,18 +44,21 @@ def built(tmp_path_factory):
     manifest = yaml.safe_load((REPO / "manifests" / "qwen.yaml").read_text())
     manifest["targets"] = [{"name": t, "backend": "mlx", "quantization": q} for t, q in TARGETS.values()]
     (root / "tiny.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    manifest["name"], manifest["model"]["dtype"] = f"{NAME}-bf16", "bf16"
+    manifest["targets"] = [{"name": "mlx-4w", "backend": "mlx", "quantization": "4w"}]
+    (root / "tiny-bf16.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     env = {**__import__("os").environ, "MLXBUILD_CACHE": str(root / "cache"),
            "MLXBUILD_ARTIFACTS": str(root / "artifacts")}
-    proc = subprocess.run(_doit() + ["build", "-v", "0", "tiny.yaml"], cwd=root, env=env,
+    proc = subprocess.run(_doit() + ["build", "-v", "0", "tiny.yaml", "tiny-bf16.yaml"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return root
 
 
 def _artifact(root: Path, key: str) -> tuple[Path, dict]:
-    target = TARGETS[key][0]
-    out = root / "artifacts" / NAME / VERSION
-    return out / f"{NAME}-{target}.pte", json.loads((out / f"{NAME}-{target}.json").read_text())
+    name, target = (f"{NAME}-bf16", "mlx-4w") if key == BF16 else (NAME, TARGETS[key][0])
+    out = root / "artifacts" / name / VERSION
+    return out / f"{name}-{target}.pte", json.loads((out / f"{name}-{target}.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +68,12 @@ def references(built, tmp_path_factory):
     from mlxbuild.stages import reference
 
     cache, refs = Cache(built / "cache"), {}
-    for key in TARGETS:
+    for key in [*TARGETS, BF16]:
         _, record = _artifact(built, key)
         out = tmp_path_factory.mktemp(f"ref-{key}")
         reference.run({"weights": record["keys"]["weights"], "quantized": record["keys"]["quantize"],
-                       "dtype": "fp32", "max_context_length": 128, "prompt": PROMPT, "decode_steps": DECODE,
-                       "seed": 0}, cache, out)
+                       "dtype": record["dtype"], "max_context_length": 128, "prompt": PROMPT,
+                       "decode_steps": DECODE, "seed": 0}, cache, out)
         refs[key] = (np.load(out / "tokens.npy"), np.load(out / "logits.npy"))
     return refs
 
@@ -84,7 +89,7 @@ def _generate(prog, tokens: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------ whole models
 
 
-@pytest.mark.parametrize("key", list(TARGETS))
+@pytest.mark.parametrize("key", [*TARGETS, BF16])
 def test_prefill_and_greedy_decode_match_eager(built, references, key):
     from mlxbuild.stages.verify import compare
     from mlxbuild.tolerance import tolerance
@@ -93,11 +98,11 @@ def test_prefill_and_greedy_decode_match_eager(built, references, key):
     tokens, ref = references[key]
     assert tokens.shape == (1, PROMPT + DECODE)
     prog = mlx_runtime.load(pte)
-    got = _generate(prog, tokens)
+    got = _generate(prog, tokens).astype(np.float32)
     assert got.shape == ref.shape == (PROMPT + DECODE, 512)
-    result = compare(got, ref, tolerance("fp32", record.get("quantization") or {}))
+    result = compare(got, ref, tolerance(record["dtype"], record.get("quantization") or {}))
     assert result["passed"], result["reason"]
-    assert result["max_abs_error"] < 1e-4
+    assert result["max_abs_error"] < (1e-4 if record["dtype"] == "fp32" else 0.05)
     # Greedy decoding through the runtime picks the tokens the eager model picked.
     assert (got[PROMPT - 1:-1].argmax(-1) == tokens[0, PROMPT:]).all()
 
@@ -279,3 +284,23 @@ def test_generate_and_cli_run(built, references, capsys):
     assert info["constant_methods"]["get_vocab_size"] == 512
     assert info["mlx_nodes"]["forward/0"]["QuantizedMatmulNode"] == 15
     assert main(["run", str(pte.with_name("missing.pte"))]) == 2
+
+
+def test_half_precision_modes(built, references):
+    """bf16 graphs: "native" computes in bf16 with MLX's CPU kernels, "float32" (the
+    CPU default) promotes; both stay close to the eager bf16 model, and outputs keep
+    the declared dtype."""
+    import torch
+
+    pte, _ = _artifact(built, BF16)
+    tokens, ref = references[BF16]
+    results = {}
+    for precision in ("native", "float32"):
+        prog = mlx_runtime.load(pte, precision=precision)
+        (out,) = prog.run("forward", [torch.from_numpy(tokens[:, :PROMPT]), torch.arange(PROMPT)])
+        assert out.dtype == torch.bfloat16
+        results[precision] = out[0].float().numpy()
+        assert np.abs(results[precision] - ref[:PROMPT]).max() < 0.05 * np.abs(ref).max()
+    assert not np.array_equal(results["native"], results["float32"])
+    with pytest.raises(ValueError, match="precision"):
+        mlx_runtime.load(pte, precision="fp8")

@@ -25,9 +25,16 @@ from .program import Method, Program, ProgramError
 __all__ = ["load", "generate", "Program", "Method", "ProgramError"]
 
 
-def load(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = ()) -> Program:
-    """Load a ``.pte`` (and its ``.ptd`` files: ``data_files``, else the ones beside it)."""
-    return Program(path, data_files)
+def load(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = (), *,
+         precision: str = "auto") -> Program:
+    """Load a ``.pte`` (and its ``.ptd`` files: ``data_files``, else the ones beside it).
+
+    ``precision``: ``"native"`` computes in the dtypes the MLX graph declares;
+    ``"float32"`` runs fp16/bf16 arithmetic in float32 (outputs keep their declared
+    dtype); ``"auto"`` (default) is ``"float32"`` when mlx runs on the CPU, whose
+    half-precision kernels accumulate in half precision (see ``graph._promotes``).
+    """
+    return Program(path, data_files, precision=precision)
 
 
 def generate(program: Program, prompt: "Iterable[int]", max_new_tokens: int = 32, *, method: str = "forward",

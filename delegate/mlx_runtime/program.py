@@ -283,7 +283,8 @@ class Method:
         from .graph import MLXGraphRunner
 
         try:
-            return MLXGraphRunner(payload, self.program.named_data, name=f"{self.name}/MLXBackend[{i}]")
+            return MLXGraphRunner(payload, self.program.named_data, name=f"{self.name}/MLXBackend[{i}]",
+                                  precision=self.program.precision)
         except (ValueError, RuntimeError) as e:
             raise ProgramError(f"{self.program.path.name}: method {self.name!r}: cannot load MLX delegate {i}: "
                                f"{e}") from e
@@ -446,12 +447,17 @@ class Program:
     """A loaded ``.pte``: methods (loaded on first use, then kept with their state),
     constant methods, and named data from the file and its ``.ptd`` files."""
 
-    def __init__(self, path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = ()) -> None:
+    def __init__(self, path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = (), *,
+                 precision: str = "auto") -> None:
         from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
 
         from mlxbuild.pte_inspect import PTEInspectError, _is_constant_method, _read_program_bytes
 
+        from .graph import _promotes
+
+        _promotes(precision)  # validates
         self.path = Path(path)
+        self.precision = precision
         try:
             data, _size, eh = _read_program_bytes(self.path)
         except PTEInspectError as e:
@@ -604,5 +610,6 @@ def _export(v, as_torch: bool):
     return v
 
 
-def load_program(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = ()) -> Program:
-    return Program(path, data_files)
+def load_program(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = (), *,
+                 precision: str = "auto") -> Program:
+    return Program(path, data_files, precision=precision)
