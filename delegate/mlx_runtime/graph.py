@@ -18,6 +18,9 @@ Semantics follow ExecuTorch's C++ MLX runtime (``MLXBackend.cpp``, ``MLXExecutor
 Evaluation is lazy: handlers only build ``mlx`` graphs, and one ``mx.eval`` of the
 outputs and the mutable buffers ends each call (nodes that need a host value, like
 ``ItemInt``, evaluate just that scalar).
+
+``precision`` (``auto`` | ``native`` | ``float32``): on the CPU, fp16/bf16 graphs run
+in float32 by default and cast their outputs back (see ``_promotes``).
 """
 
 from __future__ import annotations
