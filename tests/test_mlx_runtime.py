@@ -304,3 +304,26 @@ def test_half_precision_modes(built, references):
     assert not np.array_equal(results["native"], results["float32"])
     with pytest.raises(ValueError, match="precision"):
         mlx_runtime.load(pte, precision="fp8")
+
+
+def test_external_constants_from_ptd(tmp_path):
+    """Constants kept in a .ptd beside the .pte (found by name, or passed in)."""
+    import torch
+    from executorch.exir import ExecutorchBackendConfig, to_edge
+    from torch.export import export
+
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    et = to_edge({"forward": export(lin, (x,))}).to_executorch(ExecutorchBackendConfig(external_constants=True))
+    (tmp_path / "model.pte").write_bytes(et.buffer)
+    et.write_tensor_data_to_file(str(tmp_path))
+    (ptd,) = tmp_path.glob("*.ptd")
+    with torch.no_grad():
+        want = lin(x)
+    torch.testing.assert_close(mlx_runtime.load(tmp_path / "model.pte").forward(x)[0], want)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "prog.pte").write_bytes(et.buffer)
+    with pytest.raises(mlx_runtime.ProgramError, match="external tensor"):
+        mlx_runtime.load(moved / "prog.pte").forward(x)
+    torch.testing.assert_close(mlx_runtime.load(moved / "prog.pte", [ptd]).forward(x)[0], want)
