@@ -34,10 +34,17 @@ def resolve_hf(repo_id: str, revision: str | None) -> Path:
     """
     from huggingface_hub import snapshot_download
 
+    patterns = list(CHECKPOINT_GLOBS) + ["tokenizer*", "*.model"]
     try:
-        return Path(snapshot_download(
-            repo_id, revision=revision, allow_patterns=list(CHECKPOINT_GLOBS) + ["tokenizer*", "*.model"],
-        ))
+        # Planning runs on every build, including no-ops: a snapshot already in the local
+        # cache is used without asking the Hub. Pin `revision` to a commit to make the
+        # choice explicit; a branch is followed only when it is not cached yet.
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # the hub raises many types; all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
