@@ -354,12 +354,15 @@ class EmptyDims(torch.nn.Module):
 
     CHECKS = [("sum_empty", "SumNode"), ("prod_empty", "ProdNode"), ("any_empty", "AnyNode"),
               ("all_empty", "AllNode"), ("cumsum_empty", "CumsumNode"), ("sin_empty", "SinNode"),
-              ("add_empty", "AddNode"), ("sum_over_nonempty", "SumNode")]
+              ("add_empty", "AddNode"), ("sum_over_nonempty", "SumNode"), ("mean_empty", "MeanNode"),
+              ("logsumexp_empty", "LogSumExpNode"), ("amax_nonempty_axis", "MaxNode"),
+              ("int_sum_empty", "SumNode")]
     DTYPES = ["fp32"]
 
     def forward(self, x):
         # x [3, 0]
-        return (x.sum(-1), x.prod(-1), (x > 0).any(-1), (x > 0).all(-1), x.cumsum(-1), torch.sin(x), x + x, x.sum(0))
+        return (x.sum(-1), x.prod(-1), (x > 0).any(-1), (x > 0).all(-1), x.cumsum(-1), torch.sin(x), x + x, x.sum(0),
+                x.mean(-1), x.logsumexp(-1), x.amax(0), x.to(torch.int32).sum(-1))
 
     @staticmethod
     def inputs(batch, dtype, g):
@@ -368,8 +371,36 @@ class EmptyDims(torch.nn.Module):
     DYNAMIC = None
 
 
+class ZeroDim(torch.nn.Module):
+    """0-d tensors: a 0-d input, 0-d lifted constants, 0-d results, and torch's rule
+    that a 0-d operand does not promote a dimensioned one (fp16[n] * fp32[] is fp16)."""
+
+    CHECKS = [("sum_all_scaled", "MultiplyNode"), ("zero_dim_input_plus_one", "AddNode"),
+              ("half_times_zero_dim_float", "MultiplyNode"), ("zero_dim_where", "WhereNode"),
+              ("item_of_zero_dim", "ItemIntNode")]
+    DTYPES = ["fp32"]
+    XFAIL = ("delegate/mlx_runtime/graph.py:to_mx (and program.py) pass arrays through "
+             "np.ascontiguousarray, which turns 0-d arrays into shape (1,): 0-d inputs and "
+             "constants reach the nodes as 1-d, so 0-d results come back as shape (1,)")
+    XFAIL_LABELS = {"sum_all_scaled", "zero_dim_input_plus_one", "zero_dim_where"}
+
+    def forward(self, x, k, h, n):
+        m = n.item()
+        torch._check(m >= 2)
+        torch._check(m <= 16)
+        return (x.sum() * 2.0, k + 1, h * k, torch.where(k > 0, h, k), torch.arange(m))
+
+    @staticmethod
+    def inputs(batch, dtype, g):
+        return (_randn(g, batch, 3), torch.tensor(1.0 / 3.0), _randn(g, batch, 3, dtype=torch.float16),
+                torch.tensor(batch, dtype=torch.int64))
+
+    DYNAMIC = ({0: BATCH}, None, {0: BATCH}, None)
+
+
 GROUPS = {cls.__name__: cls for cls in (UnaryFloat, UnaryInt, BinaryFloat, BinaryInt, Logical, MixedDtypes,
-                                        WhereClip, AsType, Creation, ItemInt, ReduceFloat, ReduceInt, EmptyDims)}
+                                        WhereClip, AsType, Creation, ItemInt, ReduceFloat, ReduceInt, EmptyDims,
+                                        ZeroDim)}
 EXPORT_BATCH, RUN_BATCH = 4, 5  # run on a batch the export did not see
 
 
@@ -386,7 +417,17 @@ def _cases():
                 key = f"{label}:{node}"
                 if key not in seen:
                     seen.add(key)
-                    yield pytest.param(name, dt, label, node, id=f"{name}-{dt}-{label}-{node}")
+                    yield pytest.param(name, dt, label, node, id=f"{name}-{dt}-{label}-{node}",
+                                       marks=_xfail(cls, label))
+
+
+def _xfail(cls, label=None):
+    """Known failures outside this file's nodes (strict: a fix makes them XPASS, so
+    the marker gets removed)."""
+    reason = getattr(cls, "XFAIL", None)
+    if reason and (label is None or label in cls.XFAIL_LABELS):
+        return [pytest.mark.xfail(strict=True, reason=reason)]
+    return []
 
 
 # --------------------------------------------------------------------------- lowering and running
@@ -450,11 +491,11 @@ def _to_torch(x) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _program(group: str, dt: str):
+def _program(group: str, dt: str, precision: str):
     from delegate.mlx_runtime import load
 
     path, _ = _lowered(group, dt)
-    program = load(str(path))
+    program = load(str(path), precision=precision)
     # The executor casts delegate outputs to the dtypes the program planned, which
     # would hide a handler computing in the wrong dtype. Let the raw dtypes through:
     # a wrong one then shows up as a dtype mismatch against eager.
@@ -477,8 +518,10 @@ def _noncontiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _run(group: str, dt: str, layout: str = "contiguous"):
-    """(runtime outputs, eager outputs) for one group, dtype and input layout."""
+def _run(group: str, dt: str, layout: str = "contiguous", precision: str = "native"):
+    """(runtime outputs, eager outputs) for one group, dtype, input layout and runtime
+    precision ("native": the graph's own dtypes, so fp16/bf16 nodes really run in
+    half precision; "auto": the runtime's default, float32 arithmetic on CPU)."""
     cls = GROUPS[group]
     batch = RUN_BATCH if cls.DYNAMIC else EXPORT_BATCH
     inputs = cls.inputs(batch, DTYPES[dt], _gen(1))
@@ -486,7 +529,7 @@ def _run(group: str, dt: str, layout: str = "contiguous"):
         inputs = tuple(_noncontiguous(t) for t in inputs)
     with torch.no_grad():
         want = cls()(*inputs)
-    got = _program(group, dt).forward(*inputs)
+    got = _program(group, dt, precision).forward(*inputs)
     got = [_to_torch(x) for x in (got if isinstance(got, (list, tuple)) else [got])]
     assert len(got) == len(want), f"{len(got)} outputs, eager has {len(want)}"
     return got, list(want)
@@ -521,16 +564,17 @@ def test_node_matches_torch(group, dt, label, node):
     _assert_same(got[index], want[index], f"{group}[{dt}].{label}")
 
 
-@pytest.mark.parametrize("group, dt", [(g, dt) for g, cls in GROUPS.items() if cls.DYNAMIC
-                                       for dt in cls.DTYPES[:2]])
-def test_noncontiguous_inputs(group, dt):
-    """Transposed (non-contiguous) input tensors give the same results."""
-    got, want = _run(group, dt, "noncontiguous")
+@pytest.mark.parametrize("group, dt", [pytest.param(g, dt, marks=_xfail(cls)) for g, cls in GROUPS.items()
+                                       if cls.DYNAMIC for dt in cls.DTYPES[:2]])
+def test_noncontiguous_inputs_default_precision(group, dt):
+    """Transposed (non-contiguous) input tensors give the same results, with the
+    runtime's default precision."""
+    got, want = _run(group, dt, "noncontiguous", "auto")
     for k, label in enumerate(_labels(group)):
         _assert_same(got[k], want[k], f"{group}[{dt}].{label} (non-contiguous inputs)")
 
 
-def test_payload_covers_every_group_check():
+def test_group_labels_match_outputs():
     """Each group's CHECKS line up with its outputs (one label per output)."""
     for name, cls in GROUPS.items():
         labels = _labels(name)
@@ -664,6 +708,17 @@ def test_logsumexp_empty_axes_reduce_all_and_keepdims():
                                             rel_tol=1e-6)
     out = _run_node("SumNode", f, x="x", axes=[-1], keepdims=True)
     assert out.shape == (2, 1)
+
+
+def test_empty_reductions_without_identity_raise():
+    f = _Frame(x=mx.zeros((3, 0)))
+    for node in ("MaxNode", "MinNode", "MedianNode"):
+        with pytest.raises(ValueError):
+            _run_node(node, f, x="x", axes=[-1], keepdims=False)
+        assert _run_node(node, f, x="x", axes=[0], keepdims=True).shape == (1, 0)
+    with pytest.raises(ValueError):
+        _run_node("ArgmaxNode", f, x="x", axis=1, keepdims=False)
+    assert _run_node("ArgminNode", f, x="x", axis=0, keepdims=False).dtype == mx.int64
 
 
 def test_var_std_correction_edge_cases():

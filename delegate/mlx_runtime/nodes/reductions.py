@@ -15,6 +15,10 @@ Where ``mlx.core`` and torch disagree the handler follows torch:
 - Any/All of uint8 return uint8, as torch does; bool otherwise.
 - Cumsum: the lowering drops ``cumsum(..., dtype=)``; when the output slot has
   tensor metadata (graph outputs) its dtype is honoured.
+- Zero-size inputs give torch's empty-reduction values (sum 0, prod 1, mean/var/std
+  nan, logsumexp -inf, any False, all True; max/min/arg* raise unless the result is
+  empty too) without calling MLX, whose CPU reduction of a zero-size array can hang
+  in ``mx.eval`` (MLX 0.32.4; roughly one eval in 10^4-10^5).
 
 Median follows ExecuTorch's C++ runtime (``mlx::median``: the mean of the two
 middle values for an even count). No ATen op lowers to it; note that
@@ -22,6 +26,8 @@ middle values for an even count). No ATen op lowers to it; note that
 """
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 
@@ -68,10 +74,33 @@ def _cast(x: mx.array, dt) -> mx.array:
     return x if x.dtype == dt else x.astype(dt)
 
 
-def _reduce(fn, accumulate):
+def _out_shape(shape, axes, keepdims) -> list[int]:
+    nd = len(shape)
+    red = set(range(nd)) if axes is None else {a + nd if a < 0 else a for a in axes}
+    for a in red:
+        if not 0 <= a < max(nd, 1):
+            raise IndexError(f"reduction axis out of range for rank {nd}")
+    return [1 if i in red else d for i, d in enumerate(shape) if keepdims or i not in red]
+
+
+def _reduced(name, fn, x, axes, keepdims, empty, **kw):
+    """``fn(x, axis=axes, keepdims=keepdims)``, except on an empty input: MLX 0.32's
+    CPU reduction of a zero-size array (``sum`` of a (3, 0) array over its last axis)
+    intermittently never finishes in ``mx.eval``, so the result is built directly,
+    with torch's value for an empty reduction (``empty``; None: torch raises)."""
+    if x.size:
+        return fn(x, axis=axes, keepdims=keepdims, **kw)
+    shape = _out_shape(x.shape, [axes] if isinstance(axes, int) else axes, keepdims)
+    if empty is None and math.prod(shape):
+        raise ValueError(f"{name}: reduction over a zero-size dimension has no identity (torch raises)")
+    return mx.full(shape, 0 if empty is None else empty, dtype=x.dtype)
+
+
+def _reduce(name, fn, accumulate, empty):
     def handler(frame, node):
         x, out_dt = accumulate(frame.t(node.x))
-        frame.set_t(node.out, _cast(fn(x, axis=_axes(node), keepdims=_keepdims(node)), out_dt))
+        out = _reduced(name, fn, x, _axes(node), _keepdims(node), empty)
+        frame.set_t(node.out, _cast(out, out_dt))
 
     return handler
 
@@ -80,52 +109,54 @@ def _identity_acc(x):
     return x, x.dtype
 
 
-handles("SumNode")(_reduce(mx.sum, _accumulate))
-handles("ProdNode")(_reduce(mx.prod, _accumulate))
-handles("MeanNode")(_reduce(mx.mean, _float_accumulate))
-handles("LogSumExpNode")(_reduce(mx.logsumexp, _float_accumulate))
-handles("MaxNode")(_reduce(mx.max, _identity_acc))
-handles("MinNode")(_reduce(mx.min, _identity_acc))
-handles("MedianNode")(_reduce(mx.median, _identity_acc))
+_NAN, _NEG_INF = float("nan"), float("-inf")
+
+for _name, _fn, _acc, _empty in [("SumNode", mx.sum, _accumulate, 0), ("ProdNode", mx.prod, _accumulate, 1),
+                                  ("MeanNode", mx.mean, _float_accumulate, _NAN),
+                                  ("LogSumExpNode", mx.logsumexp, _float_accumulate, _NEG_INF),
+                                  ("MaxNode", mx.max, _identity_acc, None), ("MinNode", mx.min, _identity_acc, None),
+                                  ("MedianNode", mx.median, _identity_acc, None)]:
+    handles(_name)(_reduce(_name, _fn, _acc, _empty))
 
 
-def _moment(fn):
+def _moment(name, fn):
     def handler(frame, node):
         x, out_dt = _float_accumulate(frame.t(node.x))
-        out = fn(x, axis=_axes(node), keepdims=_keepdims(node), ddof=int(node.ddof or 0))
+        out = _reduced(name, fn, x, _axes(node), _keepdims(node), _NAN, ddof=int(node.ddof or 0))
         frame.set_t(node.out, _cast(out, out_dt))
 
     return handler
 
 
-handles("VarNode")(_moment(mx.var))
-handles("StdNode")(_moment(mx.std))
+handles("VarNode")(_moment("VarNode", mx.var))
+handles("StdNode")(_moment("StdNode", mx.std))
 
 
-def _logical(fn):
+def _logical(name, fn, empty):
     def handler(frame, node):
         x = frame.t(node.x)
-        out = fn(x, axis=_axes(node), keepdims=_keepdims(node))
+        out = _reduced(name, fn, x, _axes(node), _keepdims(node), empty)
+        out = out.astype(mx.bool_) if out.dtype != mx.bool_ else out
         frame.set_t(node.out, out.astype(mx.uint8) if x.dtype == mx.uint8 else out)
 
     return handler
 
 
-handles("AnyNode")(_logical(mx.any))
-handles("AllNode")(_logical(mx.all))
+handles("AnyNode")(_logical("AnyNode", mx.any, False))
+handles("AllNode")(_logical("AllNode", mx.all, True))
 
 
-def _arg(fn):
+def _arg(name, fn):
     def handler(frame, node):
         x = frame.t(node.x)
-        out = fn(x, axis=int(node.axis), keepdims=_keepdims(node))
+        out = _reduced(name, fn, x, int(node.axis), _keepdims(node), None)
         frame.set_t(node.out, out.astype(mx.int64))
 
     return handler
 
 
-handles("ArgmaxNode")(_arg(mx.argmax))
-handles("ArgminNode")(_arg(mx.argmin))
+handles("ArgmaxNode")(_arg("ArgmaxNode", mx.argmax))
+handles("ArgminNode")(_arg("ArgminNode", mx.argmin))
 
 
 @handles("SoftmaxNode")
