@@ -710,6 +710,14 @@ def test_logsumexp_empty_axes_reduce_all_and_keepdims():
     assert out.shape == (2, 1)
 
 
+def test_any_all_keep_uint8_and_float_inputs():
+    f = _Frame(u=mx.array([[0, 3], [0, 0]], dtype=mx.uint8), x=mx.array([[0.0, -0.5], [0.0, 0.0]]))
+    out = _run_node("AnyNode", f, x="u", axes=[-1], keepdims=False)
+    assert out.dtype == mx.uint8 and np.array(out).tolist() == [1, 0]  # torch.any(uint8) is uint8
+    out = _run_node("AllNode", f, x="x", axes=None, keepdims=False)
+    assert out.dtype == mx.bool_ and out.item() is False
+
+
 def test_empty_reductions_without_identity_raise():
     f = _Frame(x=mx.zeros((3, 0)))
     for node in ("MaxNode", "MinNode", "MedianNode"):
