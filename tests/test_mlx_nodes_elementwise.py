@@ -379,10 +379,6 @@ class ZeroDim(torch.nn.Module):
               ("half_times_zero_dim_float", "MultiplyNode"), ("zero_dim_where", "WhereNode"),
               ("item_of_zero_dim", "ItemIntNode")]
     DTYPES = ["fp32"]
-    XFAIL = ("delegate/mlx_runtime/graph.py:to_mx (and program.py) pass arrays through "
-             "np.ascontiguousarray, which turns 0-d arrays into shape (1,): 0-d inputs and "
-             "constants reach the nodes as 1-d, so 0-d results come back as shape (1,)")
-    XFAIL_LABELS = {"sum_all_scaled", "zero_dim_input_plus_one", "zero_dim_where"}
 
     def forward(self, x, k, h, n):
         m = n.item()

@@ -87,7 +87,7 @@ def np_dtype(scalar_type: int):
 
 def to_mx(arr: np.ndarray, bf16: bool = False) -> mx.array:
     """A numpy array -> mx.array (``bf16``: the array holds bfloat16 bits as uint16)."""
-    a = mx.array(np.ascontiguousarray(arr))
+    a = mx.array(np.asarray(arr, order="C"))  # ascontiguousarray would make 0-d arrays 1-d
     return a.view(mx.bfloat16) if bf16 else a
 
 

@@ -422,9 +422,9 @@ def _as_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, (list, tuple)):
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+        return torch.from_numpy(np.asarray(value, order="C"))
     try:  # anything with the buffer protocol / __array__ (mx.array...)
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+        return torch.from_numpy(np.asarray(value, order="C"))
     except Exception as e:  # noqa: BLE001
         raise ProgramError(f"cannot use a {type(value).__name__} as a tensor input") from e
 
