@@ -164,43 +164,47 @@ def _generate_into(shipped_ser: Path, dest: Path) -> None:
     )
 
 
-def _materialize(shipped_ser: Path) -> Path:
-    """Return a complete cache entry for ``shipped_ser``, generating it if needed.
+def install_entry(target: Path, marker: str, build) -> Path:
+    """Make ``target`` a complete generated entry, filled by ``build(dir)``.
 
-    Generation happens in a private temp dir that is renamed into place, so a
-    concurrent process sees either nothing or a complete entry; if another process
-    wins the rename race its entry is used and ours is discarded.
+    The entry is built in a private temp dir and renamed into place, so a concurrent
+    process sees either nothing or a complete entry (one holding ``marker``); if
+    another process wins the rename its entry is kept and ours discarded. An
+    incomplete leftover (not made by this function) is moved aside first.
     """
-    root = schema_cache_root()
-    target = root / _cache_key(shipped_ser)
-    if (target / _MARKER).is_file():
+    if (target / marker).is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _generate_into(shipped_ser, tmp)
+        build(tmp)
+        tmp.chmod(0o755)
         for _attempt in range(3):
             try:
                 os.rename(tmp, target)
                 return target
             except OSError:
-                if (target / _MARKER).is_file():
-                    return target  # a concurrent process finished first
+                if (target / marker).is_file():
+                    return target
                 if target.exists():
-                    # Incomplete leftover (not produced by us: we only rename complete
-                    # entries). Move it aside, then retry.
-                    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=root))
+                    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
                     try:
                         os.rename(target, trash / "entry")
                     except OSError:
                         pass
                     shutil.rmtree(trash, ignore_errors=True)
-        if (target / _MARKER).is_file():
+        if (target / marker).is_file():
             return target
-        raise MLXSchemaError(f"could not install generated MLX schema at {target}")
+        raise MLXSchemaError(f"could not install generated files at {target}")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _materialize(shipped_ser: Path) -> Path:
+    """A complete cache entry of generated modules for ``shipped_ser``."""
+    target = schema_cache_root() / _cache_key(shipped_ser)
+    return install_entry(target, _MARKER, lambda tmp: _generate_into(shipped_ser, tmp))
 
 
 class _MLXSchemaFinder(importlib.abc.MetaPathFinder):

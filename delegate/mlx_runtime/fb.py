@@ -68,50 +68,32 @@ def _cache_dir(schema: Path) -> Path:
 
 
 def _generate(schema: Path, target: Path) -> Path:
+    from delegate.mlx_schema import install_entry
+
+    return install_entry(target, _MARKER, lambda out: _run_flatc(schema, out))
+
+
+def _run_flatc(schema: Path, out: Path) -> None:
     from delegate.mlx_schema import MLXSchemaError, _find_flatc
 
-    if (target / _MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        flatc = _find_flatc()
+    flatc = _find_flatc()
+    with tempfile.TemporaryDirectory() as scratch:
         if os.path.isabs(flatc) and not os.access(flatc, os.X_OK):
-            local = tmp / "flatc"
+            # Some installs drop the executable bit of package data.
+            local = Path(scratch) / "flatc"
             shutil.copy2(flatc, local)
             local.chmod(0o755)
             flatc = str(local)
-        out = tmp / "gen"
         proc = subprocess.run([flatc, "--python", "--gen-object-api", "-o", str(out), str(schema)],
                               capture_output=True, text=True)
-        if proc.returncode != 0 or not (out / PACKAGE / "MLXGraph.py").is_file():
-            raise MLXSchemaError(f"flatc failed to generate MLX bindings (rc={proc.returncode}):\n"
-                                 f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        init = out / PACKAGE / "__init__.py"
-        if not init.exists():
-            init.write_text("")
-        (out / _MARKER).write_text(json.dumps({"schema": str(schema), "flatc": flatc,
-                                               "schema_sha256": hashlib.sha256(schema.read_bytes()).hexdigest()}))
-        out.chmod(0o755)
-        try:
-            os.rename(out, target)
-        except OSError:
-            if not (target / _MARKER).is_file():  # a stale, incomplete entry: replace it
-                stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-                try:
-                    os.rename(target, stale / "entry")
-                except OSError:
-                    pass
-                shutil.rmtree(stale, ignore_errors=True)
-                try:
-                    os.rename(out, target)
-                except OSError:
-                    pass
-        if not (target / _MARKER).is_file():
-            raise MLXSchemaError(f"could not install MLX bindings at {target}")
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if proc.returncode != 0 or not (out / PACKAGE / "MLXGraph.py").is_file():
+        raise MLXSchemaError(f"flatc failed to generate MLX bindings (rc={proc.returncode}):\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    init = out / PACKAGE / "__init__.py"
+    if not init.exists():
+        init.write_text("")
+    (out / _MARKER).write_text(json.dumps({"schema": str(schema), "flatc": flatc,
+                                           "schema_sha256": hashlib.sha256(schema.read_bytes()).hexdigest()}))
 
 
 class _Finder(importlib.abc.MetaPathFinder):
