@@ -6,6 +6,7 @@
     mlxbuild plan manifests/qwen.yaml            steps, keys and what is already built
     mlxbuild schema                              the manifest JSON Schema
     mlxbuild run artifacts/.../x-mlx-4w.pte      run an MLX artifact here (mlx.core): greedy decode
+    mlxbuild run X.pte --prompt 'hi' [--tokenizer tokenizer.json]   the same from text
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def _plan(paths: list[str], as_json: bool) -> int:
     return 0
 
 
+def _tokenizer(args):
+    """The tokenizer named by --tokenizer, else by the artifact's metadata record (the
+    manifest's `model.tokenizer`); a tokenizer.json file or a folder holding one."""
+    from pathlib import Path
+
+    path = args.tokenizer
+    if path is None:
+        record = Path(args.pte).with_suffix(".json")
+        if record.exists():
+            path = json.loads(record.read_text()).get("tokenizer")
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} not found (expected a tokenizer.json file or a folder with one)")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
 def _run(args) -> int:
     from mlxbuild.progress import quiet_libraries
 
@@ -84,7 +107,13 @@ def _run(args) -> int:
                    "mlx_nodes": nodes}
             print(json.dumps(out, indent=1))
             return 0
-        if args.ids:
+        tokenizer = _tokenizer(args)
+        if args.prompt is not None:
+            if tokenizer is None:
+                raise ValueError("--prompt needs a tokenizer: --tokenizer PATH, or a manifest that "
+                                 "names one (recorded in the artifact's .json beside the .pte)")
+            prompt = tokenizer.encode(args.prompt).ids
+        elif args.ids:
             prompt = [int(t) for t in args.ids.replace(",", " ").split()]
         else:
             import numpy as np
@@ -96,6 +125,8 @@ def _run(args) -> int:
     except (mlx_runtime.ProgramError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if tokenizer is not None:
+        result["text"] = tokenizer.decode(result["tokens"])
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -103,6 +134,8 @@ def _run(args) -> int:
         print(f"prompt ({len(result['prompt'])}): {' '.join(map(str, result['prompt']))}")
         print(f"generated ({len(result['tokens'])}, stopped: {result['stopped']}): "
               f"{' '.join(map(str, result['tokens']))}")
+        if tokenizer is not None:
+            print(f"text: {result['text']}")
         print(f"prefill {rate(result['prefill_tokens_per_s'])} tok/s, decode {rate(result['decode_tokens_per_s'])} "
               f"tok/s")
     return 0
@@ -127,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run an MLX .pte on this host through mlx.core (greedy decoding)")
     r.add_argument("pte")
     r.add_argument("--ids", help="prompt token ids, e.g. '1 15 27' (default: --random)")
+    r.add_argument("--prompt", help="prompt text, encoded with the tokenizer")
+    r.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or a folder with one); default: "
+                   "the manifest's, from the artifact's record")
     r.add_argument("--random", type=int, default=8, metavar="N", help="a random prompt of N ids (default 8)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-new-tokens", type=int, default=32)

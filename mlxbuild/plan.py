@@ -140,6 +140,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             "dtype": dtype, "source": src["identity"] if "synthetic" in src["identity"]
             else {k: v for k, v in src["load"].items() if k != "path"} or {"path": src["load"].get("path")},
             "checkpoint_sha256": src["checkpoint"], "tool_versions": tool_versions(),
+            "tokenizer": str(manifest.tokenizer_path) if manifest.model.tokenizer else None,
             "keys": {"weights": weights.key, "quantize": quant.key, "export": export.key,
                      "lower": lower.key, "verify": verify.key},
         }

@@ -327,3 +327,36 @@ def test_external_constants_from_ptd(tmp_path):
     with pytest.raises(mlx_runtime.ProgramError, match="external tensor"):
         mlx_runtime.load(moved / "prog.pte").forward(x)
     torch.testing.assert_close(mlx_runtime.load(moved / "prog.pte", [ptd]).forward(x)[0], want)
+
+
+def test_cli_run_from_a_prompt_and_tokenizer(built, references, capsys, tmp_path):
+    """Text in, text out: the tokenizer comes from --tokenizer, or from the artifact's record."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mlxbuild.cli import main
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(512)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    pte, _ = _artifact(built, "4w")
+    tokens, _ = references["4w"]
+    prompt = tokens[0, :PROMPT].tolist()
+    text = " ".join(f"t{i}" for i in prompt)
+
+    args = ["--prompt", text, "--max-new-tokens", "5", "--no-eos", "--json"]
+    assert main(["run", str(pte), "--tokenizer", str(tmp_path), *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt"] == prompt
+    assert out["tokens"] == tokens[0, PROMPT:PROMPT + 5].tolist()
+    assert out["text"] == " ".join(f"t{i}" for i in out["tokens"])
+
+    # The manifest's tokenizer reaches `run` through the record beside the .pte.
+    copy = shutil.copy(pte, tmp_path / "model.pte")
+    (tmp_path / "model.json").write_text(json.dumps({"tokenizer": str(tmp_path / "tokenizer.json")}))
+    assert main(["run", str(copy), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == out["tokens"]
+    (tmp_path / "model.json").unlink()
+    assert main(["run", str(copy), *args]) == 2
+    assert "needs a tokenizer" in capsys.readouterr().err
