@@ -437,12 +437,13 @@ def _corrupt_reference_logits(ws: Workspace, target: str) -> str:
 
 
 def _swap_lowered_program(ws: Workspace, target: str) -> str:
-    """The cached mlx program is replaced by the portable one (no MLX delegate in it)."""
-    if ws.record(target)["verification"]["executed"]:
-        pytest.skip("mlx artifacts are executed now; no structurally verified backend is left")
+    """The cached mlx program is replaced by the portable one (no MLX delegate in it).
+    The MLX runtime would still execute it (its kernels run on torch), so the failure
+    comes from the numbers (fp32 program against 4-bit reference logits) or, were
+    those close, from the structural check that follows them."""
     lowered = ws.entry("lower", ws.record(target)["keys"]["lower"]) / "model.pte"
     shutil.copyfile(ws.entry("lower", ws.record("portable-fp32")["keys"]["lower"]) / "model.pte", lowered)
-    return r"verification failed: forward: MLX delegate missing"
+    return r"verification failed: (forward: MLX delegate missing|max abs error)"
 
 
 @pytest.mark.parametrize("target, sabotage", [("xnnpack-8da4w", _corrupt_reference_logits),
