@@ -7,7 +7,9 @@ functions. A backend module provides:
 - ``FLAVOUR``: which export variant it lowers from (the source transforms applied
   before torch.export: attention and KV-cache ops its runtime understands);
 - ``VERIFY``: ``"runtime"`` when the build host can execute its programs, or
-  ``"structural"`` when it can only inspect them;
+  ``"structural"`` when it can only inspect them; optionally ``load_method(pte)`` when
+  its programs run on a runtime of ours rather than ExecuTorch's, and
+  ``check_structure(info)`` for what must hold of a lowered program beyond its numbers;
 - ``prepare(model)`` / ``install_cache(exportable, config, max_cache_len, chunk, dtype)``:
   the flavour's source transforms;
 - ``lower(programs, options, constant_methods)``: an ExecuTorch program manager.

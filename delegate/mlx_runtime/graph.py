@@ -48,25 +48,23 @@ class UnknownNode(MLXRuntimeError):
     """The payload uses a node type this runtime has no handler for."""
 
 
-# ExecuTorch ScalarType code -> (mlx dtype, numpy storage dtype). bfloat16 is stored
-# as uint16 on the numpy side and re-viewed.
-_SCALAR_TYPES: dict[int, tuple[Any, Any]] = {
-    0: (mx.uint8, np.uint8),
-    1: (mx.int8, np.int8),
-    2: (mx.int16, np.int16),
-    3: (mx.int32, np.int32),
-    4: (mx.int64, np.int64),
-    5: (mx.float16, np.float16),
-    6: (mx.float32, np.float32),
-    7: (mx.float64, np.float64),
-    11: (mx.bool_, np.bool_),
-    15: (mx.bfloat16, np.uint16),
-    27: (mx.uint16, np.uint16),
-    28: (mx.uint32, np.uint32),
-    29: (mx.uint64, np.uint64),
+# ExecuTorch ScalarType code -> (mlx dtype, numpy storage dtype, ExecuTorch name).
+# bfloat16 is stored as uint16 on the numpy side and re-viewed.
+_SCALAR_TYPES: dict[int, tuple[Any, Any, str]] = {
+    0: (mx.uint8, np.uint8, "Byte"),
+    1: (mx.int8, np.int8, "Char"),
+    2: (mx.int16, np.int16, "Short"),
+    3: (mx.int32, np.int32, "Int"),
+    4: (mx.int64, np.int64, "Long"),
+    5: (mx.float16, np.float16, "Half"),
+    6: (mx.float32, np.float32, "Float"),
+    7: (mx.float64, np.float64, "Double"),
+    11: (mx.bool_, np.bool_, "Bool"),
+    15: (mx.bfloat16, np.uint16, "BFloat16"),
+    27: (mx.uint16, np.uint16, "UInt16"),
+    28: (mx.uint32, np.uint32, "UInt32"),
+    29: (mx.uint64, np.uint64, "UInt64"),
 }
-_SCALAR_NAMES = {0: "Byte", 1: "Char", 2: "Short", 3: "Int", 4: "Long", 5: "Half", 6: "Float", 7: "Double",
-                 11: "Bool", 15: "BFloat16", 27: "UInt16", 28: "UInt32", 29: "UInt64"}
 
 
 def mx_dtype(scalar_type: int):
@@ -332,7 +330,7 @@ class MLXGraphRunner:
             mv = memoryview(buf).cast("B")
             if len(mv) < n * ndt.itemsize:
                 raise MLXRuntimeError(f"constant {key!r}: {len(mv)} bytes for shape {shape} of "
-                                      f"{_SCALAR_NAMES.get(st, st)} ({n * ndt.itemsize} needed)")
+                                      f"{_SCALAR_TYPES[st][2] if st in _SCALAR_TYPES else st} ({n * ndt.itemsize} needed)")
             arr = np.frombuffer(mv, dtype=ndt, count=n).reshape(shape)
             const = to_mx(arr, bf16=(st == 15))
             self.constants[tid] = const.astype(mx.float32) if self.promote and const.dtype in _HALF else const

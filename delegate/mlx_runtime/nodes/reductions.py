@@ -52,22 +52,19 @@ def _keepdims(node) -> bool:
     return bool(node.keepdims)
 
 
-def _accumulate(x: mx.array) -> tuple[mx.array, object]:
-    """The dtype to compute in, and the dtype of the result (torch semantics)."""
+def _accumulate(x: mx.array, integer_result=mx.int64) -> tuple[mx.array, object]:
+    """The dtype to compute in, and the dtype of the result (torch semantics): half types
+    accumulate in float32, integers in ``integer_result`` (int64 for Sum/Prod/Cumsum)."""
     if x.dtype in _HALF:
         return x.astype(mx.float32), x.dtype
     if not _is_float(x.dtype) and not mx.issubdtype(x.dtype, mx.complexfloating):
-        return x.astype(mx.int64), mx.int64
+        return x.astype(integer_result), integer_result
     return x, x.dtype
 
 
 def _float_accumulate(x: mx.array) -> tuple[mx.array, object]:
-    """Like ``_accumulate`` for ops whose result is floating (Mean, Var, Std, LogSumExp)."""
-    if x.dtype in _HALF:
-        return x.astype(mx.float32), x.dtype
-    if not _is_float(x.dtype) and not mx.issubdtype(x.dtype, mx.complexfloating):
-        return x.astype(mx.float32), mx.float32
-    return x, x.dtype
+    """For ops whose result is floating (Mean, Var, Std, LogSumExp)."""
+    return _accumulate(x, mx.float32)
 
 
 def _cast(x: mx.array, dt) -> mx.array:
