@@ -12,7 +12,9 @@ functions. A backend module provides:
   ``check_structure(info)`` for what must hold of a lowered program beyond its numbers;
 - ``prepare(model)`` / ``install_cache(exportable, config, max_cache_len, chunk, dtype)``:
   the flavour's source transforms;
-- ``lower(programs, options, constant_methods)``: an ExecuTorch program manager.
+- ``lower(programs, options, constant_methods)``: an ExecuTorch program manager;
+- optionally ``preflight()``: raise ``mlxbuild.errors.BuildError`` when this host cannot
+  lower for the backend at all (checked once per build, before any step runs).
 """
 
 from __future__ import annotations
@@ -35,3 +37,10 @@ def flavour(name: str) -> ModuleType:
         if module.FLAVOUR == name:
             return module
     raise ValueError(f"unknown export flavour {name!r}")
+
+
+def preflight(name: str) -> None:
+    """Fail fast when this host cannot build for backend `name` (see module docstring)."""
+    check = getattr(backend(name), "preflight", None)
+    if check is not None:
+        check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import delegate
 from mlxbuild.fingerprint import FileHasher
 from mlxbuild.manifest import load_manifest
 from mlxbuild.plan import Plan, plan_manifest
@@ -10,6 +11,9 @@ from mlxbuild.settings import Roots
 
 def plan_manifests(paths, roots: Roots) -> Plan:
     manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
+    # A backend that cannot lower on this host says so now, not after hours of quantizing.
+    for backend in sorted({t.backend for _, m in manifests for t in m.targets}):
+        delegate.preflight(backend)
     hasher = FileHasher(roots.hash_state)
     plan = Plan()
     for path, manifest in manifests:
