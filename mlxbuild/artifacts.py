@@ -72,6 +72,11 @@ def publish(params: dict, cache, package_key: str) -> dict:
         "delegation": lower_info["delegation"],
         "verification": verified,
     }
+    if params.get("quantize"):
+        quantized = cache.path("quantize", params["quantize"])
+        record["layer_quantization"] = {
+            "summary": json.loads((quantized / "summary.json").read_text()),
+            "layers": json.loads((quantized / "layers.json").read_text())}
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = cache.scratch_dir()
     try:

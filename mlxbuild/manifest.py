@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
@@ -34,6 +35,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -50,6 +52,7 @@ __all__ = [
     "LayerQuant",
     "Manifest",
     "ModelSpec",
+    "QuantRule",
     "Scheme",
     "Source",
     "SyntheticSource",
@@ -411,31 +414,7 @@ class LayerQuant(_Model):
 
     @model_validator(mode="after")
     def check_format(self) -> "LayerQuant":
-        if self.format == "affine":
-            if self.bits is None:
-                allowed = ", ".join(str(b) for b in QUANT_BITS)
-                raise _Issue(("bits",), f"required when format is 'affine' (one of: {allowed})")
-            if self.group_size is None:
-                self.group_size = DEFAULT_GROUP_SIZE
-        else:
-            why = " (nvfp4 is always 4-bit)" if self.format == "nvfp4" else ""
-            if self.bits is not None:
-                raise _Issue(("bits",), f"not allowed when format is {self.format!r}{why}")
-            if self.group_size is not None:
-                why = (
-                    f" (nvfp4 uses a fixed group size of {NVFP4_GROUP_SIZE})"
-                    if self.format == "nvfp4"
-                    else ""
-                )
-                raise _Issue(("group_size",), f"not allowed when format is {self.format!r}{why}")
-        if self.activations == "int8_dynamic" and not (
-            self.format == "affine" and self.bits in (4, 8)
-        ):
-            raise _Issue(
-                ("activations",),
-                "int8_dynamic activations require format 'affine' with bits 4 or 8",
-            )
-        return self
+        return _check_quant(self)
 
     @property
     def quantized(self) -> bool:
@@ -451,11 +430,157 @@ class LayerQuant(_Model):
         return self.group_size
 
 
+def _check_quant(q):
+    """Format/bits/group_size/activations consistency (LayerQuant and QuantRule)."""
+    if q.format == "affine":
+        if q.bits is None:
+            allowed = ", ".join(str(b) for b in QUANT_BITS)
+            raise _Issue(("bits",), f"required when format is 'affine' (one of: {allowed})")
+        if q.group_size is None:
+            q.group_size = DEFAULT_GROUP_SIZE
+    else:
+        why = " (nvfp4 is always 4-bit)" if q.format == "nvfp4" else ""
+        if q.bits is not None:
+            raise _Issue(("bits",), f"not allowed when format is {q.format!r}{why}")
+        if q.group_size is not None:
+            why = (
+                f" (nvfp4 uses a fixed group size of {NVFP4_GROUP_SIZE})"
+                if q.format == "nvfp4"
+                else ""
+            )
+            raise _Issue(("group_size",), f"not allowed when format is {q.format!r}{why}")
+    if q.activations == "int8_dynamic" and not (
+        q.format == "affine" and q.bits in (4, 8)
+    ):
+        raise _Issue(
+            ("activations",),
+            "int8_dynamic activations require format 'affine' with bits 4 or 8",
+        )
+    return q
+
+
+LAYER_KINDS: tuple[str, ...] = ("linear", "embedding")
+RULE_SELECTORS: tuple[str, ...] = ("match", "regex", "blocks", "layers")
+LayerKind = _choice(*LAYER_KINDS)
+
+
+def _check_regex(v: Any) -> Any:
+    if not isinstance(v, str) or not v:
+        raise _Issue((), f"expected a regular expression string, got {_describe(v)}")
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise _Issue((), f"invalid regular expression {v!r}: {e}") from None
+    return v
+
+
+def _check_blocks(v: Any) -> Any:
+    if isinstance(v, list):
+        seen: dict[int, int] = {}
+        for i, b in enumerate(v):
+            if isinstance(b, int) and not isinstance(b, bool):
+                if b in seen:
+                    raise _Issue((i,), f"duplicate block index {b} (already at blocks[{seen[b]}])")
+                seen[b] = i
+    return v
+
+
+Regex = Annotated[str, BeforeValidator(_check_regex)]
+BlockList = Annotated[list[StrictInt], Field(min_length=1), BeforeValidator(_check_blocks)]
+
+
+class QuantRule(_Model):
+    """A per-layer rule: the modules its selectors all pick get this quantization.
+
+    Rules are tried in order and the first that picks a module wins; modules no rule
+    picks keep the scheme's ``linear`` / ``embedding`` quantization.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [{"required": [k]} for k in RULE_SELECTORS],
+            "allOf": LayerQuant.model_config["json_schema_extra"]["allOf"],
+        },
+    )
+
+    match: NonEmptyStr | None = Field(
+        None, description="glob on the module name, e.g. 'lm_head' or '*.mlp.*' ('*' crosses dots)"
+    )
+    regex: Regex | None = Field(None, description="Python regular expression, full match on the module name")
+    blocks: BlockList | None = Field(
+        None, description="decoder block indices; negative counts from the end (-1: the last block)"
+    )
+    layers: LayerKind | None = Field(
+        None, description="only this layer kind (default: both; linear only for int8_dynamic)"
+    )
+    format: QuantFormat = Field("affine", description="'none' keeps the picked modules unquantized")
+    bits: Bits | None = Field(None, description="required for affine; not allowed otherwise")
+    group_size: GroupSize | None = Field(
+        None, description=f"affine only; default {DEFAULT_GROUP_SIZE} (nvfp4: fixed at 16)"
+    )
+    activations: Activations = Field(
+        "none", description="int8_dynamic: linear only, affine 4/8-bit"
+    )
+
+    @classmethod
+    def _prepare(cls, data: dict) -> dict:
+        if all(data.get(k) is None for k in RULE_SELECTORS):
+            raise _Issue((), f"a rule needs at least one selector: {', '.join(RULE_SELECTORS)}")
+        return data
+
+    @model_validator(mode="after")
+    def check_rule(self) -> "QuantRule":
+        _check_quant(self)
+        if self.activations == "int8_dynamic" and self.layers == "embedding":
+            raise _Issue(("activations",), "int8_dynamic activations apply to linear layers only, "
+                         "and this rule has layers: embedding")
+        return self
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Layer kinds this rule can pick (activation quantization exists for linear only)."""
+        if self.layers is not None:
+            return (self.layers,)
+        return ("linear",) if self.activations == "int8_dynamic" else LAYER_KINDS
+
+    @property
+    def quant(self) -> LayerQuant:
+        """The quantization it gives, as a LayerQuant."""
+        return LayerQuant.model_construct(format=self.format, bits=self.bits,
+                                          group_size=self.group_size, activations=self.activations)
+
+    @property
+    def quantized(self) -> bool:
+        return self.format != "none"
+
+
 class Scheme(_Model):
     """A named quantization scheme; omitted (or null) layers stay unquantized."""
 
     linear: LayerQuant | None = None
     embedding: LayerQuant | None = None
+    rules: list[QuantRule] = Field(
+        default_factory=list,
+        description="per-layer rules, first match wins; layers no rule picks use linear/embedding",
+    )
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def rules_null(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+    @model_serializer(mode="wrap")
+    def drop_unused(self, handler) -> dict:
+        # A scheme without rules dumps (and so hashes into cache keys and records) as it
+        # did before rules existed; a rule dumps only the selectors it uses.
+        out = handler(self)
+        if not out.get("rules"):
+            out.pop("rules", None)
+        else:
+            out["rules"] = [{k: v for k, v in r.items() if v is not None or k not in RULE_SELECTORS}
+                            for r in out["rules"]]
+        return out
 
     @model_validator(mode="after")
     def check_activations(self) -> "Scheme":
@@ -476,7 +601,8 @@ class Scheme(_Model):
     @property
     def is_empty(self) -> bool:
         """True if nothing gets quantized."""
-        return self.layer("linear") is None and self.layer("embedding") is None
+        return (self.layer("linear") is None and self.layer("embedding") is None
+                and not any(r.quantized for r in self.rules))
 
 
 def _target_schema_extra(schema: dict[str, Any]) -> None:
@@ -578,6 +704,8 @@ class Manifest(_Model):
                     f"scheme {t.quantization!r} is not compatible with backend "
                     f"{t.backend!r}: {fld}: {msg}",
                 )
+            if scheme is not None:
+                _check_rules(t, i, scheme, self.model.dtype)
         return self
 
     # -- lookups ---------------------------------------------------------------
@@ -636,6 +764,26 @@ class Manifest(_Model):
     def tokenizer_path(self) -> Path | None:
         """Absolute tokenizer path, or None if not given."""
         return None if self.model.tokenizer is None else self.resolve(self.model.tokenizer)
+
+
+def _check_rules(target: Target, index: int, scheme: Scheme, dtype: str) -> None:
+    """Backend support of each per-layer rule, reported at the rule's own field."""
+    for j, rule in enumerate(scheme.rules):
+        quant = rule.quant
+        layer_view = SimpleNamespace(**{k: quant if k in rule.kinds else None for k in LAYER_KINDS})
+        for fld, msg in capabilities.check(target.backend, layer_view, dtype):
+            if fld in ("dtype", "backend"):
+                continue  # the scheme's own check has reported these at the target
+            kind, _, attr = fld.partition(".")
+            hint = ""
+            if len(rule.kinds) > 1:
+                other = next(k for k in LAYER_KINDS if k != kind)
+                hint = f" (the rule applies to linear and embedding layers; add layers: {other} to limit it)"
+            raise _Issue(
+                ("quantization", target.quantization, "rules", j, attr or "format"),
+                f"not supported by backend {target.backend!r} of targets[{index}] "
+                f"({target.name!r}) for {kind} layers: {msg}{hint}",
+            )
 
 
 def _resolve(p: str | os.PathLike, base_dir: str | os.PathLike | None) -> Path:

@@ -147,8 +147,9 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         package = plan.add(Step(
             kind="package", name=f"package:{tname}",
             key=stable_hash("package", record),
-            deps=[verify.name],
-            params={"lower": lower.key, "verify": verify.key, "out_dir": str(out_dir),
+            deps=[verify.name, quant.name],  # publish reads the quantize entry's layers.json
+            params={"lower": lower.key, "verify": verify.key, "quantize": quant.key,
+                    "out_dir": str(out_dir),
                     "stem": f"{manifest.name}-{target.name}", "record": record},
             label=tname))
         packages.append(package.name)

@@ -1,15 +1,169 @@
 """A manifest quantization scheme applied to a model with torchao, in place.
 
-Linear and embedding layers get their own rule; the torchao configs are the
-ones ExecuTorch's backends consume (IntxWeightOnly for weight-only affine,
-Int8DynamicActivationIntxWeight for XNNPACK's 8da schemes, ExecuTorch's
-exportable NVFP4). HQQ scale-only parameter choice is what ExecuTorch's own LLM
-export uses; it lowers error at equal cost in the artifact.
+Every linear and embedding module gets one effective rule: the first of the
+scheme's per-layer ``rules`` whose selectors all pick it, else the scheme's
+``linear`` / ``embedding`` rule. Modules sharing a rule are quantized in one
+torchao pass. The torchao configs are the ones ExecuTorch's backends consume
+(IntxWeightOnly for weight-only affine, Int8DynamicActivationIntxWeight for
+XNNPACK's 8da schemes, ExecuTorch's exportable NVFP4). HQQ scale-only parameter
+choice is what ExecuTorch's own LLM export uses; it lowers error at equal cost
+in the artifact.
+
+A rule that picks no module, or only modules an earlier rule already took, does
+nothing; that is always a mistake in the manifest, so it fails the build.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import re
+
 import torch
+
+from mlxbuild.errors import BuildError
+
+KINDS = {"embedding": torch.nn.Embedding, "linear": torch.nn.Linear}
+DEFAULT_GROUP_SIZE = 32
+NVFP4_GROUP_SIZE = 16
+NONE = {"format": "none"}
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _quant(rule: dict | None) -> dict:
+    """The quantization part of a rule, normalised so equal rules compare equal."""
+    if not rule or rule.get("format", "affine") == "none":
+        return dict(NONE)
+    if rule.get("format") == "nvfp4":
+        return {"format": "nvfp4", "group_size": NVFP4_GROUP_SIZE}
+    return {"format": "affine", "bits": int(rule["bits"]),
+            "group_size": rule.get("group_size") or DEFAULT_GROUP_SIZE,
+            "activations": rule.get("activations") or "none"}
+
+
+def rule_kinds(rule: dict) -> tuple[str, ...]:
+    """Layer kinds a per-layer rule can pick (activation quantization exists for linear only)."""
+    if rule.get("layers"):
+        return (rule["layers"],)
+    return ("linear",) if rule.get("activations") == "int8_dynamic" else ("linear", "embedding")
+
+
+def describe_rule(index: int, rule: dict) -> str:
+    """``rules[1] (blocks [0, -1])``: how errors and the record name a rule."""
+    sel = []
+    for key in ("match", "regex", "blocks", "layers"):
+        if rule.get(key) is not None:
+            value = rule[key]
+            sel.append(f"{key} {value!r}" if isinstance(value, str) else f"{key} {value}")
+    return f"rules[{index}] ({', '.join(sel)})"
+
+
+def decoder_blocks(model: torch.nn.Module) -> tuple[str | None, int]:
+    """(module name of the decoder-block list, number of blocks).
+
+    The list whose length is the config's ``num_hidden_layers`` when the model has a
+    config; otherwise the longest ``ModuleList`` (a user's own module).
+    """
+    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n]
+    if not lists:
+        return None, 0
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    want = getattr(config, "num_hidden_layers", None)
+    for name, n in lists:
+        if n == want:
+            return name, n
+    return max(lists, key=lambda x: x[1])
+
+
+def _block_of(name: str, container: str | None) -> int | None:
+    if container is None or not name.startswith(container + "."):
+        return None
+    head = name[len(container) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _resolve_blocks(index: int, rule: dict, n_blocks: int, container: str | None) -> set[int]:
+    if container is None:
+        raise BuildError(f"quantization {describe_rule(index, rule)}: the model has no list of "
+                         "decoder blocks to select from; use match or regex on module names")
+    out = set()
+    for b in rule["blocks"]:
+        k = b + n_blocks if b < 0 else b
+        if not 0 <= k < n_blocks:
+            raise BuildError(f"quantization {describe_rule(index, rule)}: block {b} is out of range; "
+                             f"the model has {n_blocks} decoder blocks ({container}.0 to "
+                             f"{container}.{n_blocks - 1}; -{n_blocks} to -1 from the end)")
+        out.add(k)
+    return out
+
+
+def _selector(index: int, rule: dict, n_blocks: int, container: str | None):
+    """A predicate (name, kind) -> bool for one rule: all of its selectors must hold."""
+    kinds = rule_kinds(rule)
+    glob = rule.get("match")
+    regex = re.compile(rule["regex"]) if rule.get("regex") else None
+    blocks = _resolve_blocks(index, rule, n_blocks, container) if rule.get("blocks") else None
+
+    def picks(name: str, kind: str) -> bool:
+        return (kind in kinds
+                and (glob is None or fnmatch.fnmatchcase(name, glob))
+                and (regex is None or regex.fullmatch(name) is not None)
+                and (blocks is None or _block_of(name, container) in blocks))
+
+    return picks
+
+
+def assign_rules(model: torch.nn.Module, scheme: dict) -> dict[str, tuple[str, str, dict]]:
+    """{module name: (kind, which rule, quantization)} for every linear and embedding module.
+
+    "which rule" is ``rules[i]`` or the base ``linear`` / ``embedding``. Raises
+    BuildError for a rule that picks nothing or only what earlier rules took.
+    """
+    rules = scheme.get("rules") or []
+    container, n_blocks = decoder_blocks(model)
+    selectors = [_selector(i, r, n_blocks, container) for i, r in enumerate(rules)]
+    picked: list[list[str]] = [[] for _ in rules]
+    owner: dict[str, int] = {}
+    out: dict[str, tuple[str, str, dict]] = {}
+    for name, module in model.named_modules():
+        kind = next((k for k, cls in KINDS.items() if isinstance(module, cls)), None)
+        if kind is None:
+            continue
+        winner = None
+        for i, picks in enumerate(selectors):
+            if picks(name, kind):
+                picked[i].append(name)
+                if winner is None:
+                    winner = i
+        if winner is None:
+            out[name] = (kind, kind, _quant(scheme.get(kind)))
+        else:
+            owner[name] = winner
+            out[name] = (kind, f"rules[{winner}]", _quant(rules[winner]))
+    for i, names in enumerate(picked):
+        if not names:
+            raise BuildError(f"quantization {describe_rule(i, rules[i])} matches no layer of the model "
+                             f"(linear and embedding modules: {_sample(out)})")
+        if all(owner[n] != i for n in names):
+            earlier = sorted({owner[n] for n in names})
+            raise BuildError(
+                f"quantization {describe_rule(i, rules[i])} only matches layers that earlier rules "
+                f"already set ({', '.join(f'rules[{e}]' for e in earlier)}); the first matching rule "
+                "wins, so this one does nothing")
+    return out
+
+
+def _sample(layers: dict, n: int = 6) -> str:
+    names = list(layers)
+    more = f", ... ({len(names)} in all)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+# --------------------------------------------------------------------------- torchao
 
 
 def _granularity(group_size):
@@ -18,21 +172,19 @@ def _granularity(group_size):
     return PerAxis(0) if group_size == "per_channel" else PerGroup(int(group_size))
 
 
-def _config(rule: dict, layer: str):
+def _config(q: dict):
     from torchao.quantization.quant_api import (
         Int8DynamicActivationIntxWeightConfig,
         IntxWeightOnlyConfig,
     )
 
-    fmt = rule.get("format", "affine")
-    if fmt == "nvfp4":
+    if q["format"] == "nvfp4":
         from executorch.extension.llm.export.nvfp4 import ExportableNVFP4Config
 
         return ExportableNVFP4Config(use_per_tensor_scale=False)
-    bits = rule["bits"]
-    weight_dtype = getattr(torch, f"int{bits}")
-    granularity = _granularity(rule.get("group_size", 32))
-    if rule.get("activations") == "int8_dynamic":
+    weight_dtype = getattr(torch, f"int{q['bits']}")
+    granularity = _granularity(q["group_size"])
+    if q["activations"] == "int8_dynamic":
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=weight_dtype, weight_granularity=granularity,
             intx_choose_qparams_algorithm="hqq_scale_only")
@@ -40,52 +192,88 @@ def _config(rule: dict, layer: str):
                                 intx_choose_qparams_algorithm="hqq_scale_only")
 
 
-def _active(rule) -> bool:
-    return bool(rule) and rule.get("format", "affine") != "none"
-
-
-def _describe(rule: dict) -> dict:
-    if rule.get("format", "affine") == "nvfp4":
-        return {"format": "nvfp4", "group_size": 16}
-    return {"format": "affine", "bits": rule["bits"], "group_size": rule.get("group_size", 32),
-            "activations": rule.get("activations", "none")}
+def _fits(module, q: dict) -> bool:
+    if q["format"] == "nvfp4":
+        return all(d % NVFP4_GROUP_SIZE == 0 for d in module.weight.shape)
+    return q["group_size"] == "per_channel" or module.weight.shape[-1] % int(q["group_size"]) == 0
 
 
 def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
-    """Quantize in place; return {module name: its final quantization}."""
+    """Quantize in place; return {module name: its final quantization}.
+
+    Each entry has ``format`` (and ``bits`` / ``group_size`` / ``activations`` when
+    quantized), ``rule`` (which rule set it), and for a tied output projection
+    ``tied_to`` (it shares the embedding's quantized tensor) or ``untied_from``
+    (its rule differs from the embedding's, so it keeps its own copy).
+    """
     from torchao.quantization.quant_api import quantize_
 
-    tied = _tied(model)
-    # A tied output projection under the same rule as the embedding ends up sharing the
-    # embedding's quantized tensor; quantizing it separately first (as ExecuTorch's
-    # export does) would spend the largest matrix's HQQ time to be thrown away.
-    retie = tied and _active(scheme.get("linear")) and scheme.get("linear") == scheme.get("embedding")
-    skip = {tied[0]} if retie else set()
+    assigned = assign_rules(model, scheme)
     layers: dict[str, dict] = {}
-    for kind, cls in (("embedding", torch.nn.Embedding), ("linear", torch.nn.Linear)):
-        rule = scheme.get(kind)
-        names = [n for n, m in model.named_modules() if isinstance(m, cls)]
-        if not _active(rule):
-            layers.update({n: {"format": "none"} for n in names})
+    groups: dict[str, list[str]] = {}
+    for name, (_kind, rule, q) in assigned.items():
+        module = model.get_submodule(name)
+        if q["format"] != "none" and not _fits(module, q):
+            layers[name] = {"format": "none", "reason": "shape", "rule": rule}
             continue
-        wanted = {n for n, m in model.named_modules()
-                  if isinstance(m, cls) and n not in skip and _fits(m, rule)}
-        quantize_(model, _config(rule, kind), filter_fn=lambda m, fqn, w=wanted: fqn in w)
-        layers.update({n: (_describe(rule) if n in wanted else {"format": "none", "reason": "shape"})
-                       for n in names if n not in skip})
-    if retie:
+        layers[name] = {**q, "rule": rule}
+        if q["format"] != "none":
+            groups.setdefault(json.dumps(q, sort_keys=True), []).append(name)
+
+    tied = _tied(model)
+    retie = False
+    if tied:
+        out_name, emb_name = tied
+        same = {k: v for k, v in layers[out_name].items() if k != "rule"} == \
+            {k: v for k, v in layers[emb_name].items() if k != "rule"}
+        if same and layers[emb_name]["format"] != "none":
+            # The output projection will share the embedding's quantized tensor: quantizing it
+            # separately first (as ExecuTorch's export does) would spend the largest matrix's
+            # HQQ time to be thrown away.
+            retie = True
+            for names in groups.values():
+                if out_name in names:
+                    names.remove(out_name)
+        elif not same:
+            layers[out_name]["untied_from"] = emb_name
+
+    for key, names in groups.items():
+        if names:
+            wanted = set(names)
+            quantize_(model, _config(json.loads(key)), filter_fn=lambda m, fqn, w=wanted: fqn in w)
+
+    if tied:
         out_name, emb_name = tied
         out, emb = model.get_submodule(out_name), model.get_submodule(emb_name)
-        out.weight = emb.weight
-        layers[out_name] = {**layers[emb_name], "tied_to": emb_name}
+        if retie:
+            out.weight = emb.weight
+            layers[out_name] = {**layers[emb_name], "rule": layers[out_name]["rule"],
+                                "tied_to": emb_name}
+        elif "untied_from" in layers[out_name]:
+            # torchao gives each quantized module a new Parameter, which already parts the
+            # two; a side left unquantized still holds the original tensor, so copy it.
+            if out.weight is emb.weight:
+                out.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        elif layers[out_name]["format"] == "none":
+            layers[out_name]["tied_to"] = emb_name
     return layers
 
 
-def _fits(module, rule) -> bool:
-    group = rule.get("group_size", 32)
-    if rule.get("format") == "nvfp4":
-        return all(d % 16 == 0 for d in module.weight.shape)
-    return group == "per_channel" or module.weight.shape[-1] % int(group) == 0
+def summarize(layers: dict[str, dict]) -> dict:
+    """Counts per format/bits (``affine-4``, ``nvfp4``, ``none``) and the tie status."""
+    counts: dict[str, int] = {}
+    for info in layers.values():
+        key = f"affine-{info['bits']}" if info["format"] == "affine" else info["format"]
+        if info.get("activations", "none") != "none":
+            key += f"-{info['activations']}"
+        counts[key] = counts.get(key, 0) + 1
+    summary = {"layers": len(layers), "counts": dict(sorted(counts.items()))}
+    for name, info in layers.items():
+        if "tied_to" in info:
+            summary["tied"] = {name: info["tied_to"]}
+        if "untied_from" in info:
+            summary["untied"] = {name: info["untied_from"]}
+    return summary
 
 
 def _tied(model):

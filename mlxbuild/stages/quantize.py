@@ -1,7 +1,11 @@
 """Quantize the materialized weights with one scheme; keep the quantized state dict.
 
-The state dict holds torchao tensor subclasses; export reloads it with
-``load_state_dict(assign=True)`` so the same quantized tensors reach every flavour.
+The state dict holds torchao tensor subclasses; export and the reference both
+reload it with ``load_state_dict(assign=True)``, so the same quantized tensors
+(and the same per-layer rules) reach every flavour and the verification reference.
+Besides ``state.pt`` the entry holds ``layers.json`` (each module's final
+quantization) and ``summary.json`` (counts per format/bits), which the package
+step copies into the artifact's record.
 """
 
 from __future__ import annotations
@@ -12,20 +16,26 @@ from pathlib import Path
 import torch
 
 from mlxbuild import progress
+from mlxbuild.errors import BuildError
 from mlxbuild.llm import load_model
-from mlxbuild.quantize import apply_scheme
+from mlxbuild.quantize import apply_scheme, summarize
 
 
 def run(params: dict, cache, out: Path) -> dict:
     model = load_model(cache.path("weights", params["weights"]), params["dtype"])
     progress.note("quantizing")
     with torch.no_grad():
-        layers = apply_scheme(model, params["scheme"])
+        try:
+            layers = apply_scheme(model, params["scheme"])
+        except BuildError as e:
+            raise BuildError(f"{params.get('label', 'quantize')}: {e}") from None
     if any(layer["format"] != "none" for layer in layers.values()):
         torch.save(model.state_dict(), out / "state.pt")
     # else: the materialized weights are the model; a second full copy would only cost disk.
     (out / "layers.json").write_text(json.dumps(layers, indent=1))
-    return {"layers": len(layers)}
+    summary = summarize(layers)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def load_into(model, entry: Path) -> None:
