@@ -64,7 +64,7 @@ __all__ = [
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "manifest.schema.json"
 
-ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama")
+ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gemma3", "qwen3_moe")
 BACKENDS: tuple[str, ...] = capabilities.ALL_BACKENDS
 DTYPES: tuple[str, ...] = capabilities.DTYPES
 TASKS: tuple[str, ...] = ("text-generation",)

@@ -10,7 +10,7 @@ import torch
 from mlxbuild.llm import DTYPES, build_module
 
 # transformers architecture names the synthetic source accepts, by manifest name.
-ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama"}
+ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama", "gemma3": "gemma3_text", "qwen3_moe": "qwen3_moe"}
 
 
 def run(params: dict, cache, out: Path) -> dict:
