@@ -22,17 +22,40 @@ def _ensure_ops_loaded() -> None:
 
 
 def et_sdpa_forward(module, query, key, value, attention_mask, position_ids=None,
-                    scaling=None, softcap=None, head_mask=None, **kwargs):
-    # key/value arrive as the whole BSHD cache returned by EtCacheLayer.update.
+                    scaling=None, softcap=None, head_mask=None, sliding_window=None, **kwargs):
+    # key/value arrive as the whole BSHD cache returned by the cache layer's update.
     if softcap is not None or head_mask is not None or kwargs.get("dropout"):
         raise ValueError("ExecuTorch custom SDPA supports neither softcap, head_mask nor dropout")
     start_pos = position_ids[0][0].item()
     seq_len = query.shape[2]
     torch._check(start_pos >= 0)
-    torch._check(start_pos + seq_len <= key.shape[1])
     q = query.transpose(1, 2)
+    if sliding_window is not None:
+        # A sliding layer's cache is a ring (see _ring_update): every slot may be live,
+        # so attend over all of them through a mask of window and causality.
+        mask = ring_window_mask(start_pos, seq_len, key.shape[1], sliding_window)
+        out = torch.ops.llama.custom_sdpa(q, key, value, 0, mask, 0.0, False, scaling)
+        return out, None
+    torch._check(start_pos + seq_len <= key.shape[1])
     out = torch.ops.llama.custom_sdpa(q, key, value, start_pos, None, 0.0, True, scaling)
     return out, None
+
+
+def ring_window_mask(start_pos, seq_len: int, slots: int, window: int) -> torch.Tensor:
+    """Additive float mask [seq_len, slots] for queries at start_pos.. over a ring of
+    `slots` entries where position p lives in slot p % slots.
+
+    Computed from start_pos alone (no position buffer, no data-dependent branch): after
+    writing positions < end, slot s holds the latest p < end with p % slots == s, which
+    is negative when nothing was written there yet. A query at q sees p when
+    q - window < p <= q."""
+    end = start_pos + seq_len
+    slot = torch.arange(slots, dtype=torch.long)
+    held = slot + slots * torch.div(end - 1 - slot, slots, rounding_mode="floor")
+    query = (start_pos + torch.arange(seq_len, dtype=torch.long)).unsqueeze(1)
+    distance = query - held
+    visible = (held >= 0) & (distance >= 0) & (distance < window)
+    return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
 
 
 def _no_mask(*args, **kwargs):
@@ -60,14 +83,28 @@ def _update_cache(layer, key_states, value_states, *args, **kwargs):
     return layer.keys, layer.values
 
 
-def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
-    """One layer's KV cache in BSHD layout, updated with llama::update_cache."""
+def _ring_update(layer, key_states, value_states, *args, **kwargs):
+    # Position p goes to slot p % size; the attention masks by window (ring_window_mask).
+    start_pos = layer.cumulative_length.item()
+    seq_len = key_states.shape[-2]
+    torch._check(start_pos >= 0)
+    size = layer.keys.shape[1]
+    slots = ((start_pos + torch.arange(seq_len, dtype=torch.long)) % size).unsqueeze(0)
+    torch.ops.llama.update_cache_with_indices(key_states.transpose(1, 2), layer.keys, start_pos, slots)
+    torch.ops.llama.update_cache_with_indices(value_states.transpose(1, 2), layer.values, start_pos, slots)
+    return layer.keys, layer.values
+
+
+def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 ring: bool = False):
+    """One layer's KV cache in BSHD layout, updated with llama::update_cache (linear)
+    or llama::update_cache_with_indices (ring, for sliding-window layers)."""
     # transformers' Cache only counts layers deriving from its CacheLayerMixin family,
     # so the layer is a StaticLayer with its storage and update replaced.
     from transformers.cache_utils import StaticLayer
 
     class EtCacheLayer(StaticLayer):
-        update = _update_cache
+        update = _ring_update if ring else _update_cache
 
     layer = EtCacheLayer(max_cache_len=max_cache_len)
     shape = (1, max_cache_len, num_kv_heads, head_dim)
@@ -78,14 +115,29 @@ def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: to
     return layer
 
 
+def ring_slots(window: int, max_cache_len: int) -> int:
+    """Slots of a sliding layer's ring: a write of up to `window` tokens (the prefill
+    chunk is bounded by the window, see mlxbuild.llm.check_prefill_chunk) must not
+    evict positions that its own first query still sees, so window + window - 1."""
+    return min(2 * window - 1, max_cache_len)
+
+
 def install_cache(exportable, config, max_cache_len: int, dtype: torch.dtype) -> None:
-    """Swap the StaticCache layers of a transformers exportable for EtCacheLayer."""
+    """Swap the StaticCache layers of a transformers exportable for EtCacheLayer;
+    sliding-window layers get a ring of ``ring_slots`` entries instead of the context."""
+    from mlxbuild.llm import sliding_layers
+
     _ensure_ops_loaded()
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    sliding = sliding_layers(config)
     cache = exportable.static_cache
     for i in range(len(cache.layers)):
-        layer = _cache_layer(max_cache_len, text.num_key_value_heads, head_dim, dtype)
+        if i in sliding:
+            size = ring_slots(text.sliding_window, max_cache_len)
+            layer = _cache_layer(size, text.num_key_value_heads, head_dim, dtype, ring=True)
+        else:
+            layer = _cache_layer(max_cache_len, text.num_key_value_heads, head_dim, dtype)
         cache.layers[i] = layer
         # The wrapper registered the old tensors as buffers; point them at the new ones
         # so torch.export sees the mutated cache as program state.

@@ -37,12 +37,83 @@ def attention_implementation() -> str | None:
     return "mlx"
 
 
+SLIDING_ATTENTION = "mlxbuild_mlx_sliding"
+
+
 def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype) -> None:
+    """The MLX flavour's source transforms on a transformers exportable: MoE experts
+    onto gather_(q)mm, the KV cache onto mlx::kv_cache_update (a ring of window +
+    chunk - 1 slots for sliding-window layers), and the sliding layers' attention
+    onto the ring's window mask."""
     _ready()
     from executorch.backends.mlx.llm.exportable import install_mlx_cache
 
+    from mlxbuild.llm import check_prefill_chunk, sliding_layers
+
+    check_prefill_chunk(config, prefill_chunk)
+    gather_experts(exportable.model)
     install_mlx_cache(exportable, config=config, max_batch_size=1, max_cache_len=max_cache_len,
                       dtype=dtype, prefill_chunk_size=prefill_chunk)
+    if sliding_layers(config):
+        _use_sliding_attention(exportable)
+
+
+def _use_sliding_attention(exportable) -> None:
+    from types import SimpleNamespace
+
+    from executorch.backends.mlx.llm.hf_attention import (
+        get_mlx_sliding_window_sdpa,
+        sdpa_mask_passthrough,
+    )
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # ExecuTorch's sliding SDPA finds each layer's ring through `.cache`; our wrapper
+    # keeps it in `.static_cache`, so hand it a view. Full-attention layers fall
+    # through to the regular mlx::custom_sdpa path.
+    attend = get_mlx_sliding_window_sdpa(SimpleNamespace(cache=exportable.static_cache))
+    ALL_ATTENTION_FUNCTIONS.register(SLIDING_ATTENTION, attend)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SLIDING_ATTENTION, sdpa_mask_passthrough)
+    exportable.model.config._attn_implementation = SLIDING_ATTENTION
+
+
+def gather_experts(model) -> int:
+    """Replace each ``mlxbuild.moe.ExpertLinears`` by ExecuTorch's SwitchMLP over the same
+    (already quantized) per-expert linears, packed into [E, out, in] stacks, so routing
+    lowers to mlx::gather_qmm (quantized) / mlx::gather_mm and computes only the chosen
+    experts. Returns how many blocks were replaced."""
+    import torch
+    from executorch.backends.mlx.llm.switch import SwitchMLP
+
+    from mlxbuild.errors import BuildError
+    from mlxbuild.moe import ExpertLinears
+
+    class GatherExperts(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            top_k = top_k_index.shape[-1]
+            return self.mlp(hidden_states, top_k_weights.to(hidden_states.dtype), top_k_index, top_k)
+
+    names = [n for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
+    for name in names:
+        experts = model.get_submodule(name)
+        with torch.device("meta"):  # SwitchLinear builds throwaway experts; ours replace them
+            mlp = SwitchMLP(experts.hidden, experts.intermediate, experts.num_experts,
+                            activation=experts.act_fn)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            switch = getattr(mlp, proj)
+            switch.experts = getattr(experts, proj)
+            try:
+                switch.pack()
+            except TypeError as e:
+                raise BuildError(f"{name}.{proj}: MoE experts cannot use MLX gather_qmm: {e}; "
+                                 "use an affine weight-only scheme for MLX targets") from None
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, GatherExperts(mlp))
+    return len(names)
 
 
 def lower(programs: dict, options: dict, constant_methods: dict):
@@ -64,13 +135,14 @@ def lower(programs: dict, options: dict, constant_methods: dict):
 BOOKKEEPING_OPS = {"aten::copy_"}
 
 
-def check_structure(info: dict) -> dict:
+def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
     """The structural check used where no MLX runtime exists: the program
-    deserialized (``info`` exists), every method calls the MLX delegate, and no
-    compute is left to portable kernels."""
-    problems, methods = [], info.get("methods", {})
-    if "forward" not in methods:
-        problems.append("no forward method")
+    deserialized (``info`` exists), has the task's ``methods``, every method calls the
+    MLX delegate, and no compute is left to portable kernels."""
+    problems, expected, methods = [], methods, info.get("methods", {})
+    for name in expected:
+        if name not in methods:
+            problems.append(f"no {name} method")
     for name, method in methods.items():
         backends = {d["backend_id"] for d in method.get("delegates", [])}
         if "MLXBackend" not in backends:

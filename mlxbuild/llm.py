@@ -33,6 +33,16 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+    # Fused 3-D experts become per-expert nn.Linear, so the scheme's linear rule
+    # quantizes them and export can trace them (mlxbuild.moe).
+    from mlxbuild.moe import unfuse_experts
+
+    unfuse_experts(model)
+    for module in model.modules():
+        # padding_idx only zeroes gradients; in an exported graph it is an extra argument
+        # that keeps ExecuTorch's quantized-embedding rewrite from matching (Gemma uses 0).
+        if isinstance(module, torch.nn.Embedding):
+            module.padding_idx = None
     return model.eval()
 
 
@@ -85,3 +95,26 @@ def text_config(model) -> dict:
         if value is not None:
             out[name] = value
     return out
+
+
+def sliding_layers(config) -> set[int]:
+    """Indices of the layers that attend over a sliding window (Gemma 3's local layers)."""
+    text = config.get_text_config()
+    if getattr(text, "sliding_window", None) is None:
+        return set()
+    types = getattr(text, "layer_types", None) or ["sliding_attention"] * text.num_hidden_layers
+    return {i for i, t in enumerate(types) if t == "sliding_attention"}
+
+
+def check_prefill_chunk(config, max_prefill_chunk: int, label: str = "") -> None:
+    """A sliding layer's cache is a ring of about twice its window; one step may write at
+    most a window of tokens, or it would evict keys its own first queries still need."""
+    if not sliding_layers(config):
+        return
+    window = config.get_text_config().sliding_window
+    if max_prefill_chunk > window:
+        from mlxbuild.errors import BuildError
+
+        raise BuildError(f"{label + ': ' if label else ''}export.max_prefill_chunk: {max_prefill_chunk} "
+                         f"exceeds the model's sliding window ({window}); the sliding layers' KV "
+                         f"cache is a ring bounded by the window, so set max_prefill_chunk <= {window}")
