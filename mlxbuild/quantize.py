@@ -239,8 +239,14 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
 
     for key, names in groups.items():
         if names:
+            q = json.loads(key)
+            half = _nvfp4_from_float32(model, names) if q["format"] == "nvfp4" else {}
             wanted = set(names)
-            quantize_(model, _config(json.loads(key)), filter_fn=lambda m, fqn, w=wanted: fqn in w)
+            quantize_(model, _config(q), filter_fn=lambda m, fqn, w=wanted: fqn in w)
+            for name, dtype in half.items():
+                module = model.get_submodule(name)
+                # Back to the model's dtype without dequantizing: only the output dtype changes.
+                module.weight = torch.nn.Parameter(module.weight.to(dtype=dtype), requires_grad=False)
 
     if tied:
         out_name, emb_name = tied
@@ -257,6 +263,18 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
         elif layers[out_name]["format"] == "none":
             layers[out_name]["tied_to"] = emb_name
     return layers
+
+
+def _nvfp4_from_float32(model, names: list[str]) -> dict[str, torch.dtype]:
+    """torchao's NVFP4 quantizer takes float32 and bfloat16 only; fp16 weights go through
+    float32 (exact: every fp16 value is a float32 value). Returns the names converted."""
+    converted = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if module.weight.dtype == torch.float16:
+            converted[name] = module.weight.dtype
+            module.weight = torch.nn.Parameter(module.weight.detach().float(), requires_grad=False)
+    return converted
 
 
 def summarize(layers: dict[str, dict]) -> dict:

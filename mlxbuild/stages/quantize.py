@@ -29,13 +29,21 @@ def run(params: dict, cache, out: Path) -> dict:
             layers = apply_scheme(model, params["scheme"])
         except BuildError as e:
             raise BuildError(f"{params.get('label', 'quantize')}: {e}") from None
-    if any(layer["format"] != "none" for layer in layers.values()):
-        torch.save(model.state_dict(), out / "state.pt")
-    # else: the materialized weights are the model; a second full copy would only cost disk.
-    (out / "layers.json").write_text(json.dumps(layers, indent=1))
+    save(model, layers, out)
     summary = summarize(layers)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def save(model, layers: dict, out: Path) -> None:
+    """The quantized state (what :func:`load_into` reads back) and each layer's quantization."""
+    if any(layer["format"] != "none" for layer in layers.values()):
+        # A tied output projection is stored once, as the embedding: load_into re-ties it.
+        tied = {f"{name}.weight" for name, info in layers.items() if "tied_to" in info}
+        state = {k: v for k, v in model.state_dict().items() if k not in tied}
+        torch.save(state, out / "state.pt")
+    # else: the materialized weights are the model; a second full copy would only cost disk.
+    (out / "layers.json").write_text(json.dumps(layers, indent=1))
 
 
 def load_into(model, entry: Path) -> None:
@@ -45,6 +53,12 @@ def load_into(model, entry: Path) -> None:
         return  # unquantized scheme
     state = torch.load(entry / "state.pt", weights_only=False, mmap=True)
     model.load_state_dict(state, assign=True, strict=False)
+    # Pickling gives each tensor-subclass wrapper its own object even where two names shared
+    # one, so ties are restored by name; export then sees a single parameter.
+    layers = json.loads((entry / "layers.json").read_text())
+    for name, info in layers.items():
+        if "tied_to" in info:
+            model.get_submodule(name).weight = model.get_submodule(info["tied_to"]).weight
     # assign=True keeps the old parameters' requires_grad; integer tensor
     # subclasses can't carry gradients, and export decomposition unwraps them.
     for p in model.parameters():
