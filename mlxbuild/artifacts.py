@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from mlxbuild import lock
 from mlxbuild.fingerprint import sha256_file
 
 RECORD_SUFFIX = ".json"
@@ -60,6 +61,8 @@ def publish(params: dict, cache, package_key: str) -> dict:
                 for name in lower_info.get("ptd", [])]
 
     files = {dest: {"sha256": sha256_file(src), "size": src.stat().st_size} for src, dest in sources}
+    # A released target rebuilt after its files were deleted must come out as the same bytes.
+    lock.check_rebuilt(out_dir, stem, f"{params['record']['name']}/{params['record']['target']}", files)
     pte_info = inspect_pte(lowered / "model.pte")
     record = {
         **params["record"],

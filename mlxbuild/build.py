@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import delegate
 from mlxbuild.fingerprint import FileHasher
+from mlxbuild import lock
 from mlxbuild.manifest import load_manifest
 from mlxbuild.plan import Plan, plan_manifest
 from mlxbuild.settings import Roots
@@ -19,4 +20,6 @@ def plan_manifests(paths, roots: Roots) -> Plan:
     for path, manifest in manifests:
         plan.groups[path] = plan_manifest(manifest, plan, hasher, roots.artifacts)
     hasher.save()
+    # A released version is immutable: refuse changed inputs now, before any work.
+    lock.check_plan(plan)
     return plan

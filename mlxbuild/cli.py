@@ -5,6 +5,9 @@
     mlxbuild validate manifests/*.yaml           check manifests, one line per error
     mlxbuild plan manifests/qwen.yaml            steps, keys and what is already built
     mlxbuild schema                              the manifest JSON Schema
+    mlxbuild release manifests/qwen.yaml         build, lock and bundle the version (doit release ...)
+    mlxbuild check-bundle X-0.1.0.tar.gz         check a release bundle end to end
+    mlxbuild inspect X.pte [--json]              what a .pte holds (methods, delegates, ops, segments)
     mlxbuild run artifacts/.../x-mlx-4w.pte      run an MLX artifact here (mlx.core): greedy decode
     mlxbuild run X.pte --prompt 'hi' [--tokenizer tokenizer.json]   the same from text
 """
@@ -143,7 +146,7 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["build"], ["doit"]):
+    if argv[:1] in (["build"], ["doit"], ["release"]):
         rest = argv[1:] if argv[0] == "doit" else argv
         return _doit(rest)
     parser = argparse.ArgumentParser(prog="mlxbuild", description=__doc__,
@@ -157,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifests", nargs="+")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON Schema")
+    sub.add_parser("release", help="build, lock and bundle manifests' versions (doit release ...)")
+    cb = sub.add_parser("check-bundle", help="check a release bundle end to end (checksums, lock, artifacts run)")
+    cb.add_argument("bundles", nargs="+")
+    cb.add_argument("--no-run", action="store_true", help="deserialize the artifacts but do not run them")
+    ins = sub.add_parser("inspect", help="methods, constant methods, delegates, ops and segments of a .pte")
+    ins.add_argument("pte")
+    ins.add_argument("--json", action="store_true")
     r = sub.add_parser("run", help="run an MLX .pte on this host through mlx.core (greedy decoding)")
     r.add_argument("pte")
     r.add_argument("--ids", help="prompt token ids, e.g. '1 15 27' (default: --random)")
@@ -179,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args.manifests)
     if args.cmd == "plan":
         return _plan(args.manifests, args.json)
+    if args.cmd == "check-bundle":
+        from mlxbuild.bundle import main as check_bundle_main
+
+        return check_bundle_main(args.bundles, run=not args.no_run)
+    if args.cmd == "inspect":
+        from mlxbuild.pte_inspect import main as inspect_main
+
+        return inspect_main(args.pte, as_json=args.json)
     if args.cmd == "schema":
         from mlxbuild.manifest import schema_text
 

@@ -39,7 +39,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["inspect_pte", "delegated_backends", "non_delegated_ops", "PTEInspectError"]
+__all__ = ["inspect_pte", "delegated_backends", "delegate_payloads", "non_delegated_ops", "PTEInspectError"]
 
 # Bytes of the file head that hold the flatbuffer root offset, the file
 # identifier and the extended header (executorch: _ExtendedHeader.NUM_HEAD_BYTES).
@@ -325,6 +325,173 @@ def non_delegated_ops(info: dict, method: str = "forward") -> list[str]:
         return list(info["methods"][method]["operators"])
     except KeyError:
         raise KeyError(f"no method {method!r}; have {sorted(info['methods'])}") from None
+
+
+def delegate_payloads(path: str | os.PathLike, backend_id: str) -> list[bytes]:
+    """The processed payload of every delegate of ``backend_id``, in program order
+    (reads only those bytes of the file)."""
+    from executorch.exir import schema as S
+    from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+
+    data, _, eh = _read_program_bytes(path)
+    program = _flatbuffer_to_program(data)
+    base = eh.segment_base_offset if eh is not None else 0
+    blobs = []
+    with open(path, "rb") as f:
+        for plan in program.execution_plan:
+            for d in plan.delegates:
+                if d.id != backend_id:
+                    continue
+                ref = d.processed
+                if ref.location == S.DataLocation.INLINE:
+                    blobs.append(bytes(program.backend_delegate_data[ref.index].data))
+                    continue
+                seg = program.segments[ref.index]
+                f.seek(base + seg.offset)
+                blobs.append(f.read(seg.size))
+    return blobs
+
+
+# --------------------------------------------------------------------------- `mlxbuild inspect`
+
+
+def delegate_nodes(path: str | os.PathLike, info: dict) -> dict[str, list]:
+    """{method: [node counts of each delegate, or None]}: what runs inside each delegate,
+    read from its payload (MLX through ``delegate.mlx_runtime``'s payload reader)."""
+    found: dict[str, list] = {}
+    payloads: dict[str, list] = {}
+    for method, m in info["methods"].items():
+        found[method] = []
+        for d in m["delegates"]:
+            backend = d["backend_id"]
+            if backend not in payloads:
+                payloads[backend] = delegate_payloads(path, backend) if backend == "MLXBackend" else []
+            blob = payloads[backend].pop(0) if payloads[backend] else None
+            found[method].append(_mlx_nodes(blob) if blob is not None else None)
+    return found
+
+
+def _mlx_nodes(payload: bytes) -> dict | None:
+    try:
+        from delegate.mlx_runtime import fb
+    except ImportError:  # mlx not installed: no payload reader on this host
+        return None
+    graph, _ = fb.read_payload(payload)
+    names = fb.node_type_names()
+    counts: dict[str, int] = {}
+    for chain in graph.instructionChains or []:
+        for ins in chain.instructions or []:
+            name = names.get(int(ins.opType), str(ins.opType))
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def sibling_record(path: str | os.PathLike) -> Path | None:
+    """The artifact's metadata record: the ``.json`` with the same stem beside it."""
+    rec = Path(path).with_suffix(".json")
+    return rec if rec.is_file() else None
+
+
+def report(path: str | os.PathLike) -> dict:
+    """`inspect_pte` plus what runs inside each delegate and the metadata record beside
+    the file (``record``; ``record_matches``: its sha256 is this file's)."""
+    from mlxbuild.fingerprint import sha256_file
+
+    info = inspect_pte(path)
+    nodes = delegate_nodes(path, info)
+    rec_path = sibling_record(path)
+    record = None
+    if rec_path is not None:
+        try:
+            record = json.loads(rec_path.read_text())
+        except ValueError:
+            record = None
+    delegation = (record or {}).get("delegation") or {}
+    for method, m in info["methods"].items():
+        for i, d in enumerate(m["delegates"]):
+            d["nodes"] = nodes[method][i]
+            # The aten ops the build lowered into this backend (the record has them per method).
+            d["lowered_ops"] = (delegation.get(method) or {}).get("delegated_ops") if record else None
+    info["record_path"] = str(rec_path) if rec_path else None
+    info["record"] = record
+    info["record_matches"] = None if record is None else record.get("sha256") == sha256_file(path)
+    return info
+
+
+def render(info: dict) -> str:
+    """The text form of :func:`report`."""
+    out = [f"{info['path']}: {info['file_size']} bytes, program {info['program_size']} bytes, "
+           f"{info['file_identifier']} v{info['version']}"]
+    for name, m in info["methods"].items():
+        out.append(f"method {name}:")
+        for kind in ("inputs", "outputs"):
+            for i, v in enumerate(m[kind]):
+                out.append(f"  {kind[:-1]} {i}: {_value(v)}")
+        for i, d in enumerate(m["delegates"]):
+            out.append(f"  delegate {i}: {d['backend_id']}, payload {d['payload_bytes']} bytes ({d['location']}), "
+                       f"{d['calls']} call(s)")
+            if d.get("nodes"):
+                out.append(f"    nodes ({sum(d['nodes'].values())}): {_counts(d['nodes'])}")
+            elif d["backend_id"] == "MLXBackend":
+                out.append("    nodes: not read (mlx is not installed)")
+            if d.get("lowered_ops"):
+                out.append(f"    lowered ops (record): {_counts(d['lowered_ops'])}")
+        ops = m["operators"]
+        out.append(f"  portable kernels ({len(ops)}): {', '.join(ops) if ops else 'none'}")
+        ins = m["instructions"]
+        out.append(f"  instructions: {ins['total']} ({ins['KernelCall']} kernel calls, "
+                   f"{ins['DelegateCall']} delegate calls)")
+    if info["constant_methods"]:
+        out.append("constant methods:")
+        for k, v in info["constant_methods"].items():
+            out.append(f"  {k} = {json.dumps(v)}")
+    seg = info["segments"]
+    out.append(f"segments: {seg['count']}, {seg['total_bytes']} bytes: {', '.join(map(str, seg['sizes']))}")
+    if info.get("constant_segment"):
+        cs = info["constant_segment"]
+        out.append(f"constants: {cs['num_tensors']} tensors in segment {cs['segment_index']} ({cs['bytes']} bytes)")
+    if info.get("named_data"):
+        nd = info["named_data"]
+        out.append(f"named data: {nd['count']} entries, {nd['bytes']} bytes")
+    rec = info.get("record")
+    if rec is None:
+        out.append("record: none beside this file")
+    else:
+        v = rec.get("verification") or {}
+        figures = (f"max abs error {v['max_abs_error']:.3g}, relative {v['max_rel_error']:.3g}"
+                   if v.get("max_abs_error") is not None else v.get("check", "structural"))
+        out.append(f"record: {info['record_path']}: {rec.get('name')} {rec.get('version')} target "
+                   f"{rec.get('target')}, {rec.get('backend')} {rec.get('scheme')} {rec.get('dtype')}; "
+                   f"sha256 {'matches' if info['record_matches'] else 'DOES NOT match'} this file; "
+                   f"verification {'passed' if v.get('passed') else 'failed'} ({figures})")
+    return "\n".join(out)
+
+
+def _value(v: dict) -> str:
+    if v.get("kind") == "Tensor":
+        dyn = "" if v.get("shape_dynamism") == "STATIC" else f" ({str(v.get('shape_dynamism')).lower()})"
+        return f"{v['dtype']}[{', '.join(map(str, v['sizes']))}]{dyn}"
+    return f"{v.get('kind')} {json.dumps(v.get('value'))}" if "value" in v else str(v.get("kind"))
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} ×{n}" for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def main(path: str, as_json: bool = False) -> int:
+    """`mlxbuild inspect ART.pte [--json]`."""
+    import sys
+
+    from mlxbuild.progress import quiet_libraries
+
+    quiet_libraries()
+    try:
+        info = report(path)
+    except (PTEInspectError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1, default=str) if as_json else render(info))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m mlxbuild.pte_inspect FILE.pte

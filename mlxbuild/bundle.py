@@ -1,0 +1,321 @@
+"""Release bundles: one reproducible ``.tar.gz`` per version, and its end-to-end check.
+
+A bundle ``artifacts/<name>/<name>-<version>.tar.gz`` holds one folder
+``<name>-<version>/`` with every artifact the lock names (``.pte``/``.ptd``), the
+lock, the model card ``README.md``, the checkpoint's licence file when there is
+one, and ``SHA256SUMS`` over all of them (``sha256sum -c SHA256SUMS`` works in
+the extracted folder). Entries are sorted, with fixed mtimes, owners and modes,
+and gzip's header carries no time or name: the same version is the same bytes.
+
+``mlxbuild check-bundle B.tar.gz`` (:func:`check_bundle`) checks the checksums,
+the lock against the contents (every file listed, sizes, sha256, nothing extra),
+that every artifact deserializes, and runs each where this host has a runtime.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from mlxbuild.fingerprint import sha256_file
+from mlxbuild.lock import LOCK_NAME
+
+CARD = "README.md"
+SUMS = "SHA256SUMS"
+# 1980-01-01: a fixed time (zip's epoch; some tools mistrust 1970) for every entry.
+FIXED_MTIME = 315532800
+SUFFIX = ".tar.gz"
+
+
+def bundle_path(out_dir: Path, lock: dict) -> Path:
+    return Path(out_dir).parent / f"{lock['name']}-{lock['version']}{SUFFIX}"
+
+
+def member_names(lock: dict) -> list[str]:
+    """Every file of the bundle but SHA256SUMS, as named inside its folder."""
+    names = {f for entry in lock["targets"].values() for f in entry["files"]}
+    names |= {LOCK_NAME, CARD}
+    lic = lock.get("license") or {}
+    if lic.get("file"):
+        names.add(lic["file"])
+    return sorted(names)
+
+
+def write_bundle(out_dir: Path, lock: dict) -> dict:
+    """Write the bundle atomically from the version directory; return its path, size, sha256."""
+    out_dir = Path(out_dir)
+    top = f"{lock['name']}-{lock['version']}"
+    names = member_names(lock)
+    sums = "".join(f"{sha256_file(out_dir / n)}  {n}\n" for n in names).encode()
+    path = bundle_path(out_dir, lock)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            tar.addfile(_info(top, tarfile.DIRTYPE, 0, 0o755))
+            for name in sorted(names + [SUMS]):
+                if name == SUMS:
+                    tar.addfile(_info(f"{top}/{name}", tarfile.REGTYPE, len(sums)), io.BytesIO(sums))
+                    continue
+                src = out_dir / name
+                with open(src, "rb") as f:
+                    tar.addfile(_info(f"{top}/{name}", tarfile.REGTYPE, src.stat().st_size), f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"name": lock["name"], "version": lock["version"], "path": str(path),
+            "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _info(name: str, kind: bytes, size: int, mode: int = 0o644) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode, info.mtime = kind, size, mode, FIXED_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+# --------------------------------------------------------------------------- checking a bundle
+
+
+def check_bundle(bundle: str | os.PathLike, run: bool = True) -> tuple[list[str], list[str]]:
+    """Return (problems, notes): one line each. No problems means the bundle is sound."""
+    bundle = Path(bundle)
+    with tempfile.TemporaryDirectory(prefix="mlxbuild-bundle-") as tmp:
+        try:
+            top, files = _extract(bundle, Path(tmp))
+        except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+            return [f"{bundle}: not a readable bundle: {e}"], []
+        problems: list[str] = []
+        notes: list[str] = []
+        hashes = {name: sha256_file(p) for name, p in files.items()}
+        problems += _check_sums(files, hashes)
+        lock = _read_lock(files, problems)
+        if lock is not None:
+            want_top = f"{lock.get('name')}-{lock.get('version')}"
+            if top != want_top:
+                problems.append(f"{top}/: the bundle's folder should be {want_top}/ (from {LOCK_NAME})")
+            problems += _check_lock(lock, files, hashes)
+            p, n = _check_artifacts(lock, files, hashes, run)
+            problems += p
+            notes += n
+        if not problems:
+            notes.insert(0, f"{len(files)} files; {SUMS} and {LOCK_NAME} match the contents")
+        return problems, notes
+
+
+def _extract(bundle: Path, dest: Path) -> tuple[str, dict[str, Path]]:
+    """Regular files only, all inside one folder: {name inside the folder: extracted path}."""
+    files: dict[str, Path] = {}
+    tops = set()
+    with tarfile.open(bundle, mode="r:gz") as tar:
+        for m in tar:
+            parts = PurePosixPath(m.name).parts
+            if not parts or m.name.startswith("/") or ".." in parts:
+                raise ValueError(f"unsafe entry {m.name!r}")
+            tops.add(parts[0])
+            if m.isdir():
+                continue
+            if not m.isfile() or len(parts) != 2:
+                raise ValueError(f"unexpected entry {m.name!r} (only files inside one folder)")
+            target = dest / parts[1]
+            with tar.extractfile(m) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+            files[parts[1]] = target
+    if len(tops) != 1:
+        raise ValueError(f"expected one top folder, found {sorted(tops) or 'none'}")
+    return tops.pop(), files
+
+
+def _check_sums(files: dict, hashes: dict) -> list[str]:
+    if SUMS not in files:
+        return [f"{SUMS}: missing"]
+    listed: dict[str, str] = {}
+    problems = []
+    for i, line in enumerate(files[SUMS].read_text(errors="replace").splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            problems.append(f"{SUMS}:{i}: malformed line {line[:60]!r}")
+            continue
+        listed[name.lstrip("*")] = digest
+    for name, digest in sorted(listed.items()):
+        if name not in files:
+            problems.append(f"{name}: listed in {SUMS} but missing from the bundle")
+        elif hashes[name] != digest:
+            problems.append(f"{name}: sha256 {hashes[name][:12]} does not match {SUMS} ({digest[:12]})")
+    problems += [f"{name}: not listed in {SUMS}" for name in sorted(set(files) - set(listed) - {SUMS})]
+    return problems
+
+
+def _read_lock(files: dict, problems: list) -> dict | None:
+    if LOCK_NAME not in files:
+        problems.append(f"{LOCK_NAME}: missing")
+        return None
+    try:
+        lock = json.loads(files[LOCK_NAME].read_text())
+        if not isinstance(lock.get("targets"), dict):
+            raise ValueError("no 'targets' table")
+    except (ValueError, AttributeError) as e:
+        problems.append(f"{LOCK_NAME}: not a valid release lock: {e}")
+        return None
+    return lock
+
+
+def _check_lock(lock: dict, files: dict, hashes: dict) -> list[str]:
+    problems = []
+    for target, entry in sorted(lock["targets"].items()):
+        for name, want in sorted((entry.get("files") or {}).items()):
+            if name not in files:
+                problems.append(f"{name}: in {LOCK_NAME} (target {target}) but missing from the bundle")
+                continue
+            size = files[name].stat().st_size
+            if size != want.get("size"):
+                problems.append(f"{name}: size {size} does not match {LOCK_NAME} ({want.get('size')})")
+            if hashes[name] != want.get("sha256"):
+                problems.append(f"{name}: sha256 {hashes[name][:12]} does not match {LOCK_NAME} "
+                                f"({str(want.get('sha256'))[:12]})")
+    lic = lock.get("license") or {}
+    if lic.get("file"):
+        if lic["file"] not in files:
+            problems.append(f"{lic['file']}: in {LOCK_NAME} (license) but missing from the bundle")
+        elif hashes[lic["file"]] != lic.get("sha256"):
+            problems.append(f"{lic['file']}: sha256 {hashes[lic['file']][:12]} does not match {LOCK_NAME} "
+                            f"({str(lic.get('sha256'))[:12]})")
+    for name in ("README.md",):
+        if name not in files:
+            problems.append(f"{name}: missing (the model card)")
+    allowed = set(member_names(lock)) | {SUMS}
+    problems += [f"{name}: not in {LOCK_NAME}" for name in sorted(set(files) - allowed)]
+    return problems
+
+
+def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[list[str], list[str]]:
+    from mlxbuild.pte_inspect import inspect_pte
+
+    problems, notes = [], []
+    for target, entry in sorted(lock["targets"].items()):
+        for name, want in sorted((entry.get("files") or {}).items()):
+            if not name.endswith(".pte") or name not in files:
+                continue
+            try:
+                info = inspect_pte(files[name])
+            except Exception as e:  # a damaged flatbuffer raises many kinds of error
+                problems.append(f"{name}: does not deserialize: {e}")
+                continue
+            if hashes[name] != want.get("sha256"):
+                continue  # never execute bytes the lock does not vouch for
+            backend = entry.get("backend")
+            if not run:
+                notes.append(f"{name}: deserializes; not run (--no-run)")
+                continue
+            ptds = [files[n] for n in sorted(entry["files"]) if n.endswith(".ptd") and n in files]
+            try:
+                how, result = run_artifact(files[name], backend, info, ptds)
+            except _NoRuntime as e:
+                notes.append(f"{name}: deserializes; not run ({e})")
+                continue
+            except Exception as e:  # noqa: BLE001 - any runtime failure is this artifact's problem
+                problems.append(f"{name}: fails to run on {backend}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if result:
+                problems.append(f"{name}: ran on {how} but {result}")
+            else:
+                notes.append(f"{name}: deserializes and runs ({how})")
+    return problems, notes
+
+
+class _NoRuntime(Exception):
+    pass
+
+
+def run_artifact(pte: Path, backend: str, info: dict, ptds: list[Path]) -> tuple[str, str]:
+    """Run `forward` once on this host's runtime for `backend`; return (runtime, problem or '')."""
+    import numpy as np
+
+    import delegate
+
+    try:
+        module = delegate.backend(backend)
+    except ValueError:
+        raise _NoRuntime(f"no {backend} runtime in mlxbuild") from None
+    inputs = sample_inputs(info)
+    if hasattr(module, "load_method"):  # a runtime of ours (MLX through mlx.core)
+        try:
+            import mlx.core  # noqa: F401
+        except ImportError:
+            raise _NoRuntime("mlx is not installed here") from None
+        from delegate import mlx_runtime
+
+        program = mlx_runtime.load(pte, ptds)
+        outputs = program.run("forward", inputs)
+        how = "mlxbuild MLX runtime"
+    elif getattr(module, "VERIFY", None) == "runtime":
+        import torch
+
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  LLM kernels
+        import executorch.kernels.quantized  # noqa: F401  quantized embedding kernels
+        from executorch.runtime import Runtime
+
+        from mlxbuild.stages.verify import native_stderr_captured
+
+        with native_stderr_captured():
+            program = Runtime.get().load_program(str(pte), data_path=str(ptds[0]) if ptds else None)
+            outputs = program.load_method("forward").execute([torch.from_numpy(x) for x in inputs])
+        how = "executorch.runtime"
+    else:
+        raise _NoRuntime(f"{backend} is checked structurally only on this host")
+    for i, out in enumerate(outputs):
+        arr = np.asarray(out.float() if hasattr(out, "float") else out, dtype=np.float64)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return how, f"output {i} has non-finite values"
+    return how, ""
+
+
+def sample_inputs(info: dict) -> list:
+    """Inputs for one `forward` call: a short prefill for an LLM's (tokens, positions),
+    else zeros of each input's declared (upper-bound) shape."""
+    import numpy as np
+
+    specs = info["methods"]["forward"]["inputs"]
+    dtypes = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
+              "bool": np.bool_, "uint8": np.uint8, "int8": np.int8, "float64": np.float64}
+    llm = (len(specs) == 2 and all(s.get("kind") == "Tensor" and s["dtype"] == "int64" for s in specs)
+           and len(specs[1]["sizes"]) == 1)
+    if llm:
+        t = min(4, specs[1]["sizes"][0])
+        return [np.zeros((1, t), dtype=np.int64), np.arange(t, dtype=np.int64)]
+    out = []
+    for s in specs:
+        if s.get("kind") != "Tensor":
+            raise _NoRuntime(f"forward takes a {s.get('kind')} input mlxbuild cannot make up")
+        if s["dtype"] not in dtypes:
+            raise _NoRuntime(f"forward takes a {s['dtype']} input mlxbuild cannot make up")
+        out.append(np.zeros(s["sizes"], dtype=dtypes[s["dtype"]]))
+    return out
+
+
+def main(bundles: list[str], run: bool = True) -> int:
+    """`mlxbuild check-bundle`: notes on stdout, one line per problem on stderr, exit 1 on any."""
+    import sys
+
+    from mlxbuild.progress import quiet_libraries
+
+    quiet_libraries()
+    status = 0
+    for bundle in bundles:
+        problems, notes = check_bundle(bundle, run=run)
+        for line in problems:
+            print(f"error: {bundle}: {line}", file=sys.stderr)
+        if problems:
+            status = 1
+        else:
+            for line in notes:
+                print(f"ok: {bundle}: {line}")
+    return status
