@@ -27,12 +27,10 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
         # save_model stored tied tensors once; load_model restores every name that shares them.
         load_safetensors(model, Path(weights_dir) / "model.safetensors", strict=True)
         return model.to(DTYPES[dtype]).eval()
-    from transformers import AutoModelForCausalLM
-
     kwargs = {"dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(weights_dir, **kwargs)
+    model = auto_model_class(weights_dir).from_pretrained(weights_dir, **kwargs)
     # Fused 3-D experts become per-expert nn.Linear, so the scheme's linear rule
     # quantizes them and export can trace them (mlxbuild.moe).
     from mlxbuild.moe import unfuse_experts
@@ -44,6 +42,20 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
         if isinstance(module, torch.nn.Embedding):
             module.padding_idx = None
     return model.eval()
+
+
+def auto_model_class(folder: Path):
+    """The transformers auto class for a checkpoint folder, by its config's model_type:
+    speech-to-text models (Whisper) are seq2seq, everything else a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
+
+    from mlxbuild.task_kinds import task_of_model_type
+
+    config = Path(folder) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if task_of_model_type(model_type) == "speech-to-text":
+        return AutoModelForSpeechSeq2Seq
+    return AutoModelForCausalLM
 
 
 def build_module(recipe: dict):

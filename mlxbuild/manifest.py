@@ -64,10 +64,12 @@ __all__ = [
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "manifest.schema.json"
 
-ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gemma3", "qwen3_moe")
+ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gemma3", "qwen3_moe", "whisper")
 BACKENDS: tuple[str, ...] = capabilities.ALL_BACKENDS
 DTYPES: tuple[str, ...] = capabilities.DTYPES
-TASKS: tuple[str, ...] = ("text-generation",)
+TASKS: tuple[str, ...] = ("text-generation", "speech-to-text")
+# The task each synthetic architecture performs (default: text-generation).
+ARCHITECTURE_TASKS: dict[str, str] = {"whisper": "speech-to-text"}
 SOURCE_KINDS: tuple[str, ...] = ("path", "hf", "synthetic", "module")
 QUANT_FORMATS: tuple[str, ...] = ("affine", "nvfp4", "none")
 QUANT_BITS: tuple[int, ...] = (2, 4, 8)
@@ -348,6 +350,19 @@ class ModelSpec(_Model):
     tokenizer: NonEmptyStr | None = Field(
         None, description="tokenizer file/dir; relative to the manifest's directory"
     )
+
+    @model_validator(mode="after")
+    def check_task(self) -> "ModelSpec":
+        synthetic = self.source.synthetic
+        if synthetic is not None:
+            fits = ARCHITECTURE_TASKS.get(synthetic.architecture, "text-generation")
+            if fits != self.task:
+                raise _Issue(("task",), f"{self.task!r} does not fit architecture "
+                             f"{synthetic.architecture!r}, which is {fits!r}")
+        if self.task != "text-generation" and self.source.module is not None:
+            raise _Issue(("task",), f"{self.task!r} needs a transformers model (source path, hf "
+                         "or synthetic); a module source is text-generation only")
+        return self
 
 
 class ExportSpec(_Model):

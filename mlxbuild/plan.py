@@ -15,15 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import delegate
-from mlxbuild import sources
+from mlxbuild import sources, task_kinds
 from mlxbuild.errors import BuildError
 from mlxbuild import __version__
 from mlxbuild.fingerprint import FileHasher, code_hash, stable_hash, tool_versions
+from mlxbuild.task_kinds.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT  # noqa: F401  (tests read them here)
 from mlxbuild.tolerance import tolerance
-
-# The prompt each verification feeds: a prefill then single-token decode steps.
-VERIFY_PROMPT = 8
-VERIFY_DECODE_STEPS = 4
 
 
 @dataclass
@@ -100,9 +97,8 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                     "dtype": dtype, **export_spec},
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
-        verify_spec = {"prompt": min(VERIFY_PROMPT, exp.max_prefill_chunk),
-                       "decode_steps": min(VERIFY_DECODE_STEPS, exp.max_context_length - VERIFY_PROMPT),
-                       "seed": 0}
+        verify_spec = task_kinds.get(manifest.model.task).verify_spec(exp.max_context_length,
+                                                                       exp.max_prefill_chunk)
         ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
                               _versions("torch", "transformers", "executorch",
                                         code=("mlxbuild.stages.reference",)))
@@ -130,7 +126,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                             _versions("executorch", code=("mlxbuild.stages.verify", f"delegate.{target.backend}"))),
             deps=[lower.name, reference.name],
             params={"lower": lower.key, "reference": reference.key, "backend": target.backend,
-                    "tolerance": tol},
+                    "tolerance": tol, "task": manifest.model.task},
             label=tname))
 
         out_dir = artifacts_root / manifest.name / manifest.version

@@ -1,4 +1,4 @@
-"""Lower one target from its saved program and serialize the .pte (and .ptd)."""
+"""Lower one target from its saved programs (one per method) and serialize the .pte (and .ptd)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,13 @@ from collections import Counter
 from pathlib import Path
 
 import delegate
-from mlxbuild import progress
+from mlxbuild import progress, task_kinds
 from mlxbuild.stages import export
 
 
-def constant_methods(params: dict, text: dict) -> dict:
-    """What ExecuTorch's LLM runners read, then the manifest's own entries on top."""
-    methods = {
-        "get_max_seq_len": params["max_context_length"],
-        "get_max_context_len": params["max_context_length"],
-        "get_prefill_chunk_size": params["max_prefill_chunk"],
-        "use_kv_cache": True,
-        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
-    }
-    if "vocab_size" in text:
-        methods["get_vocab_size"] = text["vocab_size"]
-    if text.get("bos_token_id") is not None:
-        methods["get_bos_id"] = text["bos_token_id"]
-    if text.get("eos_token_id") is not None:
-        eos = text["eos_token_id"]
-        methods["get_eos_ids"] = eos if isinstance(eos, list) else [eos]
+def constant_methods(params: dict, info: dict) -> dict:
+    """The task kind's constant methods (what its runners read), then the manifest's own on top."""
+    methods = task_kinds.get(params.get("task")).constant_methods(params, info)
     methods.update(params.get("constant_methods") or {})
     return methods
 
@@ -65,10 +52,10 @@ def run(params: dict, cache, out: Path) -> dict:
     entry = cache.path("export", params["export"])
     info = json.loads((entry / "export.json").read_text())
     progress.note("loading saved program")
-    program = export.load_program(entry, backend.FLAVOUR)
-    methods = constant_methods(params, info["text_config"])
-    progress.note(f"lowering to {backend.NAME} and serializing")
-    edge, prog = backend.lower({"forward": program}, params.get("options") or {}, methods)
+    programs = export.load_programs(entry, backend.FLAVOUR)
+    methods = constant_methods(params, info)
+    progress.note(f"lowering {', '.join(programs)} to {backend.NAME} and serializing")
+    edge, prog = backend.lower(programs, params.get("options") or {}, methods)
     progress.note(f"{len(prog.buffer) / 1e6:.1f} MB program")
     (out / "model.pte").write_bytes(prog.buffer)
     if getattr(prog, "_tensor_data", None):

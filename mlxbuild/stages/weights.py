@@ -10,7 +10,8 @@ import torch
 from mlxbuild.llm import DTYPES, build_module
 
 # transformers architecture names the synthetic source accepts, by manifest name.
-ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama", "gemma3": "gemma3_text", "qwen3_moe": "qwen3_moe"}
+ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama", "gemma3": "gemma3_text", "qwen3_moe": "qwen3_moe",
+                 "whisper": "whisper"}
 
 
 def run(params: dict, cache, out: Path) -> dict:
@@ -19,9 +20,9 @@ def run(params: dict, cache, out: Path) -> dict:
         model = _synthetic(load["synthetic"], dtype)
         model.save_pretrained(out)
     elif "path" in load:
-        from transformers import AutoModelForCausalLM
+        from mlxbuild.llm import auto_model_class
 
-        model = AutoModelForCausalLM.from_pretrained(load["path"], dtype=dtype)
+        model = auto_model_class(load["path"]).from_pretrained(load["path"], dtype=dtype)
         model.save_pretrained(out)
         _copy_tokenizer(Path(load["path"]), out)
     elif "module" in load:
@@ -35,17 +36,22 @@ def run(params: dict, cache, out: Path) -> dict:
 
 
 def _synthetic(recipe: dict, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
+
+    from mlxbuild.task_kinds import task_of_model_type
 
     config = AutoConfig.for_model(ARCHITECTURES[recipe["architecture"]], **recipe["config"])
     torch.manual_seed(recipe["seed"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    seq2seq = task_of_model_type(config.model_type) == "speech-to-text"
+    auto = AutoModelForSpeechSeq2Seq if seq2seq else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.float32)
     return model.to(dtype).eval()
 
 
 def _copy_tokenizer(src: Path, out: Path) -> None:
     import shutil
 
-    for p in list(src.glob("tokenizer*")) + list(src.glob("*.model")):
+    # preprocessor_config.json: a speech model's feature extractor (log-mel settings).
+    for p in list(src.glob("tokenizer*")) + list(src.glob("*.model")) + list(src.glob("preprocessor_config.json")):
         if p.is_file():
             shutil.copy2(p, out / p.name)

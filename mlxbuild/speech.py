@@ -1,0 +1,177 @@
+"""Whisper as ExecuTorch's ASR runner wants it: two methods of one program,
+
+- ``encoder(input_features[1, n_mels, frames]) -> encoder_hidden_states[1, S, d]``
+- ``text_decoder(decoder_input_ids[1, T], encoder_hidden_states[1, S, d],
+  cache_position[T]) -> logits[1, T, V]``
+
+(the method names ``executorch/extension/asr/runner/seq2seq_runner.cpp`` loads). The
+decoder keeps its self-attention keys/values in a static cache (program state that
+persists across calls); cross-attention keys/values are projected from the encoder
+output on every call, so the decoder needs nothing but what the runner passes it.
+
+The decoder is rebuilt here from the transformers modules' weights rather than
+traced through ``WhisperDecoder.forward``: its cache objects and mask helpers do not
+export with the backends' own cache ops. One self-attention cache per flavour:
+
+- ``mlx``: ``mlx::kv_cache_update`` + ``mlx::custom_sdpa`` (BHSD), lowered into the MLX delegate;
+- ``et-llm-ops``: ``llama::update_cache`` + ``llama::custom_sdpa`` (BSHD), ExecuTorch's
+  CPU custom kernels (what XNNPACK programs use);
+- ``plain``: ``index_copy_`` into a buffer and a masked ``scaled_dot_product_attention``.
+
+Imports torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PlainCache(nn.Module):
+    """BHSD buffers written with index_copy_; attention masks what is not yet written."""
+
+    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(1, heads, max_len, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, heads, max_len, head_dim, dtype=dtype), persistent=False)
+
+    def attend(self, q, k, v, start, positions):
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        slots = torch.arange(self.k.shape[2], device=q.device)
+        mask = slots.view(1, -1) <= positions.view(-1, 1)  # [T, L]: causal over the cache
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, scale=1.0)
+
+
+class MlxCache(nn.Module):
+    """The MLX delegate's cache update and cache-aware SDPA (BHSD)."""
+
+    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
+        super().__init__()
+        from executorch.backends.mlx.llm.cache import KVCache
+
+        self.cache = KVCache(max_batch_size=1, max_context_length=max_len, n_heads=heads,
+                             head_dim=head_dim, enable_dynamic_shape=True, dtype=dtype)
+
+    def attend(self, q, k, v, start, positions):
+        keys, values = self.cache.update(start, k, v)
+        return torch.ops.mlx.custom_sdpa(q, keys, values, start_pos=start, is_causal=True, scale=1.0)
+
+
+class EtLlmCache(nn.Module):
+    """ExecuTorch's LLM custom ops (BSHD cache), as the XNNPACK text flavour uses."""
+
+    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
+        super().__init__()
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers torch.ops.llama.*
+
+        self.register_buffer("k", torch.zeros(1, max_len, heads, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, max_len, heads, head_dim, dtype=dtype), persistent=False)
+
+    def attend(self, q, k, v, start, positions):
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
+        out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, None, 0.0, True, 1.0)
+        return out.transpose(1, 2)
+
+
+CACHES = {"mlx": MlxCache, "et-llm-ops": EtLlmCache, "plain": PlainCache}
+
+
+def _split_heads(x, heads: int):
+    b, t, _ = x.shape
+    return x.view(b, t, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x):
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, layer, cache: nn.Module):
+        super().__init__()
+        self.layer, self.cache = layer, cache
+        self.heads = layer.self_attn.num_heads
+
+    def forward(self, h, encoder_hidden_states, start, positions):
+        layer, heads = self.layer, self.heads
+        attn = layer.self_attn
+        x = layer.self_attn_layer_norm(h)
+        # transformers scales the query before the product (and attends with scale 1.0); so do we.
+        q = _split_heads(attn.q_proj(x) * attn.scaling, heads)
+        k, v = _split_heads(attn.k_proj(x), heads), _split_heads(attn.v_proj(x), heads)
+        h = h + attn.out_proj(_merge_heads(self.cache.attend(q, k, v, start, positions)))
+
+        cross = layer.encoder_attn
+        x = layer.encoder_attn_layer_norm(h)
+        q = _split_heads(cross.q_proj(x) * cross.scaling, heads)
+        k = _split_heads(cross.k_proj(encoder_hidden_states), heads)
+        v = _split_heads(cross.v_proj(encoder_hidden_states), heads)
+        h = h + cross.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, scale=1.0)))
+
+        x = layer.final_layer_norm(h)
+        return h + layer.fc2(layer.activation_fn(layer.fc1(x)))
+
+
+class WhisperEncoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.encoder = model.get_encoder()
+
+    def forward(self, input_features):
+        return self.encoder(input_features=input_features).last_hidden_state
+
+
+class WhisperTextDecoder(nn.Module):
+    def __init__(self, model, flavour: str, max_len: int):
+        super().__init__()
+        decoder = model.get_decoder()
+        dtype = decoder.embed_tokens.weight.dtype
+        head_dim = model.config.d_model // model.config.decoder_attention_heads
+        self.max_len = max_len
+        self.embed_tokens, self.embed_positions = decoder.embed_tokens, decoder.embed_positions
+        self.layer_norm, self.proj_out = decoder.layer_norm, model.proj_out
+        cache = CACHES[flavour]
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer, cache(layer.self_attn.num_heads, head_dim, max_len, dtype))
+            for layer in decoder.layers)
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, cache_position):
+        start = cache_position[0].item()
+        torch._check(start >= 0)
+        torch._check(start + decoder_input_ids.shape[1] <= self.max_len)
+        # Positions come from the start and the length, so one-token calls with a [1]
+        # cache_position (ExecuTorch's seq2seq runner) and chunked calls agree.
+        positions = torch.arange(decoder_input_ids.shape[1], device=decoder_input_ids.device) + start
+        h = self.embed_tokens(decoder_input_ids) + F.embedding(positions, self.embed_positions.weight)
+        for layer in self.layers:
+            h = layer(h, encoder_hidden_states, start, positions)
+        return self.proj_out(self.layer_norm(h))
+
+
+def frames(config) -> int:
+    """Input frames the encoder takes: two conv strides (1, then 2) per encoder position."""
+    return 2 * config.max_source_positions
+
+
+def example_inputs(config, dtype, max_chunk: int) -> dict:
+    """Per method: (kwargs, dynamic shapes)."""
+    feats = torch.zeros(1, config.num_mel_bins, frames(config), dtype=dtype)
+    hidden = torch.zeros(1, config.max_source_positions, config.d_model, dtype=dtype)
+    n = min(2, max_chunk)
+    dec = {"decoder_input_ids": torch.zeros(1, n, dtype=torch.long), "encoder_hidden_states": hidden,
+           "cache_position": torch.arange(n)}
+    dyn = None
+    if max_chunk > 1:
+        t = torch.export.Dim("dec_len", min=1, max=max_chunk)
+        dyn = {"decoder_input_ids": {1: t}, "encoder_hidden_states": None, "cache_position": {0: t}}
+    return {"encoder": ({"input_features": feats}, None), "text_decoder": (dec, dyn)}
+
+
+def synthetic_features(config, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """A log-mel-like input: values in Whisper's normalized range [-1, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, config.num_mel_bins, frames(config), generator=g) * 2.5 - 1.0
+    return x.to(dtype)

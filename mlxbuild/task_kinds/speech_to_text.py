@@ -1,0 +1,282 @@
+"""speech-to-text (encoder-decoder ASR, Whisper): two methods of one program, named as
+ExecuTorch's seq2seq ASR runner (``extension/asr/runner``) loads them,
+
+- ``encoder(input_features[1, n_mels, frames]) -> encoder_hidden_states[1, S, d]`` (static shape);
+- ``text_decoder(decoder_input_ids[1, T], encoder_hidden_states, cache_position[T]) -> logits[1, T, V]``
+  with a static self-attention KV cache (T dynamic up to ``max_prefill_chunk``; the runner
+  feeds one token with a one-element ``cache_position``),
+
+plus constant methods for a transcription loop: ``get_decoder_start_ids`` (the start token
+and the forced language/task/no-timestamps tokens the generation config implies),
+``decoder_start_token_id``, ``get_eos_ids``, ``get_max_seq_len``/``get_max_context_len``
+(decoder cache), ``get_prefill_chunk_size``, ``get_vocab_size``, ``get_num_mel_bins``,
+``get_num_frames`` (input frames the encoder takes), ``get_encoder_seq_len``.
+
+Verification: a synthetic log-mel input through ``encoder`` (compared with the eager
+encoder), then ``text_decoder`` on the artifact's own encoder output: a prefill of the
+start ids (padded with seeded tokens to ``prompt``) and greedy single-token steps, every
+logit row against the eager ``WhisperForConditionalGeneration`` quantized the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+METHODS = ("encoder", "text_decoder")
+
+VERIFY_PROMPT = 4
+VERIFY_DECODE_STEPS = 8
+
+
+def verify_spec(max_context_length: int, max_prefill_chunk: int) -> dict:
+    prompt = min(VERIFY_PROMPT, max_prefill_chunk)
+    return {"prompt": prompt, "decode_steps": min(VERIFY_DECODE_STEPS, max_context_length - prompt),
+            "seed": 0}
+
+
+def _quantized_model(params: dict, cache):
+    from mlxbuild import llm
+    from mlxbuild.stages import quantize
+
+    model = llm.load_model(cache.path("weights", params["weights"]), params["dtype"])
+    quantize.load_into(model, cache.path("quantize", params["quantized"]))
+    return model
+
+
+def decoder_start_ids(model) -> list[int]:
+    """What Whisper's generate() puts before the first generated token for English
+    transcription without timestamps: start, language, task, no-timestamps -- each only
+    where the generation config defines it (a synthetic model has just the start)."""
+    gen, cfg = model.generation_config, model.config
+    start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
+    ids = [int(start)]
+    lang = (getattr(gen, "lang_to_id", None) or {}).get("<|en|>")
+    if getattr(gen, "is_multilingual", False) and lang is not None:
+        ids.append(int(lang))
+    task = (getattr(gen, "task_to_id", None) or {}).get("transcribe")
+    if getattr(gen, "is_multilingual", False) and task is not None:
+        ids.append(int(task))
+    if getattr(gen, "no_timestamps_token_id", None) is not None:
+        ids.append(int(gen.no_timestamps_token_id))
+    return ids
+
+
+def speech_config(model) -> dict:
+    from mlxbuild import speech
+
+    cfg = model.config
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else cfg.eos_token_id
+    return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "num_mel_bins": cfg.num_mel_bins,
+            "frames": speech.frames(cfg), "encoder_seq_len": cfg.max_source_positions,
+            "d_model": cfg.d_model, "max_target_positions": cfg.max_target_positions,
+            "decoder_start_ids": decoder_start_ids(model),
+            "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos]}
+
+
+def _check_supported(model, params: dict) -> None:
+    from mlxbuild.errors import BuildError
+
+    cfg = model.config
+    if cfg.model_type != "whisper":
+        raise BuildError(f"speech-to-text: model_type {cfg.model_type!r} is not supported "
+                         "(supported: whisper)")
+    if params["max_context_length"] > cfg.max_target_positions:
+        raise BuildError(f"speech-to-text: export.max_context_length {params['max_context_length']} exceeds "
+                         f"the decoder's max_target_positions ({cfg.max_target_positions})")
+
+
+def export(params: dict, cache, flavour_name: str):
+    import torch
+
+    import delegate
+    from mlxbuild import llm, progress, speech
+
+    # Registers the flavour's custom ops (and the MLX schema); the encoder keeps
+    # transformers' own attention, the decoder's self-attention uses the flavour's cache.
+    delegate.flavour(flavour_name).attention_implementation()
+    progress.note("loading quantized model")
+    model = _quantized_model(params, cache)
+    _check_supported(model, params)
+    dtype = llm.DTYPES[params["dtype"]]
+    modules = {"encoder": speech.WhisperEncoder(model).eval(),
+               "text_decoder": speech.WhisperTextDecoder(model, flavour_name, params["max_context_length"]).eval()}
+    examples = speech.example_inputs(model.config, dtype, params["max_prefill_chunk"])
+    programs = {}
+    with torch.no_grad():
+        for name in METHODS:
+            progress.note(f"torch.export {name}")
+            kwargs, dynamic = examples[name]
+            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
+    return programs, {"speech_config": speech_config(model)}
+
+
+def constant_methods(params: dict, info: dict) -> dict:
+    sc = info["speech_config"]
+    methods = {
+        "get_max_seq_len": params["max_context_length"],
+        "get_max_context_len": params["max_context_length"],
+        "get_prefill_chunk_size": params["max_prefill_chunk"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
+        "get_vocab_size": sc["vocab_size"],
+        "get_num_mel_bins": sc["num_mel_bins"],
+        "get_num_frames": sc["frames"],
+        "get_encoder_seq_len": sc["encoder_seq_len"],
+        "decoder_start_token_id": sc["decoder_start_ids"][0],
+        "get_decoder_start_ids": sc["decoder_start_ids"],
+    }
+    if sc.get("eos_token_id"):
+        methods["get_eos_ids"] = sc["eos_token_id"]
+    return methods
+
+
+def _prompt(start_ids: list[int], n: int, vocab: int, seed: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    fill = torch.randint(0, vocab, (max(n - len(start_ids), 0),), generator=g).tolist()
+    return list(start_ids) + fill
+
+
+def reference(params: dict, cache, out: Path) -> dict:
+    """The eager model on a synthetic log-mel input: encoder output, then decoder logits
+    for the start ids (seeded fill up to `prompt`) and `decode_steps` greedy tokens."""
+    import numpy as np
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from mlxbuild import llm, speech
+
+    model = _quantized_model(params, cache)
+    dtype = llm.DTYPES[params["dtype"]]
+    feats = speech.synthetic_features(model.config, params["seed"], dtype)
+    sc = speech_config(model)
+    tokens = _prompt(sc["decoder_start_ids"], params["prompt"], sc["vocab_size"], params["seed"])
+    with torch.no_grad():
+        hidden = model.get_encoder()(input_features=feats).last_hidden_state
+        enc = BaseModelOutput(last_hidden_state=hidden)
+        for _ in range(params["decode_steps"]):
+            logits = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([tokens]), use_cache=False).logits
+            tokens.append(int(logits[0, -1].argmax()))
+        logits = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([tokens]), use_cache=False).logits
+    np.save(out / "features.npy", feats.float().numpy())
+    np.save(out / "encoder.npy", hidden[0].float().numpy())
+    np.save(out / "tokens.npy", np.array([tokens], dtype=np.int64))
+    np.save(out / "logits.npy", logits[0].float().numpy())
+    prompt = max(params["prompt"], len(sc["decoder_start_ids"]))
+    (out / "reference.json").write_text(json.dumps({"prompt": prompt, "decode_steps": params["decode_steps"]}))
+    return {"positions": len(tokens)}
+
+
+def decode_rows(program, hidden, tokens, prompt: int):
+    """The artifact's logits for every position of `tokens`: prefill `prompt` ids (in
+    chunks the program accepts), then one token per call, as a runner feeds it."""
+    import numpy as np
+    import torch
+
+    from mlxbuild.task_kinds.common import as_numpy
+
+    chunk = int(program.constant_methods.get("get_prefill_chunk_size") or prompt)
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(1, -1)
+    rows, spans = [], [(s, min(s + chunk, prompt)) for s in range(0, prompt, chunk)]
+    spans += [(p, p + 1) for p in range(prompt, ids.shape[1])]
+    for a, b in spans:
+        out = program.run("text_decoder", [ids[:, a:b], hidden, torch.arange(a, b)])[0]
+        rows.append(as_numpy(out)[0].astype(np.float32))
+    return np.concatenate(rows)
+
+
+def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
+    import numpy as np
+    import torch
+
+    from mlxbuild.task_kinds.common import (as_numpy, compare, compare_tensor, native_stderr_captured,
+                                            open_program, runtime_failure)
+
+    feats = np.load(reference_dir / "features.npy")
+    ref_hidden = np.load(reference_dir / "encoder.npy")
+    tokens = np.load(reference_dir / "tokens.npy")[0]
+    ref = np.load(reference_dir / "logits.npy")
+    prompt = json.loads((reference_dir / "reference.json").read_text())["prompt"]
+    try:
+        with native_stderr_captured() as log:
+            program = open_program(pte, backend)
+            dtype = _input_dtype(program)
+            hidden = program.run("encoder", [torch.from_numpy(feats).to(dtype)])[0]
+            enc = compare_tensor(as_numpy(hidden)[0].astype(np.float32), ref_hidden, tol)
+            got = decode_rows(program, hidden, tokens, prompt)
+    except Exception as e:  # a runtime error is a verification failure, not a crash
+        return runtime_failure(e, log)
+    result = compare(got, ref, tol)
+    result["encoder"] = enc
+    if not enc["passed"]:
+        result.update(passed=False, reason=f"encoder: {enc['reason']}"
+                      + (f"; decoder: {result['reason']}" if result["reason"] else ""))
+    return result
+
+
+def _input_dtype(program):
+    """The encoder input's dtype, from the program's own method metadata."""
+    import torch
+
+    from mlxbuild.pte_inspect import inspect_pte
+
+    path = getattr(program, "path", None)
+    if path is None:
+        return torch.float32
+    name = inspect_pte(path)["methods"]["encoder"]["inputs"][0].get("dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
+
+
+def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = True) -> dict:
+    """Greedy transcription: encode once, prefill the decoder start ids, then one token per
+    call until an ``get_eos_ids`` token, ``max_new_tokens`` or the decoder's context."""
+    import numpy as np
+    import torch
+
+    meta = program.constant_methods
+    start = meta.get("get_decoder_start_ids") or [meta.get("decoder_start_token_id", 0)]
+    start = [int(t) for t in (start if isinstance(start, list) else [start])]
+    limit = int(meta.get("get_max_context_len") or len(start) + max_new_tokens)
+    chunk = int(meta.get("get_prefill_chunk_size") or 1)
+    eos_ids = meta.get("get_eos_ids") if stop_at_eos else None
+    eos = {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
+    for name in METHODS:
+        program.reset(name)
+    dtype = _input_dtype(program)
+    feats = torch.as_tensor(np.asarray(features)).to(dtype)
+    if feats.dim() == 2:
+        feats = feats.unsqueeze(0)
+    t0 = time.perf_counter()
+    hidden = program.run("encoder", [feats])[0]
+    t1 = time.perf_counter()
+    logits = None
+    for a in range(0, len(start), chunk):
+        part = start[a:a + chunk]
+        logits = program.run("text_decoder", [torch.tensor([part]), hidden,
+                                              torch.arange(a, a + len(part))])[0]
+    out, pos, stopped = [], len(start), "max_new_tokens"
+    while len(out) < max_new_tokens:
+        nxt = int(np.asarray(logits)[0, -1].argmax()) if not hasattr(logits, "float") \
+            else int(logits[0, -1].float().argmax())
+        out.append(nxt)
+        if nxt in eos:
+            stopped = "eos"
+            break
+        if pos >= limit:
+            stopped = "context"
+            break
+        if len(out) == max_new_tokens:
+            break
+        logits = program.run("text_decoder", [torch.tensor([[nxt]]), hidden, torch.tensor([pos])])[0]
+        pos += 1
+    t2 = time.perf_counter()
+    return {"prompt": start, "tokens": out, "stopped": stopped, "encode_s": t1 - t0, "decode_s": t2 - t1,
+            "decode_tokens_per_s": len(out) / (t2 - t1) if out and t2 > t1 else None}
+
+
+def run(program, args) -> dict:
+    return transcribe(program, args.features, args.max_new_tokens, stop_at_eos=not args.no_eos)
