@@ -539,8 +539,8 @@ def test_mixed_build_mlx_end_to_end(tmp_path, subprocess_env):
     (pte, rec), = _build(tmp_path, ["mlx-mixed"], subprocess_env).values()
     assert rec["verification"]["passed"] and rec["verification"]["executed"]
     assert rec["verification"]["max_rel_error"] <= rec["verification"]["tolerance"]["max_rel_error"]
-    assert [r.get("match") or r.get("blocks") for r in rec["quantization"]["rules"]] == \
-        ["lm_head", [0, -1], [1]]
+    assert [(r.get("match"), r.get("blocks")) for r in rec["quantization"]["rules"]] == \
+        [("lm_head", None), (None, [0, -1]), ("*.mlp.*", [1])]
     layers = rec["layer_quantization"]["layers"]
     assert layers["lm_head"] == {**affine(8, "per_channel"), "rule": "rules[0]",
                                  "untied_from": "model.embed_tokens"}
