@@ -7,16 +7,18 @@ from mlxbuild.fingerprint import FileHasher
 from mlxbuild import lock
 from mlxbuild.manifest import load_manifest
 from mlxbuild.plan import Plan, plan_manifest
-from mlxbuild.settings import Roots
+from mlxbuild.settings import Roots, remote_cache
 
 
 def plan_manifests(paths, roots: Roots) -> Plan:
     manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
+    remote = remote_cache([m for _, m in manifests])  # a bad URL is an error before any work
     # A backend that cannot lower on this host says so now, not after hours of quantizing.
     for backend in sorted({t.backend for _, m in manifests for t in m.targets}):
         delegate.preflight(backend)
     hasher = FileHasher(roots.hash_state)
     plan = Plan()
+    plan.remote_cache = remote
     for path, manifest in manifests:
         plan.groups[path] = plan_manifest(manifest, plan, hasher, roots.artifacts)
     hasher.save()

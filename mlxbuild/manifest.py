@@ -41,6 +41,7 @@ from pydantic import (
 
 from delegate import capabilities
 from mlxbuild.errors import ManifestError
+from mlxbuild.remote import URL_PATTERN as REMOTE_URL_PATTERN, parse_url
 
 __all__ = [
     "ARCHITECTURES",
@@ -656,6 +657,28 @@ class Target(_Model):
 
 
 
+def _check_remote_cache(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise _Issue((), f"expected an s3://bucket[/prefix] URL string, got {_describe(v)}")
+    try:
+        return str(parse_url(v))
+    except ValueError as e:
+        raise _Issue((), str(e)) from None
+
+
+class Settings(_Model):
+    """How this manifest is built; nothing here changes an artifact or a cache key."""
+
+    remote_cache: Annotated[
+        str, StringConstraints(pattern=REMOTE_URL_PATTERN), BeforeValidator(_check_remote_cache)
+    ] | None = Field(
+        None,
+        description="a shared cache in an S3-compatible bucket, s3://bucket[/prefix]; "
+        "endpoint and credentials from the AWS_* environment; "
+        "MLXBUILD_REMOTE_CACHE overrides it",
+    )
+
+
 class Manifest(_Model):
     """A whole manifest. Build with :func:`load_manifest` to get file positions in errors."""
 
@@ -671,8 +694,14 @@ class Manifest(_Model):
         default_factory=dict, description="named quantization schemes"
     )
     targets: list[Target] = Field(min_length=1, description="artifacts to build")
+    settings: Settings = Field(default_factory=Settings, description="how to build (not what)")
 
     _manifest_path: Path | None = PrivateAttr(None)
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def settings_null(cls, v: Any) -> Any:
+        return _none_to_empty(v)
 
     @field_validator("quantization", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ class Step:
 class Plan:
     steps: dict[str, Step] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)  # manifest path -> package steps
+    remote_cache: str | None = None  # the shared remote cache's URL (settings.remote_cache)
 
     def add(self, step: Step) -> Step:
         known = self.steps.get(step.name)
@@ -143,7 +144,9 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         package = plan.add(Step(
             kind="package", name=f"package:{tname}",
             key=stable_hash("package", record),
-            deps=[verify.name, quant.name],  # publish reads the quantize entry's layers.json
+            # publish reads the lowered program, the verification and the quantize entry's
+            # layers.json: all three are inputs (so none is skipped as not needed).
+            deps=[verify.name, quant.name, lower.name],
             params={"lower": lower.key, "verify": verify.key, "quantize": quant.key,
                     "out_dir": str(out_dir),
                     "stem": f"{manifest.name}-{target.name}", "record": record},

@@ -5,7 +5,15 @@ when its content-keyed entry exists, or when every step that consumes it is
 done (so an evicted export is not rebuilt just to feed finished lowerings); a
 package step is done when the published record carries its key. None of this
 imports torch.
+
+With a remote cache (``settings.remote_cache``), a consumer whose entry the
+remote holds counts as satisfied too: it will be downloaded, so its inputs
+need not exist here. A second machine then fetches only what its remaining
+steps read (the lowered program and verification to package, not the weights
+or the export). Remote lookups happen only for steps not done locally, so a
+no-op build never touches the network.
 """
+
 
 from __future__ import annotations
 
@@ -24,28 +32,49 @@ def is_done(plan: Plan, step: Step, cache: Cache, _seen=None) -> bool:
     if cache.has(step.kind, step.key):
         return True
     users = [plan.steps[n] for n in step.dependents]
-    return bool(users) and all(is_done(plan, u, cache) for u in users)
+    return bool(users) and all(is_done(plan, u, cache) or _fetchable(u, cache) for u in users)
 
 
-def run_step(step: Step, roots: Roots):
+def _fetchable(step: Step, cache: Cache) -> bool:
+    return step.kind != "package" and cache.remote_has(step.kind, step.key)
+
+
+
+def run_step(step: Step, roots: Roots, plan: Plan | None = None):
     from doit.exceptions import TaskFailed
 
-    from mlxbuild import progress
+    from mlxbuild import progress, remote
 
     progress.begin(step.kind, step.label)
     progress.quiet_libraries()
-    cache = Cache(roots.cache)
+    cache = Cache(roots.cache, remote=remote.connect(plan.remote_cache if plan else None))
     try:
         if step.kind == "package":
             artifacts.publish(step.params, cache, step.key)
-        elif not cache.has(step.kind, step.key):  # a parallel build may have made it meanwhile
+        elif not cache.has(step.kind, step.key) and not remote.fetch_entry(cache, step.kind, step.key):
+            # (a parallel build may have made it meanwhile; the remote cache may have it)
             from mlxbuild.stages import stage
 
+            _make_inputs(plan, step, roots, cache)
             with cache.writing(step.kind, step.key) as out:
                 stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+            remote.push_entry(cache, step.kind, step.key)
     except MlxbuildError as e:
         return TaskFailed(str(e))
     return True
+
+
+def _make_inputs(plan: Plan | None, step: Step, roots: Roots, cache: Cache) -> None:
+    """Inputs skipped because this step was in the remote cache, which then could not
+    deliver it (corrupt, gone, unreachable): fetch or build them now, in this process."""
+    from mlxbuild import progress
+
+    for dep in [plan.steps[n] for n in step.deps] if plan else []:
+        if dep.kind != "package" and not cache.has(dep.kind, dep.key):
+            result = run_step(dep, roots, plan)
+            progress.begin(step.kind, step.label)
+            if result is not True:
+                raise MlxbuildError(getattr(result, "message", str(result)))
 
 
 def _clean_entry(step: Step, roots: Roots):
@@ -53,7 +82,9 @@ def _clean_entry(step: Step, roots: Roots):
 
 
 def task_dicts(plan: Plan, roots: Roots):
-    cache = Cache(roots.cache)
+    from mlxbuild import remote
+
+    cache = Cache(roots.cache, remote=remote.connect(plan.remote_cache))
     for step in plan.steps.values():
         kind, _, sub = step.name.partition(":")
         task = {
@@ -61,7 +92,7 @@ def task_dicts(plan: Plan, roots: Roots):
             "name": sub,
             "doc": f"{step.kind} {step.label}",
             "title": lambda t, s=step: f"{s.kind} {s.label}",
-            "actions": [(run_step, [step, roots])],
+            "actions": [(run_step, [step, roots, plan])],
             "task_dep": list(step.deps),
             "uptodate": [_Check(f"{step.kind} output present", is_done, plan, step, cache)],
         }
