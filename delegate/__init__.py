@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BACKENDS = ("mlx", "xnnpack", "portable")
+BACKENDS = ("mlx", "xnnpack", "portable", "coreml", "vulkan", "cuda")
 
 
 def backend(name: str) -> ModuleType:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 __all__ = [
     "ALL_BACKENDS",
@@ -49,6 +51,58 @@ class XnnpackOptions(BackendOptions):
 
 class PortableOptions(BackendOptions):
     """Options for the portable (no delegate) backend (none yet)."""
+
+
+# Core ML deployment targets (coremltools' ``ct.target`` names; the macOS names are
+# aliases of the iOS release with the same Core ML specification version).
+COREML_TARGETS: tuple[str, ...] = (
+    "iOS15", "iOS16", "iOS17", "iOS18", "iOS26",
+    "macOS12", "macOS13", "macOS14", "macOS15", "macOS26",
+)
+
+
+class CoremlOptions(BackendOptions):
+    """Options for the Core ML delegate (``CoreMLBackend.generate_compile_specs``)."""
+
+    compute_units: Literal["cpu_only", "cpu_and_gpu", "cpu_and_ne", "all"] = Field(
+        "cpu_only", description="where Core ML may run the model (ExecuTorch's LLM export default: "
+        "cpu_only, which loads fastest and decodes fastest on phones)")
+    precision: Literal["fp16", "fp32"] = Field(
+        "fp16", description="Core ML compute precision (fp16 halves float32 activations on device)")
+    minimum_deployment_target: Literal[COREML_TARGETS] = Field(  # type: ignore[valid-type]
+        "iOS18", description="oldest OS the model must load on; quantized weights need iOS18/macOS15")
+    model_type: Literal["model", "compiled_model"] = Field(
+        "model", description="ship the .mlpackage (compiled on device at first load) or the compiled "
+        ".mlmodelc (compiling needs macOS: Core ML's compiler exists only there)")
+
+
+class VulkanOptions(BackendOptions):
+    """Options for the Vulkan delegate (``VulkanPartitioner(compile_options, operator_blocklist)``)."""
+
+    force_fp16: bool = Field(False, description="run float32 tensors as float16 on the GPU")
+    texture_limits: tuple[PositiveInt, PositiveInt, PositiveInt] | None = Field(
+        None, description="largest 3D texture extents [x, y, z] of the target GPU "
+        "(default 16384, 16384, 2048); bigger tensors use buffers or stay outside the delegate")
+    small_texture_limits: bool = Field(
+        False, description="use 2048 for every texture extent (the Vulkan guaranteed minimum)")
+    buffer_limit: PositiveInt | None = Field(
+        None, description="largest buffer in elements (default 128 Mi); bigger tensors stay outside")
+    require_dynamic_shapes: bool = Field(
+        True, description="delegate only ops that can resize, so the prefill length can vary "
+        "(ExecuTorch's LLM export sets this with dynamic shapes)")
+    downcast_64_bit: bool = Field(True, description="store int64/float64 tensors as 32-bit on the GPU")
+    skip_ops: list[str] = Field(
+        default_factory=list, description="edge op names to keep out of the delegate, "
+        "e.g. aten.embedding.default")
+
+
+class CudaOptions(BackendOptions):
+    """Options for the CUDA delegate (AOTInductor; ``CudaPartitioner`` compile specs)."""
+
+    device: str = Field("cuda:0", pattern=r"^cuda(:\d+)?$",
+                        description="the device the delegate's tensors live on")
+    max_autotune: bool = Field(False, description="let Inductor benchmark kernel configs while lowering")
+    low_memory_mode: bool = Field(False, description="compile one layer's weights at a time on the GPU")
 
 
 # --------------------------------------------------------------------------- table
@@ -150,9 +204,28 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         options=PortableOptions,
         notes="No delegate: reference portable/quantized kernels (slow, maximally compatible).",
     ),
-    "coreml": BackendCapabilities(name="coreml", supported=False),
-    "vulkan": BackendCapabilities(name="vulkan", supported=False),
-    "cuda": BackendCapabilities(name="cuda", supported=False),
+    "coreml": BackendCapabilities(
+        name="coreml",
+        supported=True,
+        dtypes=DTYPES,
+        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, int8_dynamic=True),
+        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        options=CoremlOptions,
+    ),
+    "vulkan": BackendCapabilities(
+        name="vulkan",
+        supported=True,
+        dtypes=DTYPES,
+        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, int8_dynamic=True),
+        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        options=VulkanOptions,
+    ),
+    "cuda": BackendCapabilities(
+        name="cuda",
+        supported=True,
+        dtypes=("fp32", "bf16"),
+        options=CudaOptions,
+    ),
 }
 
 SUPPORTED_BACKENDS: tuple[str, ...] = tuple(b for b in ALL_BACKENDS if CAPABILITIES[b].supported)

@@ -1,0 +1,87 @@
+"""Vulkan: ExecuTorch's GPU delegate for Android and desktop GPUs (compute shaders).
+
+Export flavour ``et-llm-ops`` (shared with XNNPACK): ExecuTorch's LLM custom ops
+``llama::update_cache`` and ``llama::custom_sdpa``, which the Vulkan delegate implements
+itself (``op_registry.py``: SDPA.cpp), so attention and the KV-cache writes lower into
+the delegate instead of staying outside as they would with the plain transformers graph.
+
+Lowering runs on Linux (the partitioner and the graph serializer are Python). ExecuTorch's
+Python runtime on this host has no Vulkan backend, so programs are checked structurally.
+"""
+
+from __future__ import annotations
+
+NAME = "vulkan"
+FLAVOUR = "et-llm-ops"
+VERIFY = "structural"
+BACKEND_ID = "VulkanBackend"
+
+
+def attention_implementation() -> str | None:
+    from delegate import et_llm_ops
+
+    return et_llm_ops.register_attention()
+
+
+def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype) -> None:
+    from delegate import et_llm_ops
+
+    et_llm_ops.install_cache(exportable, config, max_cache_len, dtype)
+
+
+def partitioner(options: dict):
+    from executorch.backends.vulkan import VulkanPartitioner
+
+    from delegate.capabilities import VulkanOptions
+
+    opts = VulkanOptions.model_validate(options)
+    compile_options = {"force_fp16": opts.force_fp16, "small_texture_limits": opts.small_texture_limits,
+                       "require_dynamic_shapes": opts.require_dynamic_shapes,
+                       "downcast_64_bit": opts.downcast_64_bit}
+    if opts.texture_limits is not None:
+        compile_options["texture_limits"] = tuple(opts.texture_limits)
+    if opts.buffer_limit is not None:
+        compile_options["buffer_limit"] = opts.buffer_limit
+    return VulkanPartitioner(compile_options, operator_blocklist=[_edge_op(n) for n in opts.skip_ops] or None)
+
+
+def _edge_op(name: str):
+    """``aten.embedding.default`` -> the edge-dialect op the partitioner compares with."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    from mlxbuild.errors import BuildError
+
+    target = exir_ops.edge
+    try:
+        for part in name.split("."):
+            target = getattr(target, part)
+    except (AttributeError, RuntimeError):
+        raise BuildError(f"vulkan skip_ops: no edge op named {name!r} (e.g. aten.embedding.default)") from None
+    return target
+
+
+def lower(programs: dict, options: dict, constant_methods: dict):
+    from delegate.lowering import to_executorch
+
+    return to_executorch(programs, [partitioner(options)], constant_methods, cpu_kernels=True)
+
+
+def check_structure(info: dict) -> dict:
+    from pathlib import Path
+
+    from delegate import structural
+
+    return structural.check(Path(info["path"]), info, BACKEND_ID, "no Vulkan runtime on this host",
+                            payload_check=_payload_problem)
+
+
+def _payload_problem(blob: bytes) -> str:
+    """"" when ``blob`` is a serialized Vulkan graph with at least one op."""
+    from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
+        extract_vk_flatbuffer, flatbuffer_to_vk_graph)
+
+    try:
+        graph = flatbuffer_to_vk_graph(extract_vk_flatbuffer(blob))
+    except Exception as e:
+        return f"not a Vulkan graph: {e}"
+    return "" if graph.chain else "the Vulkan graph has no ops"
