@@ -256,8 +256,9 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
             layers[out_name] = {**layers[emb_name], "rule": layers[out_name]["rule"],
                                 "tied_to": emb_name}
         elif "untied_from" in layers[out_name]:
-            # torchao gives each quantized module a new Parameter, which already parts the
-            # two; a side left unquantized still holds the original tensor, so copy it.
+            # The rules differ, so at least one side was quantized and torchao gave it a new
+            # Parameter, which parts the two; should that ever not hold, copy rather than
+            # let one rule's tensor silently serve both.
             if out.weight is emb.weight:
                 out.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
         elif layers[out_name]["format"] == "none":
