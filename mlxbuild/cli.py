@@ -144,11 +144,14 @@ def _run(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parse_only: bool = False):
+    """Run the command line `argv`. With `parse_only`, run nothing: return the parsed
+    argparse namespace, or for the commands doit runs, the argument list given to doit
+    (tests check documented command lines with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["build"], ["doit"], ["release"]):
         rest = argv[1:] if argv[0] == "doit" else argv
-        return _doit(rest)
+        return rest if parse_only else _doit(rest)
     parser = argparse.ArgumentParser(prog="mlxbuild", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--info", action="store_true", help="print methods, constant methods and MLX node counts")
     r.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if parse_only:
+        return args
     if args.cmd == "run":
         return _run(args)
     if args.cmd == "validate":

@@ -109,10 +109,16 @@ def _source(lock: dict) -> str:
 
 def _scheme(q: dict) -> str:
     parts = []
-    for kind, rule in q.items():
+    # Layer kinds in the manifest's usual order, whatever order the lock's JSON keeps.
+    order = {"linear": 0, "embedding": 1}
+    for kind, rule in sorted(q.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
+        if kind == "rules" and isinstance(rule, list):
+            if rule:
+                parts.append(f"per-layer rules (first match wins): {', '.join(_rule(r) for r in rule)}")
+            continue
         if rule is None:
             parts.append(f"{kind}: not quantized")
-        elif isinstance(rule, dict) and "bits" in rule:
+        elif isinstance(rule, dict) and rule.get("bits"):
             fmt = rule.get("format", "affine")
             group = rule.get("group_size")
             group = "per channel" if group == "per_channel" else f"group {group}" if group else ""
@@ -124,6 +130,12 @@ def _scheme(q: dict) -> str:
         else:
             parts.append(f"{kind}: {json.dumps(rule, sort_keys=True)}")
     return "; ".join(parts) or "none (full precision)"
+
+
+def _rule(r: dict) -> str:
+    picks = " ".join(f"{k}={json.dumps(r[k])}" for k in ("match", "regex", "blocks", "layers") if r.get(k) is not None)
+    quant = "unquantized" if r.get("format") == "none" else _scheme({"x": r})[3:]
+    return f"{picks} -> {quant}"
 
 
 def _speed(s) -> str:

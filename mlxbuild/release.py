@@ -83,6 +83,7 @@ def release_one(manifest, plan, packages) -> dict:
         lock = make_lock(manifest, plan, packages, out_dir)
         check_files(out_dir, lock)
         write_lock(out_dir, lock)
+        lock = read_lock(out_dir)  # render from what the file holds (sorted keys), as later releases do
     else:
         check_files(out_dir, lock)
     (out_dir / "README.md").write_text(model_card.render(lock))
