@@ -7,12 +7,15 @@ from mlxbuild.fingerprint import FileHasher
 from mlxbuild import lock
 from mlxbuild.manifest import load_manifest
 from mlxbuild.plan import Plan, plan_manifest
+from mlxbuild.selection import TargetFilter
 from mlxbuild.settings import Roots, remote_cache
 
 
-def plan_manifests(paths, roots: Roots) -> Plan:
+def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None) -> Plan:
     manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
     remote = remote_cache([m for _, m in manifests])  # a bad URL is an error before any work
+    if select:  # --target / --backend: the other targets are not planned at all
+        manifests = select.apply(manifests)
     # A backend that cannot lower on this host says so now, not after hours of quantizing.
     for backend in sorted({t.backend for _, m in manifests for t in m.targets}):
         delegate.preflight(backend)

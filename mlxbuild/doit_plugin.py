@@ -9,15 +9,22 @@ the same way from a directory whose pyproject sets ``[tool.doit] loader =
 
 from __future__ import annotations
 
+import codecs
+import os
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
-from doit.cmd_base import TaskLoader2
+from doit.cmd_base import DoitCmdBase, TaskLoader2
 from doit.cmd_run import Run
+from doit.cmdparse import CmdParseError
 from doit.exceptions import InvalidCommand
 from doit.loader import generate_tasks
 from doit.reporter import ConsoleReporter
+
+from mlxbuild import progress
 
 DEFAULT_MANIFEST = "manifests/qwen.yaml"
 MANIFEST_SUFFIXES = (".yaml", ".yml")
@@ -40,7 +47,13 @@ class ManifestLoader(TaskLoader2):
     },)
 
     def setup(self, opt_values):
+        from mlxbuild.selection import TargetFilter
+
         self.extra_manifests = list(opt_values.get("manifests") or [])
+        # `build --target/--backend` (other verbs have no such options: everything)
+        self.select = TargetFilter(tuple(opt_values.get("only_targets") or ()),
+                                   tuple(opt_values.get("only_backends") or ()))
+        self.plan = None
 
     def load_doit_config(self):
         from mlxbuild.settings import roots
@@ -49,8 +62,9 @@ class ManifestLoader(TaskLoader2):
         return {"dep_file": str(r.doit_db), "backend": "json", "reporter": ProgressReporter}
 
     def load_tasks(self, cmd, pos_args):
-        from mlxbuild.errors import MlxbuildError
+        from mlxbuild.errors import MlxbuildError, UsageError
         from mlxbuild.build import plan_manifests
+        from mlxbuild.report import EXIT_MANIFEST, EXIT_USAGE
         from mlxbuild.settings import roots
         from mlxbuild.tasks import task_dicts
 
@@ -61,22 +75,52 @@ class ManifestLoader(TaskLoader2):
             paths = [DEFAULT_MANIFEST]
         r = roots()
         try:
-            plan = plan_manifests(paths, r)
+            plan = plan_manifests(paths, r, getattr(self, "select", None))
         except MlxbuildError as e:
             # One line, and the exit code doit uses for errors before any task runs.
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(3)
+            raise PlanFailed(EXIT_USAGE if isinstance(e, UsageError) else EXIT_MANIFEST, e)
+        self.plan = plan
         r.cache.mkdir(parents=True, exist_ok=True)
         return generate_tasks("mlxbuild", task_dicts(plan, r))
 
 
+class PlanFailed(SystemExit):
+    """Manifests could not be planned: exit with `code` (the message is already printed)."""
+
+    def __init__(self, code: int, error):
+        super().__init__(code)
+        self.error = error
+
+
+BUILD_OPTIONS = (
+    {"name": "only_targets", "long": "target", "type": list, "default": [], "metavar": "GLOB",
+     "help": "build only targets whose name (or manifest/name) matches GLOB (repeatable)"},
+    {"name": "only_backends", "long": "backend", "type": list, "default": [], "metavar": "NAME",
+     "help": "build only targets of backend NAME (repeatable)"},
+    {"name": "report", "long": "report", "type": str, "default": "", "metavar": "PATH.json",
+     "env_var": "MLXBUILD_REPORT", "help": "write a JSON build report here, also when the build fails"},
+    {"name": "junit", "long": "junit", "type": str, "default": "", "metavar": "PATH.xml",
+     "env_var": "MLXBUILD_JUNIT", "help": "write JUnit XML here (one testcase per target)"},
+    {"name": "plain", "long": "plain", "type": bool, "default": False, "env_var": "MLXBUILD_PLAIN",
+     "help": "plain line-by-line output even on a terminal (no status line, no colour)"},
+)
+
+
 class Build(Run):
-    """Build manifests: `doit build manifests/qwen.yaml [more.yaml ...] [-n N]`."""
+    """Build manifests: `doit build manifests/qwen.yaml [more.yaml ...] [-n N]`.
+
+    Exit codes, reports and target filters for CI: see mlxbuild.report and docs/ci.md."""
 
     name = "build"
     doc_purpose = "build the .pte artifacts of one or more manifests"
-    doc_usage = "[-n N] [-v 0|1|2] MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]"
+    doc_usage = ("[-n N] [-v 0|1|2] [--target GLOB] [--backend NAME] [--report PATH.json] "
+                 "[--junit PATH.xml] MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]")
     doc_description = None
+    cmd_options = Run.cmd_options + BUILD_OPTIONS
+    # `--backend` selects targets here; doit's own --backend (its database format) is
+    # fixed to json by the loader's config.
+    base_options = tuple(o for o in DoitCmdBase.base_options if o["name"] != "backend")
 
     def __init__(self, task_loader=None, **kwargs):
         # The build verb always reads manifests, whatever loader the local config names;
@@ -85,21 +129,165 @@ class Build(Run):
         loader.cmd_names = getattr(task_loader, "cmd_names", [])
         loader.config = getattr(task_loader, "config", {})
         super().__init__(task_loader=loader, **kwargs)
+        self.recorder = None
+
+    def parse_execute(self, in_args):
+        from mlxbuild.report import EXIT_USAGE
+
+        try:
+            return super().parse_execute(in_args)
+        except (CmdParseError, InvalidCommand) as e:
+            if isinstance(e, InvalidCommand):
+                e.cmd_used, e.bin_name = self.name, self.bin_name
+            print(f"error: {e}".rstrip(), file=sys.stderr)
+            return EXIT_USAGE
+
+    def execute(self, params, args):
+        from mlxbuild import report
+
+        started, t0 = time.time(), time.monotonic()
+        if params.get("plain"):
+            os.environ["MLXBUILD_PLAIN"] = "1"  # worker processes and progress notes see it too
+        error, doit_result = None, None
+        try:
+            doit_result = super().execute(params, args)
+        except PlanFailed as e:
+            kind = "usage" if e.code == report.EXIT_USAGE else "manifest"
+            error, code = report.error_entry(kind, e.error), e.code
+        else:
+            code = report.exit_code(self.recorder.outcomes if self.recorder else {}, doit_result)
+        summary = (os.environ.get("GITHUB_STEP_SUMMARY")
+                   if os.environ.get("MLXBUILD_STEP_SUMMARY", "1") != "0" else None)
+        if params.get("report") or params.get("junit") or summary:
+            rep = report.build_report(getattr(self.loader, "plan", None),
+                                      self.recorder.outcomes if self.recorder else {}, code,
+                                      error=error, started=started, seconds=time.monotonic() - t0,
+                                      argv=[Path(sys.argv[0]).name, *sys.argv[1:]])
+            for problem in report.write_reports(rep, params.get("report"), params.get("junit"), summary):
+                print(f"error: {problem}", file=sys.stderr)
+                code = code or report.EXIT_BUILD
+        return code
+
+    def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console",
+                 num_process=0, par_type="process", single=False, auto_delayed_regex=False,
+                 force_verbosity=False, failure_verbosity=0, pdb=False):
+        # doit's Run, with its reporter wrapped in a Recorder that notes every outcome.
+        from mlxbuild.report import Recorder
+
+        cls = self.reporters[reporter] if isinstance(reporter, str) else reporter
+        stream = codecs.open(outfile, "w", encoding="utf-8") if isinstance(outfile, str) else outfile
+        try:
+            inner = cls(stream, {"failure_verbosity": failure_verbosity}) if isinstance(cls, type) else cls
+            self.recorder = Recorder(inner)
+            return super()._execute(stream, verbosity, always, continue_, self.recorder, num_process,
+                                    par_type, single, auto_delayed_regex, force_verbosity,
+                                    failure_verbosity, pdb)
+        finally:
+            if isinstance(outfile, str):
+                stream.close()
 
 
 class ProgressReporter(ConsoleReporter):
-    """doit's console reporter, plus how long each step took."""
+    """doit's console reporter, plus how long each step took.
+
+    Plain (not a terminal, --plain): one line per event, `.  ` started, `ok ` finished
+    (with seconds), `-- ` up to date. Live (a terminal): the same `ok`/`--` lines, and
+    one status line kept last that shows the running steps, their elapsed time and the
+    latest sub-step note (see mlxbuild.progress)."""
+
+    TICK = 0.5  # seconds between status line redraws
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
         self._started = {}
+        self.live = progress.is_live(outstream)
+        self.colour = progress.use_colour(outstream)
+        self._lock = threading.RLock()
+        self._pending = ""  # text written without its newline yet
+        self._note = ""
+        self._ticker = None
+        self._stop = threading.Event()
+        if self.live:
+            progress.listen(self._set_note)
 
+    # -- output
+    def write(self, text):
+        if not self.live:
+            return super().write(text)
+        with self._lock:
+            self._pending += text
+            if self._pending.endswith("\n"):
+                self.outstream.write(progress.CLEAR_LINE + self._pending)
+                self._pending = ""
+                self._draw()
+
+    def _paint(self, code, text):
+        return f"\x1b[{code}m{text}\x1b[0m" if self.colour else text
+
+    def _draw(self):
+        """Redraw the status line (caller holds the lock)."""
+        if self._pending:
+            return
+        now = time.monotonic()
+        running = [(name, now - t0) for name, (t0, _) in self._started.items()]
+        if running:
+            parts = [f"{self._started[n][1]} {s:.0f} s" for n, s in running]
+            line = ("⋯ " if len(parts) == 1 else f"⋯ {len(parts)} running: ") + ", ".join(parts)
+            if self._note and len(running) == 1:
+                line += f" · {self._note}"
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            self.outstream.write(progress.CLEAR_LINE + line[:width])
+        else:
+            self.outstream.write(progress.CLEAR_LINE)
+        self.outstream.flush()
+
+    def _set_note(self, text):
+        with self._lock:
+            self._note = text
+            self._draw()
+
+    def _tick(self):
+        while not self._stop.wait(self.TICK):
+            with self._lock:
+                self._draw()
+
+    # -- doit's reporter interface
     def execute_task(self, task):
-        self._started[task.name] = time.monotonic()
         if task.actions and not task.name.startswith("_"):
-            self.write(f".  {task.title()}\n")
+            with self._lock:
+                self._started[task.name] = (time.monotonic(), task.title())
+                self._note = ""
+                if not self.live:
+                    self.write(f".  {task.title()}\n")
+                else:
+                    if self._ticker is None:
+                        self._ticker = threading.Thread(target=self._tick, daemon=True)
+                        self._ticker.start()
+                    self._draw()
 
     def add_success(self, task):
-        start = self._started.pop(task.name, None)
-        if start is not None and task.actions:
-            self.write(f"ok {task.title()} ({time.monotonic() - start:.1f} s)\n")
+        with self._lock:
+            start = self._started.pop(task.name, None)
+            if start is not None and task.actions:
+                self.write(f"{self._paint('32', 'ok')} {task.title()} ({time.monotonic() - start[0]:.1f} s)\n")
+
+    def add_failure(self, task, fail):
+        with self._lock:
+            self._started.pop(task.name, None)
+            super().add_failure(task, fail)
+
+    def skip_uptodate(self, task):
+        if not task.name.startswith("_"):
+            self.write(f"{self._paint('2', '--')} {task.title()}\n")
+
+    def complete_run(self):
+        if self.live:
+            self._stop.set()
+            if self._ticker is not None:
+                self._ticker.join()
+            progress.listen(None)
+            with self._lock:
+                self._started.clear()
+                self._draw()
+        super().complete_run()
+

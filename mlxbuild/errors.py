@@ -50,6 +50,11 @@ class ManifestError(MlxbuildError):
         return (type(self), (self.file, self.line, self.column, self.field, self.message))
 
 
+class UsageError(MlxbuildError):
+    """The command line asks for something that cannot be done (e.g. a target filter
+    that matches no target). ``str(err)`` is one line."""
+
+
 class BuildError(MlxbuildError):
     """A build step (load, quantize, export, lower, serialize) failed."""
 

@@ -14,14 +14,16 @@ or the export). Remote lookups happen only for steps not done locally, so a
 no-op build never touches the network.
 """
 
-
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from doit.exceptions import TaskFailed
 
 from mlxbuild import artifacts
 from mlxbuild.cache import Cache
-from mlxbuild.errors import MlxbuildError
+from mlxbuild.errors import MlxbuildError, VerificationError
 from mlxbuild.plan import Plan, Step
 from mlxbuild.settings import Roots
 
@@ -39,10 +41,22 @@ def _fetchable(step: Step, cache: Cache) -> bool:
     return step.kind != "package" and cache.remote_has(step.kind, step.key)
 
 
+class StepFailed(TaskFailed):
+    """A step failed: doit counts it as a failed task; the kind says which exit code and
+    report entry it becomes. Plain attributes, so it pickles from `-n N` workers."""
+
+    kind = "build"
+
+    def __init__(self, message: str, exception=None, figures: dict | None = None):
+        super().__init__(message, exception)
+        self.figures = figures  # a failed verification's numbers (verify.json), else None
+
+
+class VerificationFailed(StepFailed):
+    kind = "verification"
+
 
 def run_step(step: Step, roots: Roots, plan: Plan | None = None):
-    from doit.exceptions import TaskFailed
-
     from mlxbuild import progress, remote
 
     progress.begin(step.kind, step.label)
@@ -57,11 +71,32 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
 
             _make_inputs(plan, step, roots, cache)
             with cache.writing(step.kind, step.key) as out:
-                stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+                try:
+                    stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+                except VerificationError as e:
+                    # The figures are in the entry about to be discarded: keep them for the report.
+                    raise _WithFigures(e, _read_json(out / "verify.json")) from None
             remote.push_entry(cache, step.kind, step.key)
+    except _WithFigures as w:
+        return VerificationFailed(str(w.error), figures=w.figures)
     except MlxbuildError as e:
-        return TaskFailed(str(e))
+        return StepFailed(str(e))
+    except Exception as e:  # a crash in a step (e.g. a model factory raising) is a build failure
+        return StepFailed(f"{step.kind} {step.label}: {type(e).__name__}: {e}", e)
     return True
+
+
+class _WithFigures(Exception):
+    def __init__(self, error, figures):
+        super().__init__(str(error))
+        self.error, self.figures = error, figures
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _make_inputs(plan: Plan | None, step: Step, roots: Roots, cache: Cache) -> None:
