@@ -89,6 +89,9 @@ def _ring_update(layer, key_states, value_states, *args, **kwargs):
     seq_len = key_states.shape[-2]
     torch._check(start_pos >= 0)
     size = layer.keys.shape[1]
+    # ring_slots sized the ring for writes of at most a window (mlxbuild.families).
+    torch._check(seq_len <= layer.window,
+                 lambda: f"export.max_prefill_chunk exceeds the sliding window {layer.window}")
     slots = ((start_pos + torch.arange(seq_len, dtype=torch.long)) % size).unsqueeze(0)
     torch.ops.llama.update_cache_with_indices(key_states.transpose(1, 2), layer.keys, start_pos, slots)
     torch.ops.llama.update_cache_with_indices(value_states.transpose(1, 2), layer.values, start_pos, slots)
@@ -96,7 +99,7 @@ def _ring_update(layer, key_states, value_states, *args, **kwargs):
 
 
 def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 ring: bool = False):
+                 window: int | None = None):
     """One layer's KV cache in BSHD layout, updated with llama::update_cache (linear)
     or llama::update_cache_with_indices (ring, for sliding-window layers)."""
     # transformers' Cache only counts layers deriving from its CacheLayerMixin family,
@@ -104,7 +107,7 @@ def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: to
     from transformers.cache_utils import StaticLayer
 
     class EtCacheLayer(StaticLayer):
-        update = _ring_update if ring else _update_cache
+        update = _update_cache if window is None else _ring_update
 
     layer = EtCacheLayer(max_cache_len=max_cache_len)
     shape = (1, max_cache_len, num_kv_heads, head_dim)
@@ -112,6 +115,7 @@ def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: to
     layer.values = torch.zeros(shape, dtype=dtype)
     layer.dtype, layer.device = dtype, layer.keys.device
     layer.is_initialized = True
+    layer.window = window
     return layer
 
 
@@ -135,7 +139,7 @@ def install_cache(exportable, config, max_cache_len: int, dtype: torch.dtype) ->
     for i in range(len(cache.layers)):
         if i in sliding:
             size = ring_slots(text.sliding_window, max_cache_len)
-            layer = _cache_layer(size, text.num_key_value_heads, head_dim, dtype, ring=True)
+            layer = _cache_layer(size, text.num_key_value_heads, head_dim, dtype, text.sliding_window)
         else:
             layer = _cache_layer(max_cache_len, text.num_key_value_heads, head_dim, dtype)
         cache.layers[i] = layer

@@ -118,15 +118,13 @@ def sliding_layers(config) -> set[int]:
     return {i for i, t in enumerate(types) if t == "sliding_attention"}
 
 
-def check_prefill_chunk(config, max_prefill_chunk: int, label: str = "") -> None:
-    """A sliding layer's cache is a ring of about twice its window; one step may write at
-    most a window of tokens, or it would evict keys its own first queries still need."""
-    if not sliding_layers(config):
-        return
-    window = config.get_text_config().sliding_window
-    if max_prefill_chunk > window:
-        from mlxbuild.errors import BuildError
+def check_prefill_chunk(config, max_prefill_chunk: int) -> None:
+    """The manifest check of ``mlxbuild.families`` against a loaded config (hub and local
+    checkpoints only show their sliding window here)."""
+    from mlxbuild import families
+    from mlxbuild.errors import BuildError
 
-        raise BuildError(f"{label + ': ' if label else ''}export.max_prefill_chunk: {max_prefill_chunk} "
-                         f"exceeds the model's sliding window ({window}); the sliding layers' KV "
-                         f"cache is a ring bounded by the window, so set max_prefill_chunk <= {window}")
+    window = config.get_text_config().sliding_window if sliding_layers(config) else None
+    problem = families.prefill_chunk_problem(window, max_prefill_chunk)
+    if problem:
+        raise BuildError(f"export.max_prefill_chunk: {problem}")
