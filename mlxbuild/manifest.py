@@ -752,6 +752,20 @@ class Manifest(_Model):
                 _check_rules(t, i, scheme, self.model.dtype)
         return self
 
+    @model_validator(mode="after")
+    def check_sliding_window(self) -> "Manifest":
+        # Text families (docs/families-text.md): a synthetic model's sliding window bounds
+        # the prefill chunk; real checkpoints are checked against their config at export.
+        from mlxbuild import families
+
+        synthetic = self.model.source.synthetic
+        if synthetic is not None:
+            window = families.synthetic_sliding_window(synthetic.architecture, synthetic.config)
+            problem = families.prefill_chunk_problem(window, self.export.max_prefill_chunk)
+            if problem:
+                raise _Issue(("export", "max_prefill_chunk"), problem)
+        return self
+
     # -- lookups ---------------------------------------------------------------
 
     @property
