@@ -116,6 +116,10 @@ class RemoteCache:
         """False once a failure turned the remote off for this process."""
         return self._down is None
 
+    def forget(self) -> None:
+        """Drop what lookups remembered (a long-lived process that wants fresh answers)."""
+        self._markers.clear()
+
     # -- object names
 
     def _object(self, kind: str, key: str, name: str) -> str:
