@@ -107,6 +107,7 @@ class RemoteCache:
         self.url = url
         self.read_only = read_only
         self._client = None
+        self._client_pid = 0
         self._down: str | None = None  # why the remote was turned off, once it was
         self._markers: dict[tuple[str, str], dict | None] = {}
         self._suspect: set[tuple[str, str]] = set()  # entries found bad here; overwrite them
@@ -141,7 +142,7 @@ class RemoteCache:
         if marker is None:
             return None
         start = time.monotonic()
-        archive = Path(tempfile.mkstemp(prefix="remote-", suffix=".tar", dir=scratch)[1])
+        archive = _temp_file(scratch, "fetch-")
         try:
             self._download(self._object(kind, key, marker["archive"]), archive, marker)
             _unpack(archive, dest, marker["files"])
@@ -150,6 +151,9 @@ class RemoteCache:
             return None
         except _Unavailable as e:
             self._turn_off(str(e))
+            return None
+        except OSError as e:  # this machine's disk, not the remote: build the step instead
+            warn(f"could not unpack {kind}/{key[:12]} from {self.url} ({e}); building it locally")
             return None
         finally:
             archive.unlink(missing_ok=True)
@@ -190,7 +194,7 @@ class RemoteCache:
         if self._down is not None:
             return None
         start = time.monotonic()
-        archive = Path(tempfile.mkstemp(prefix="push-", suffix=".tar", dir=scratch)[1])
+        archive = _temp_file(scratch, "push-")
         try:
             digest, size, files = _pack(entry, archive)
             name = f"{digest}.tar"
@@ -204,12 +208,15 @@ class RemoteCache:
                 # Another machine announced this entry first; keep theirs and drop our
                 # archive unless it is the very object their marker names.
                 theirs = self._get_small(self._object(kind, key, MARKER))
-                if theirs is None or json.loads(theirs).get("archive") != name:
+                if theirs is None or f'"{name}"' not in theirs.decode("utf-8", "replace"):
                     self._delete(self._object(kind, key, name))
                 self._markers.pop((kind, key), None)
                 return None
         except _Unavailable as e:
             self._turn_off(str(e))
+            return None
+        except OSError as e:  # packing on this machine failed: the build itself is fine
+            warn(f"could not upload {kind}/{key[:12]} to {self.url} ({e})")
             return None
         finally:
             archive.unlink(missing_ok=True)
@@ -220,7 +227,10 @@ class RemoteCache:
     # -- the S3 calls, with every failure mapped to _Unavailable or a miss
 
     def _s3(self):
+        if self._client is not None and self._client_pid != os.getpid():
+            self._client = None  # clients do not survive a fork (doit -n N workers)
         if self._client is None:
+            self._client_pid = os.getpid()
             try:
                 import boto3
                 from botocore.config import Config
@@ -352,6 +362,12 @@ def _check_marker(raw: bytes, kind: str, key: str) -> dict:
 
 
 # --------------------------------------------------------------------------- archives
+
+
+def _temp_file(directory: Path, prefix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tar", dir=directory)
+    os.close(fd)
+    return Path(name)
 
 
 class _HashingWriter:
