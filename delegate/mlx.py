@@ -54,8 +54,23 @@ def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dt
     gather_experts(exportable.model)
     install_mlx_cache(exportable, config=config, max_batch_size=1, max_cache_len=max_cache_len,
                       dtype=dtype, prefill_chunk_size=prefill_chunk)
+    _positions_from_cache_position(exportable.static_cache)
     if sliding_layers(config):
         _use_sliding_attention(exportable)
+
+
+def _positions_from_cache_position(cache) -> None:
+    """transformers derives position ids from ``cache.get_seq_length()``. ExecuTorch's
+    HFStaticCache answers by counting the non-zero slots of layer 0's buffer, which
+    saturates once a ring buffer (a sliding layer) is full: every later token would get
+    the same position. Answer with the position the wrapper writes into each layer
+    before every call (cache_position[0]), as transformers' own StaticLayer does."""
+    import types
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return self.layers[layer_idx].cumulative_length
+
+    cache.get_seq_length = types.MethodType(get_seq_length, cache)
 
 
 def _use_sliding_attention(exportable) -> None:
