@@ -8,7 +8,7 @@
     mlxbuild release manifests/qwen.yaml         build, lock and bundle the version (doit release ...)
     mlxbuild check-bundle X-0.1.0.tar.gz         check a release bundle end to end
     mlxbuild inspect X.pte [--json]              what a .pte holds (methods, delegates, ops, segments)
-    mlxbuild run artifacts/.../x-mlx-4w.pte      run an MLX artifact here (mlx.core): greedy decode
+    mlxbuild run artifacts/.../x-mlx-4w.pte      run an artifact here: greedy decode (or transcribe)
     mlxbuild run X.pte --prompt 'hi' [--tokenizer tokenizer.json]   the same from text
 """
 
@@ -90,42 +90,38 @@ def _tokenizer(args):
 
 
 def _run(args) -> int:
+    """Run an artifact here with the loop of its task kind (greedy text generation, or
+    greedy transcription for speech-to-text): MLX programs through our MLX runtime,
+    XNNPACK / portable ones through ExecuTorch's."""
     from mlxbuild.progress import quiet_libraries
 
     quiet_libraries()
     from delegate import mlx_runtime
+    from mlxbuild import task_kinds
+    from mlxbuild.task_kinds.common import open_program
 
     try:
-        program = mlx_runtime.load(args.pte, args.data)
+        program = open_program(args.pte, data_files=args.data)
         if args.info:
             from mlxbuild.pte_inspect import inspect_pte
 
             info = inspect_pte(args.pte)
             nodes = {}
             for name in program.method_names:
-                for i, runner in enumerate(program.method(name).delegates):
+                for i, runner in enumerate(getattr(program.method(name), "delegates", [])):
                     nodes[f"{name}/{i}"] = runner.node_counts()
             out = {"methods": program.method_names, "constant_methods": program.constant_methods,
                    "operators": {m: info["methods"][m]["operators"] for m in program.method_names},
+                   "delegates": {m: [d["backend_id"] for d in info["methods"][m]["delegates"]]
+                                 for m in program.method_names},
                    "mlx_nodes": nodes}
             print(json.dumps(out, indent=1))
             return 0
+        kind = task_kinds.of_program(program.method_names)
         tokenizer = _tokenizer(args)
-        if args.prompt is not None:
-            if tokenizer is None:
-                raise ValueError("--prompt needs a tokenizer: --tokenizer PATH, or a manifest that "
-                                 "names one (recorded in the artifact's .json beside the .pte)")
-            prompt = tokenizer.encode(args.prompt).ids
-        elif args.ids:
-            prompt = [int(t) for t in args.ids.replace(",", " ").split()]
-        else:
-            import numpy as np
-
-            vocab = int(program.constant_methods.get("get_vocab_size") or 2)
-            prompt = np.random.default_rng(args.seed).integers(0, vocab, args.random).tolist()
-        result = mlx_runtime.generate(program, prompt, args.max_new_tokens, method=args.method,
-                                      stop_at_eos=not args.no_eos)
-    except (mlx_runtime.ProgramError, ValueError, OSError) as e:
+        kind.prepare_inputs(program, args, tokenizer)
+        result = kind.run(program, args)
+    except (mlx_runtime.ProgramError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if tokenizer is not None:
@@ -133,14 +129,7 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        rate = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        print(f"prompt ({len(result['prompt'])}): {' '.join(map(str, result['prompt']))}")
-        print(f"generated ({len(result['tokens'])}, stopped: {result['stopped']}): "
-              f"{' '.join(map(str, result['tokens']))}")
-        if tokenizer is not None:
-            print(f"text: {result['text']}")
-        print(f"prefill {rate(result['prefill_tokens_per_s'])} tok/s, decode {rate(result['decode_tokens_per_s'])} "
-              f"tok/s")
+        print("\n".join(kind.describe(result)))
     return 0
 
 
@@ -170,7 +159,8 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     ins = sub.add_parser("inspect", help="methods, constant methods, delegates, ops and segments of a .pte")
     ins.add_argument("pte")
     ins.add_argument("--json", action="store_true")
-    r = sub.add_parser("run", help="run an MLX .pte on this host through mlx.core (greedy decoding)")
+    r = sub.add_parser("run", help="run a .pte on this host (greedy decoding or transcription); MLX "
+                       "programs through mlx.core, XNNPACK/portable through executorch.runtime")
     r.add_argument("pte")
     r.add_argument("--ids", help="prompt token ids, e.g. '1 15 27' (default: --random)")
     r.add_argument("--prompt", help="prompt text, encoded with the tokenizer")
@@ -180,7 +170,11 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--no-eos", action="store_true", help="do not stop at get_eos_ids")
-    r.add_argument("--method", default="forward")
+    r.add_argument("--method", default="forward", help="text generation: the method to run")
+    r.add_argument("--audio", metavar="WAV", help="speech-to-text: a .wav file, turned into log-mel "
+                   "features with transformers' WhisperFeatureExtractor (default: a synthetic input)")
+    r.add_argument("--features", metavar="NPY", help="speech-to-text: log-mel features [n_mels, frames] "
+                   "or [1, n_mels, frames] in a .npy file")
     r.add_argument("--data", action="append", default=[], metavar="PTD",
                    help="a .ptd data file (default: the ones beside the .pte)")
     r.add_argument("--info", action="store_true", help="print methods, constant methods and MLX node counts")

@@ -23,6 +23,7 @@ Imports torch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -175,3 +176,40 @@ def synthetic_features(config, seed: int = 0, dtype=torch.float32) -> torch.Tens
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(1, config.num_mel_bins, frames(config), generator=g) * 2.5 - 1.0
     return x.to(dtype)
+
+
+SAMPLE_RATE = 16000  # Whisper's feature extractor: 16 kHz, hop 160 (100 frames per second)
+
+
+def read_wav(path) -> np.ndarray:
+    """A PCM .wav file as mono float32 at 16 kHz (stdlib reader; linear resampling)."""
+    import wave
+
+    with wave.open(str(path), "rb") as w:
+        rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
+        raw = w.readframes(w.getnframes())
+    if width not in (1, 2, 4):
+        raise ValueError(f"{path}: {8 * width}-bit samples are not supported (8, 16 or 32-bit PCM)")
+    kind = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    x = np.frombuffer(raw, dtype=kind).astype(np.float32)
+    x = (x - 128.0) / 128.0 if width == 1 else x / float(np.iinfo(kind).max)
+    x = x.reshape(-1, channels).mean(axis=1)
+    if rate != SAMPLE_RATE and len(x):
+        t = np.arange(int(len(x) * SAMPLE_RATE / rate)) * (rate / SAMPLE_RATE)
+        x = np.interp(t, np.arange(len(x)), x).astype(np.float32)
+    return x
+
+
+def log_mel(path, n_mels: int, frames: int) -> np.ndarray:
+    """[1, n_mels, frames] log-mel features of a .wav file, computed by transformers'
+    WhisperFeatureExtractor (no download: its mel filters are computed locally), padded
+    or cut to the `frames` the encoder takes."""
+    from transformers import WhisperFeatureExtractor
+
+    seconds = max(1, -(-frames // 100))
+    fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=SAMPLE_RATE, chunk_length=seconds)
+    feats = fe(read_wav(path), sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+    feats = feats[:, :, :frames]
+    if feats.shape[-1] < frames:
+        feats = np.pad(feats, ((0, 0), (0, 0), (0, frames - feats.shape[-1])), constant_values=feats.min())
+    return feats.astype(np.float32)

@@ -24,6 +24,7 @@ import json
 import time
 from pathlib import Path
 
+NAME = "speech-to-text"
 METHODS = ("encoder", "text_decoder")
 
 VERIFY_PROMPT = 4
@@ -280,3 +281,39 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
 
 def run(program, args) -> dict:
     return transcribe(program, args.features, args.max_new_tokens, stop_at_eos=not args.no_eos)
+
+
+def prepare_inputs(program, args, tokenizer) -> None:
+    """``args.features``: from --features (.npy), --audio (.wav, through transformers'
+    WhisperFeatureExtractor), or a seeded synthetic log-mel input of the encoder's shape."""
+    import numpy as np
+
+    from mlxbuild import speech
+
+    meta = program.constant_methods
+    n_mels, frames = int(meta.get("get_num_mel_bins", 80)), int(meta.get("get_num_frames", 3000))
+    if getattr(args, "features", None):
+        feats = np.load(args.features)
+    elif getattr(args, "audio", None):
+        feats = speech.log_mel(args.audio, n_mels, frames)
+    else:
+        rng = np.random.default_rng(args.seed)
+        feats = rng.uniform(-1.0, 1.5, (1, n_mels, frames)).astype(np.float32)
+    feats = np.asarray(feats, dtype=np.float32)
+    if feats.ndim == 2:
+        feats = feats[None]
+    if feats.shape != (1, n_mels, frames):
+        raise ValueError(f"features of shape {list(feats.shape)}; this encoder takes [1, {n_mels}, {frames}] "
+                         f"({n_mels} mel bins x {frames} frames)")
+    args.features = feats
+
+
+def describe(result: dict) -> list[str]:
+    rate = "-" if result["decode_tokens_per_s"] is None else f"{result['decode_tokens_per_s']:.1f}"
+    lines = [f"decoder start ({len(result['prompt'])}): {' '.join(map(str, result['prompt']))}",
+             f"transcription ({len(result['tokens'])} tokens, stopped: {result['stopped']}): "
+             f"{' '.join(map(str, result['tokens']))}"]
+    if "text" in result:
+        lines.append(f"text: {result['text']}")
+    lines.append(f"encoder {result['encode_s'] * 1000:.1f} ms, decode {rate} tok/s")
+    return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+NAME = "text-generation"
 METHODS = ("forward",)
 
 # The prompt each verification feeds: a prefill then single-token decode steps.
@@ -157,4 +158,32 @@ def run(program, args) -> dict:
     from delegate import mlx_runtime
 
     return mlx_runtime.generate(program, args.prompt_ids, args.max_new_tokens,
-                                method=args.method or "forward", stop_at_eos=not args.no_eos)
+                                method=getattr(args, "method", None) or "forward", stop_at_eos=not args.no_eos)
+
+
+def prepare_inputs(program, args, tokenizer) -> None:
+    """``args.prompt_ids`` from --prompt (with the tokenizer), --ids, or --random N seeded ids."""
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise ValueError("--prompt needs a tokenizer: --tokenizer PATH, or a manifest that "
+                             "names one (recorded in the artifact's .json beside the .pte)")
+        args.prompt_ids = tokenizer.encode(args.prompt).ids
+    elif args.ids:
+        args.prompt_ids = [int(t) for t in args.ids.replace(",", " ").split()]
+    else:
+        import numpy as np
+
+        vocab = int(program.constant_methods.get("get_vocab_size") or 2)
+        args.prompt_ids = np.random.default_rng(args.seed).integers(0, vocab, args.random).tolist()
+
+
+def describe(result: dict) -> list[str]:
+    rate = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = [f"prompt ({len(result['prompt'])}): {' '.join(map(str, result['prompt']))}",
+             f"generated ({len(result['tokens'])}, stopped: {result['stopped']}): "
+             f"{' '.join(map(str, result['tokens']))}"]
+    if "text" in result:
+        lines.append(f"text: {result['text']}")
+    lines.append(f"prefill {rate(result['prefill_tokens_per_s'])} tok/s, "
+                 f"decode {rate(result['decode_tokens_per_s'])} tok/s")
+    return lines

@@ -1,0 +1,242 @@
+"""Speech-to-text (Whisper): the tiny synthetic manifest builds, verifies and runs.
+
+One build (a subprocess `doit build`, as a user runs it) of manifests/whisper.yaml with
+its MLX and portable targets runs once for the module (~1 min on 2 cores); the XNNPACK
+target's lowering alone takes about as long again, so the full manifest is `slow`.
+The numerical check here is independent of the build's verify step: the artifact's
+greedy transcription loop against transformers' own `generate` on the same features,
+and the artifact's logits against the eager model's along that transcription.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = REPO / "manifests" / "whisper.yaml"
+NAME, VERSION = "whisper-tiny-synthetic", "0.1.0"
+FAST_TARGETS = ("mlx-4w", "portable-fp32")
+
+
+def doit_command() -> list[str]:
+    script = Path(sys.executable).with_name("doit")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "doit"]
+
+
+def write_manifest(root: Path, targets) -> Path:
+    data = yaml.safe_load(MANIFEST.read_text())
+    data["targets"] = [t for t in data["targets"] if t["name"] in targets]
+    used = {t["quantization"] for t in data["targets"]}
+    data["quantization"] = {k: v for k, v in data["quantization"].items() if k in used}
+    (root / "manifests").mkdir(parents=True, exist_ok=True)
+    path = root / "manifests" / "whisper.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def build(root: Path, env, manifest: Path):
+    env = env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
+    return subprocess.run(doit_command() + ["build", str(manifest)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("whisper")
+    p = build(root, subprocess_env, write_manifest(root, FAST_TARGETS))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return root
+
+
+def artifact(root: Path, target: str) -> tuple[Path, dict]:
+    out = root / "artifacts" / NAME / VERSION
+    return out / f"{NAME}-{target}.pte", json.loads((out / f"{NAME}-{target}.json").read_text())
+
+
+def eager_model(root: Path, record: dict):
+    """The eager transformers model from the build's weights, quantized like the target."""
+    from mlxbuild.cache import Cache
+    from mlxbuild.llm import load_model
+    from mlxbuild.stages import quantize
+
+    cache = Cache(root / "cache")
+    model = load_model(cache.path("weights", record["keys"]["weights"]), record["dtype"])
+    quantize.load_into(model, cache.path("quantize", record["keys"]["quantize"]))
+    return model
+
+
+@pytest.mark.parametrize("target", FAST_TARGETS)
+def test_build_verifies_encoder_and_decoder(built, target):
+    _, record = artifact(built, target)
+    check = record["verification"]
+    assert check["passed"] and check["executed"], check
+    assert check["encoder"]["passed"] and check["encoder"]["max_rel_error"] <= check["tolerance"]["max_rel_error"]
+    assert check["positions"] == 4 + 8  # prompt (start id + seeded fill) + greedy decode steps
+    assert check["max_rel_error"] <= check["tolerance"]["max_rel_error"]
+    assert set(record["delegation"]) == {"encoder", "text_decoder"}
+    if target.startswith("mlx"):
+        assert check["structure"]["passed"], check["structure"]
+        for method in ("encoder", "text_decoder"):
+            assert record["delegation"][method]["delegates"] == ["MLXBackend"]
+            assert record["delegation"][method]["portable_ops"] == {}
+
+
+def test_pte_has_both_methods_and_runner_constants(built):
+    from mlxbuild.pte_inspect import inspect_pte
+
+    for target in FAST_TARGETS:
+        info = inspect_pte(artifact(built, target)[0])
+        assert set(info["methods"]) == {"encoder", "text_decoder"}
+        enc = info["methods"]["encoder"]["inputs"]
+        assert [i["sizes"] for i in enc] == [[1, 80, 100]]
+        dec = info["methods"]["text_decoder"]["inputs"]
+        assert len(dec) == 3 and dec[1]["sizes"] == [1, 50, 64]  # ids, encoder output, cache_position
+        c = info["constant_methods"]
+        assert c["get_decoder_start_ids"] == [1] and c["decoder_start_token_id"] == 1
+        assert c["get_eos_ids"] == [2]
+        assert (c["get_num_mel_bins"], c["get_num_frames"], c["get_encoder_seq_len"]) == (80, 100, 50)
+        assert (c["get_max_seq_len"], c["get_prefill_chunk_size"], c["get_vocab_size"]) == (32, 8, 256)
+
+
+@pytest.mark.parametrize("target", FAST_TARGETS)
+def test_transcription_matches_transformers_generate(built, target):
+    import torch
+
+    from mlxbuild import speech
+    from mlxbuild.task_kinds import speech_to_text
+    from mlxbuild.task_kinds.common import as_numpy, open_program
+
+    pte, record = artifact(built, target)
+    model = eager_model(built, record)
+    program = open_program(pte)
+    for seed in (1, 2):  # not the verify step's seed-0 input
+        feats = speech.synthetic_features(model.config, seed)
+        got = speech_to_text.transcribe(program, feats.numpy(), max_new_tokens=10)
+        with torch.no_grad():
+            want = model.generate(feats, max_new_tokens=10, do_sample=False, num_beams=1)[0].tolist()
+        assert got["prompt"] == [1]
+        assert got["tokens"] == want, (seed, got["tokens"], want)
+        assert len(set(want)) > 1  # the weights are wide enough for the input to matter
+        # And the logits along that transcription, on the artifact's own encoder output.
+        tokens = [1] + want
+        hidden = program.run("encoder", [feats])[0]
+        rows = speech_to_text.decode_rows(program, hidden, tokens, prompt=1)
+        with torch.no_grad():
+            ref = model(input_features=feats, decoder_input_ids=torch.tensor([tokens])).logits[0].numpy()
+            ref_hidden = model.get_encoder()(feats).last_hidden_state[0].numpy()
+        assert np.abs(as_numpy(hidden)[0] - ref_hidden).max() / np.abs(ref_hidden).max() < 1e-4
+        assert np.abs(rows - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_mlxbuild_run_prints_a_transcription(built, subprocess_env):
+    pte, _ = artifact(built, "mlx-4w")
+    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "run", str(pte), "--max-new-tokens", "6"],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "decoder start (1): 1"
+    line = next(x for x in lines if x.startswith("transcription ("))
+    n = int(line.split("(")[1].split()[0])
+    assert 1 <= n <= 6 and len(line.rsplit("): ", 1)[1].split()) == n
+    assert lines[-1].startswith("encoder ") and "tok/s" in lines[-1]
+
+
+def _run_json(capsys, *args) -> tuple[int, dict | None, str]:
+    from mlxbuild import cli
+
+    rc = cli.main(["run", *map(str, args), "--json"])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 else None), err
+
+
+def test_run_inputs_audio_features_and_backends(built, tmp_path, capsys):
+    """--audio (a 16-bit 8 kHz wav, through WhisperFeatureExtractor) equals --features of the
+    same log-mel; the portable artifact runs on ExecuTorch's runtime with the same loop."""
+    import wave
+
+    from mlxbuild.speech import log_mel
+
+    mlx, portable = artifact(built, "mlx-4w")[0], artifact(built, "portable-fp32")[0]
+    t = np.arange(8000) / 8000
+    wav = tmp_path / "tone.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16).tobytes())
+    feats = log_mel(wav, 80, 100)
+    assert feats.shape == (1, 80, 100) and np.isfinite(feats).all() and feats.std() > 0
+    np.save(tmp_path / "f.npy", feats[0])
+    rc, by_audio, err = _run_json(capsys, mlx, "--audio", wav, "--max-new-tokens", 6, "--no-eos")
+    assert rc == 0, err
+    rc, by_features, err = _run_json(capsys, mlx, "--features", tmp_path / "f.npy", "--max-new-tokens", 6,
+                                     "--no-eos")
+    assert rc == 0, err
+    assert by_audio["tokens"] == by_features["tokens"] and len(by_audio["tokens"]) == 6
+
+    rc, on_et, err = _run_json(capsys, portable, "--features", tmp_path / "f.npy", "--max-new-tokens", 6,
+                               "--no-eos")
+    assert rc == 0, err
+    import torch
+
+    model = eager_model(built, artifact(built, "portable-fp32")[1])
+    model.generation_config.eos_token_id = None  # --no-eos
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(feats), max_new_tokens=6, do_sample=False, num_beams=1)
+    assert on_et["tokens"] == want[0].tolist()
+
+    np.save(tmp_path / "bad.npy", np.zeros((80, 99), dtype=np.float32))
+    rc, _, err = _run_json(capsys, mlx, "--features", tmp_path / "bad.npy")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "[1, 80, 100]" in err
+
+
+def _manifest_text(**model) -> str:
+    data = yaml.safe_load(MANIFEST.read_text())
+    data["model"].update(model)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_task_must_fit_the_architecture(tmp_path):
+    from mlxbuild.errors import ManifestError
+    from mlxbuild.manifest import load_manifest
+
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(_manifest_text(task="text-generation"))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(wrong)
+    msg = str(info.value)
+    assert "\n" not in msg and str(wrong) in msg
+    assert "model.task: 'text-generation' does not fit architecture 'whisper', which is 'speech-to-text'" in msg
+
+    qwen = yaml.safe_load((REPO / "manifests" / "qwen.yaml").read_text())
+    qwen["model"]["task"] = "speech-to-text"
+    other = tmp_path / "qwen.yaml"
+    other.write_text(yaml.safe_dump(qwen, sort_keys=False))
+    with pytest.raises(ManifestError, match="model.task: 'speech-to-text' does not fit architecture 'qwen3'"):
+        load_manifest(other)
+
+
+def test_validate_cli_reports_the_mismatch_on_one_line(tmp_path, capsys):
+    from mlxbuild import cli
+
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(_manifest_text(task="text-generation"))
+    assert cli.main(["validate", str(wrong)]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "model.task" in lines[0] and "whisper" in lines[0]
+    assert cli.main(["validate", str(MANIFEST), str(REPO / "manifests" / "whisper-tiny.yaml")]) == 0
+
+
+@pytest.mark.slow
+def test_full_manifest_with_xnnpack_builds_and_verifies(tmp_path, subprocess_env):
+    p = build(tmp_path, subprocess_env, MANIFEST)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _, record = artifact(tmp_path, "xnnpack-8da4w")
+    assert record["verification"]["passed"] and record["verification"]["encoder"]["passed"]
+    assert "XnnpackBackend" in record["delegation"]["text_decoder"]["delegates"]
