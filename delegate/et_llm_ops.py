@@ -89,9 +89,9 @@ def _ring_update(layer, key_states, value_states, *args, **kwargs):
     seq_len = key_states.shape[-2]
     torch._check(start_pos >= 0)
     size = layer.keys.shape[1]
-    # ring_slots sized the ring for writes of at most a window (mlxbuild.families).
-    torch._check(seq_len <= layer.window,
-                 lambda: f"export.max_prefill_chunk exceeds the sliding window {layer.window}")
+    # ring_slots sized the ring for writes of at most a window (mlxbuild.families checks
+    # the manifest); a larger traced bound fails export here.
+    torch._check(seq_len <= layer.window)
     slots = ((start_pos + torch.arange(seq_len, dtype=torch.long)) % size).unsqueeze(0)
     torch.ops.llama.update_cache_with_indices(key_states.transpose(1, 2), layer.keys, start_pos, slots)
     torch.ops.llama.update_cache_with_indices(value_states.transpose(1, 2), layer.values, start_pos, slots)
