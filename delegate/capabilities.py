@@ -12,7 +12,7 @@ from typing import Any
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 __all__ = [
     "ALL_BACKENDS",
@@ -91,6 +91,13 @@ class VulkanOptions(BackendOptions):
         True, description="delegate only ops that can resize, so the prefill length can vary "
         "(ExecuTorch's LLM export sets this with dynamic shapes)")
     downcast_64_bit: bool = Field(True, description="store int64/float64 tensors as 32-bit on the GPU")
+    @field_validator("texture_limits", mode="before")
+    @classmethod
+    def three_extents(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) != 3:
+            raise ValueError(f"expected 3 extents [x, y, z], got {len(v)}")
+        return v
+
     skip_ops: list[str] = Field(
         default_factory=list, description="edge op names to keep out of the delegate, "
         "e.g. aten.embedding.default")

@@ -217,10 +217,10 @@ def _payload_problem(blob: bytes) -> str:
     return ""
 
 
-def check_structure(info: dict) -> dict:
+def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
     from pathlib import Path
 
     from delegate import structural
 
     return structural.check(Path(info["path"]), info, BACKEND_ID, "no Core ML runtime on this host",
-                            payload_check=_payload_problem)
+                            payload_check=_payload_problem, expected=tuple(methods))

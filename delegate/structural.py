@@ -12,17 +12,17 @@ from pathlib import Path
 
 
 def check(pte: Path, info: dict, backend_id: str, why: str,
-          payload_check: Callable[[bytes], str] | None = None) -> dict:
-    """``payload_check(blob)`` returns a problem ("" when the payload is sound)."""
+          payload_check: Callable[[bytes], str] | None = None, expected: tuple = ("forward",)) -> dict:
+    """``expected``: the methods the task has, each of which must call the delegate;
+    ``payload_check(blob)`` returns a problem ("" when the payload is sound)."""
     problems, methods = [], info.get("methods", {})
-    if "forward" not in methods:
-        problems.append("no forward method")
+    problems += [f"no {name} method" for name in expected if name not in methods]
     found = 0
     for name, method in methods.items():
         ours = [d for d in method.get("delegates", []) if d["backend_id"] == backend_id]
-        if name == "forward" and not ours:
+        if name in expected and not ours:
             others = sorted({d["backend_id"] for d in method.get("delegates", [])})
-            problems.append(f"forward: {backend_id} delegate missing (delegates: {others or 'none'})")
+            problems.append(f"{name}: {backend_id} delegate missing (delegates: {others or 'none'})")
         for d in ours:
             found += 1
             if not d.get("payload_bytes"):

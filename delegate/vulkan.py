@@ -66,13 +66,13 @@ def lower(programs: dict, options: dict, constant_methods: dict):
     return to_executorch(programs, [partitioner(options)], constant_methods, cpu_kernels=True)
 
 
-def check_structure(info: dict) -> dict:
+def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
     from pathlib import Path
 
     from delegate import structural
 
     return structural.check(Path(info["path"]), info, BACKEND_ID, "no Vulkan runtime on this host",
-                            payload_check=_payload_problem)
+                            payload_check=_payload_problem, expected=tuple(methods))
 
 
 def _payload_problem(blob: bytes) -> str:

@@ -33,10 +33,24 @@ def run(params: dict, cache, out: Path) -> dict:
                 result.update(passed=False, reason=f"structure: {shape['reason']}")
     else:
         result = structural(lowered / "model.pte", backend, kind)
+        result["coverage"] = coverage(lowered / "lower.json")
     (out / "verify.json").write_text(json.dumps(result, indent=1))
     if not result["passed"]:
         raise VerificationError(f"{params['label']}: verification failed: {result['reason']}")
     return result
+
+
+def coverage(lower_json: Path) -> dict:
+    """How much of the program the delegate took (op counts from the lowering's
+    delegation summary): what a structural check can say in place of numbers."""
+    summary = json.loads(lower_json.read_text()).get("delegation", {})
+    inside = sum(n for m in summary.values() for n in m.get("delegated_ops", {}).values())
+    outside = {op: n for m in summary.values() for op, n in m.get("portable_ops", {}).items()
+               if op != "alloc"}  # memory planning's buffers, not compute
+    total = inside + sum(outside.values())
+    return {"delegated_ops": inside, "portable_ops": sum(outside.values()),
+            "delegated_fraction": round(inside / total, 4) if total else 0.0,
+            "portable": dict(sorted(outside.items()))}
 
 
 def numerical(pte: Path, reference: Path, tol: dict, backend=None, kind=None) -> dict:

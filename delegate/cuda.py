@@ -1,0 +1,105 @@
+"""CUDA: ExecuTorch's CUDA delegate, built on AOTInductor.
+
+Lowering compiles the graph to CUDA kernels (Triton and cuBLAS calls) ahead of time
+with AOTInductor, which needs a CUDA-enabled torch, a GPU and triton on the build host;
+:func:`preflight` refuses a build on any other host before any step runs. The kernels
+and weights go into the ``.pte`` and a ``.ptd`` beside it (``aoti_cuda_blob``).
+
+Export flavour ``plain`` (transformers' StaticCache and SDPA), as ExecuTorch's CUDA
+examples export: the CUDA backend replaces SDPA with its own Triton kernel while
+lowering, and the cache writes compile into the delegate.
+
+Not exercised on a CUDA host by this project's tests (none is available): the lowering
+follows ExecuTorch's own CUDA export scripts (``examples/models/*/export*.py``).
+ExecuTorch's Python runtime wheel has no CUDA backend, so programs are checked
+structurally, like Core ML and Vulkan ones.
+"""
+
+from __future__ import annotations
+
+NAME = "cuda"
+FLAVOUR = "plain"
+VERIFY = "structural"
+BACKEND_ID = "CudaBackend"
+
+
+def missing() -> list[str]:
+    """What this host lacks to lower for CUDA (empty when it can)."""
+    import importlib.util
+
+    import torch
+
+    problems = []
+    if not torch.version.cuda:
+        problems.append(f"torch {torch.__version__} is not built with CUDA")
+    elif not torch.cuda.is_available():
+        problems.append("no CUDA GPU is visible")
+    if importlib.util.find_spec("triton") is None:
+        problems.append("triton is not installed")
+    return problems
+
+
+def preflight() -> None:
+    problems = missing()
+    if problems:
+        from mlxbuild.errors import BuildError
+
+        raise BuildError(
+            "backend 'cuda' cannot lower on this host: " + ", ".join(problems)
+            + " (AOTInductor compiles the CUDA kernels at lowering time: build on a machine with "
+            "a CUDA GPU, a CUDA build of torch and triton)")
+
+
+def attention_implementation() -> str | None:
+    return None
+
+
+def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype) -> None:
+    pass  # the plain flavour: transformers' StaticCache as exported
+
+
+def partitioners(options: dict, methods) -> dict:
+    from executorch.backends.cuda.cuda_backend import CudaBackend
+    from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
+    from executorch.exir.backend.compile_spec_schema import CompileSpec
+
+    from delegate.capabilities import CudaOptions
+
+    opts = CudaOptions.model_validate(options)
+
+    def on_off(flag: bool) -> bytes:
+        return b"ON" if flag else b"OFF"
+
+    # One partitioner per method: each method's AOTInductor library is named after it.
+    return {m: [CudaPartitioner([
+        CudaBackend.generate_method_name_compile_spec(m),
+        CompileSpec("target_device", opts.device.encode()),
+        CompileSpec("max_autotune", on_off(opts.max_autotune)),
+        CompileSpec("low_memory_mode", on_off(opts.low_memory_mode)),
+    ])] for m in methods}
+
+
+def lower(programs: dict, options: dict, constant_methods: dict):
+    preflight()
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    # As ExecuTorch's CUDA exports: contiguous dim order, graph inputs not planned
+    # (the delegate owns device memory), constants folded into the kernels.
+    edge = to_edge_transform_and_lower(
+        programs, partitioner=partitioners(options, programs),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=constant_methods or None)
+    prog = edge.to_executorch(config=ExecutorchBackendConfig(
+        extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
+    return edge, prog
+
+
+def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
+    from pathlib import Path
+
+    from delegate import structural
+
+    return structural.check(Path(info["path"]), info, BACKEND_ID, "no CUDA runtime on this host",
+                            expected=tuple(methods))
