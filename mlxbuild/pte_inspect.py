@@ -357,17 +357,19 @@ def delegate_payloads(path: str | os.PathLike, backend_id: str) -> list[bytes]:
 
 def delegate_nodes(path: str | os.PathLike, info: dict) -> dict[str, list]:
     """{method: [node counts of each delegate, or None]}: what runs inside each delegate,
-    read from its payload (MLX through ``delegate.mlx_runtime``'s payload reader)."""
+    read from its payload (MLX through ``delegate.mlx_runtime``'s payload reader, XNNPACK
+    through flatc and the XNNPACK schema)."""
     found: dict[str, list] = {}
     payloads: dict[str, list] = {}
     for method, m in info["methods"].items():
         found[method] = []
         for d in m["delegates"]:
             backend = d["backend_id"]
+            reader = _NODE_READERS.get(backend)
             if backend not in payloads:
-                payloads[backend] = delegate_payloads(path, backend) if backend == "MLXBackend" else []
+                payloads[backend] = delegate_payloads(path, backend) if reader else []
             blob = payloads[backend].pop(0) if payloads[backend] else None
-            found[method].append(_mlx_nodes(blob) if blob is not None else None)
+            found[method].append(reader(blob) if blob is not None else None)
     return found
 
 
@@ -384,6 +386,37 @@ def _mlx_nodes(payload: bytes) -> dict | None:
             name = names.get(int(ins.opType), str(ins.opType))
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def _xnnpack_nodes(payload: bytes) -> dict | None:
+    """XNNPACK node types of a payload: its flatbuffer (after the XNNHeader) turned into
+    JSON by flatc with the installed executorch's XNNPACK schema."""
+    import re
+    import tempfile
+
+    from executorch.backends.xnnpack.serialization import xnnpack_graph_serialize as ser
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+
+    header = ser.XNNHeader.from_bytes(payload[:ser.XNNHeader.EXPECTED_LENGTH])
+    if not header.is_valid():
+        return None
+    graph = payload[header.flatbuffer_offset:header.flatbuffer_offset + header.flatbuffer_size]
+    with tempfile.TemporaryDirectory(prefix="mlxbuild-xnn-") as tmp:
+        (Path(tmp) / "graph.bin").write_bytes(graph)
+        _flatc_decompile(tmp, str(Path(ser.__file__).with_name("schema.fbs")), str(Path(tmp) / "graph.bin"),
+                         ["--raw-binary"])
+        text = (Path(tmp) / "graph.json").read_text()
+    # flatc writes non-finite floats (clamp bounds) bare, which JSON does not allow.
+    text = re.sub(r":\s*(-?)inf\b", r': "\1inf"', re.sub(r":\s*(-?)nan\b", r': "nan"', text))
+    counts: dict[str, int] = {}
+    for node in json.loads(text).get("xnodes") or []:
+        name = str(node.get("xnode_union_type", "?")).removeprefix("XNN")
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# backend id -> reader of its payload's node counts
+_NODE_READERS = {"MLXBackend": _mlx_nodes, "XnnpackBackend": _xnnpack_nodes}
 
 
 def sibling_record(path: str | os.PathLike) -> Path | None:
@@ -434,6 +467,8 @@ def render(info: dict) -> str:
                 out.append(f"    nodes ({sum(d['nodes'].values())}): {_counts(d['nodes'])}")
             elif d["backend_id"] == "MLXBackend":
                 out.append("    nodes: not read (mlx is not installed)")
+            else:
+                out.append("    nodes: not read (mlxbuild has no reader for this backend's payload)")
             if d.get("lowered_ops"):
                 out.append(f"    lowered ops (record): {_counts(d['lowered_ops'])}")
         ops = m["operators"]

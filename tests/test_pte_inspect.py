@@ -153,3 +153,46 @@ def test_not_a_pte(tmp_path):
     bad.write_bytes(b"\x00" * 200)
     with pytest.raises(PTEInspectError):
         inspect_pte(bad)
+
+
+# --------------------------------------------------------------------------- report() / render(): `mlxbuild inspect`
+
+
+def test_report_xnnpack_nodes_from_the_payload(built):
+    from mlxbuild.pte_inspect import render, report
+
+    info = report(built["xnnpack"])
+    (d,) = info["methods"]["forward"]["delegates"]
+    # Both linears run as XNNPACK fully-connected nodes (the ReLU folds into the first one's clamp).
+    assert d["nodes"].get("FullyConnected") == 2, d["nodes"]
+    assert d["lowered_ops"] is None and info["record"] is None and info["record_matches"] is None
+    text = render(info)
+    assert "  delegate 0: XnnpackBackend, payload" in text
+    assert f"    nodes ({sum(d['nodes'].values())}): FullyConnected ×2" in text
+    assert "  portable kernels (0): none" in text
+    assert "record: none beside this file" in text
+    assert '  get_eos_ids = [1, 2]' in text and '  name = "tiny"' in text
+
+
+def test_report_reads_the_record_beside_the_file(built, tmp_path):
+    import hashlib
+    import shutil
+
+    from mlxbuild.pte_inspect import render, report
+
+    pte = tmp_path / "model.pte"
+    shutil.copyfile(built["portable"], pte)
+    sha = hashlib.sha256(pte.read_bytes()).hexdigest()
+    record = {"name": "tiny", "version": "1.0.0", "target": "cpu", "backend": "portable", "scheme": "none",
+              "dtype": "fp32", "sha256": sha, "verification": {"passed": True, "max_abs_error": 1e-7,
+                                                              "max_rel_error": 2e-8}}
+    pte.with_suffix(".json").write_text(json.dumps(record))
+    info = report(pte)
+    assert info["record"] == record and info["record_matches"] is True
+    assert info["methods"]["forward"]["delegates"] == []
+    text = render(info)
+    assert ("record: " + str(pte.with_suffix(".json")) + ": tiny 1.0.0 target cpu, portable none fp32; sha256 "
+            "matches this file; verification passed (max abs error 1e-07, relative 2e-08)") in text
+    assert "  input 0: float32[2, 8]" in text and "  output 0: float32[2, 4]" in text
+    ops = info["methods"]["forward"]["operators"]
+    assert f"  portable kernels ({len(ops)}): {', '.join(ops)}" in text
