@@ -50,6 +50,7 @@ URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#\s]*)?$"
 _URL_RE = re.compile(URL_PATTERN)
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+_CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,14 @@ class _Unavailable(Exception):
 
 class _Invalid(Exception):
     """One remote entry is not usable (bad marker, missing or corrupt archive)."""
+
+
+class _NotFound(Exception):
+    """The object does not exist (a plain miss)."""
+
+
+class _Conflict(Exception):
+    """A conditional write found the object already there."""
 
 
 @dataclass
@@ -250,9 +259,9 @@ class RemoteCache:
         except _Unavailable:
             raise
         except Exception as e:
-            if _status(e) in (404,) and _code(e) != "NoSuchBucket":
+            if _status(e) == 404 and _code(e) != "NoSuchBucket":
                 raise _NotFound() from None
-            if _status(e) == 412 or _code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if _status(e) == 412 or _code(e) in _CONFLICT_CODES:
                 raise _Conflict() from None
             raise _Unavailable(_reason(e)) from None
 
@@ -321,14 +330,6 @@ class RemoteCache:
             warn(f"remote cache {self.url} unavailable ({why}); building locally without it")
 
 
-class _NotFound(Exception):
-    pass
-
-
-class _Conflict(Exception):
-    pass
-
-
 def _status(e: Exception) -> int | None:
     response = getattr(e, "response", None) or {}
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -355,7 +356,8 @@ def _check_marker(raw: bytes, kind: str, key: str) -> dict:
     ok = (isinstance(m, dict) and m.get("format") == FORMAT and m.get("kind") == kind
           and m.get("key") == key and isinstance(m.get("sha256"), str)
           and _SHA_RE.fullmatch(m["sha256"]) and m.get("archive") == f"{m['sha256']}.tar"
-          and isinstance(m.get("size"), int) and m["size"] >= 0 and isinstance(m.get("files"), dict))
+          and isinstance(m.get("size"), int) and m["size"] >= 0
+          and isinstance(m.get("files"), dict))
     if not ok:
         raise _Invalid("its entry.json does not describe this entry")
     return m
