@@ -345,3 +345,57 @@ def test_check_bundle_rejects_paths_outside_its_folder(tmp_path):
     assert problems == [f"{bad}: not a readable bundle: unsafe entry '../escape.txt'"]
     assert not (tmp_path.parent / "escape.txt").exists()
     assert not os.path.exists(tmp_path / "escape.txt")
+
+
+# --------------------------------------------------------------------------- the checkpoint's licence
+
+
+def test_licence_of_a_path_checkpoint_goes_into_the_bundle(released, tmp_path):
+    from types import SimpleNamespace
+
+    from mlxbuild import model_card, release
+    from mlxbuild.bundle import check_bundle, write_bundle
+    from mlxbuild.lock import write_lock
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "LICENSE").write_text("Apache License\nVersion 2.0, January 2004\n")
+    (ckpt / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# A model\n")
+    manifest = SimpleNamespace(model=SimpleNamespace(source=SimpleNamespace(path="ckpt", hf=None)),
+                               source_path=ckpt)
+    out_dir = tmp_path / "artifacts" / NAME / VERSION
+    shutil.copytree(released.out_dir, out_dir)
+    lic = release._license(manifest, out_dir)
+    assert lic == {"file": "LICENSE", "sha256": sha256(ckpt / "LICENSE"), "size": 41, "title": "Apache License",
+                   "name": "apache-2.0"}
+    assert (out_dir / "LICENSE").read_bytes() == (ckpt / "LICENSE").read_bytes()
+
+    lock = released.lock()
+    lock["license"] = lic
+    write_lock(out_dir, lock)
+    card = model_card.render(lock)
+    assert "names the licence: **apache-2.0**" in card and "included as `LICENSE` (Apache License)" in card
+    (out_dir / "README.md").write_text(card)
+    bundle = write_bundle(out_dir, lock)
+    with tarfile.open(bundle["path"]) as tar:
+        assert f"{TOP}/LICENSE" in tar.getnames()
+    assert check_bundle(bundle["path"], run=False)[0] == []
+    # A bundle whose lock names a licence file it does not carry fails the check.
+    (out_dir / "LICENSE").write_text("changed\n")
+    assert any(p.startswith("LICENSE: sha256 ") and p.endswith(f"does not match release.lock.json "
+                                                                  f"({lic['sha256'][:12]})")
+               for p in check_bundle(write_bundle(out_dir, lock)["path"], run=False)[0])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("---\nlicense: mit\n---\n", "mit"),
+    ("---\nlicense: other\nlicense_name: llama3\n---\nbody", "other (llama3)"),
+    ("---\nlicense: [mit, apache-2.0]\n---\n", "mit, apache-2.0"),
+    ("# no front matter\nlicense: mit\n", None),
+    ("---\nlicense: [unclosed\n---\n", None),
+])
+def test_front_matter_license(tmp_path, text, expected):
+    from mlxbuild.release import front_matter_license
+
+    (tmp_path / "README.md").write_text(text)
+    assert front_matter_license(tmp_path / "README.md") == expected
