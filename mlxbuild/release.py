@@ -18,6 +18,7 @@ and ``artifacts/<name>/<name>-<version>.tar.gz`` is written from them
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -86,7 +87,10 @@ def release_one(manifest, plan, packages) -> dict:
         lock = read_lock(out_dir)  # render from what the file holds (sorted keys), as later releases do
     else:
         check_files(out_dir, lock)
-    (out_dir / "README.md").write_text(model_card.render(lock))
+    card = out_dir / "README.md"
+    tmp = card.with_name(f".{card.name}.partial")
+    tmp.write_text(model_card.render(lock))
+    os.replace(tmp, card)  # a reader never sees half a card
     return bundle.write_bundle(out_dir, lock)
 
 
