@@ -31,6 +31,13 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = auto_model_class(weights_dir).from_pretrained(weights_dir, **kwargs)
+    for accessor in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            getattr(model, accessor)()
+        except NotImplementedError:
+            # transformers raises for models without a text embedding to report (Parakeet's
+            # transducer); the quantizer reads None as "no tied output head".
+            setattr(model, accessor, lambda: None)
     # Fused 3-D experts become per-expert nn.Linear, so the scheme's linear rule
     # quantizes them and export can trace them (mlxbuild.moe).
     from mlxbuild.moe import unfuse_experts
@@ -46,16 +53,14 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
 
 def auto_model_class(folder: Path):
     """The transformers auto class for a checkpoint folder, by its config's model_type:
-    speech-to-text models (Whisper) are seq2seq, everything else a causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
+    speech models have their own (Whisper seq2seq, Parakeet TDT), everything else is a causal LM."""
+    import transformers
 
-    from mlxbuild.task_kinds import task_of_model_type
+    from mlxbuild.task_kinds import auto_class_name
 
     config = Path(folder) / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    if task_of_model_type(model_type) == "speech-to-text":
-        return AutoModelForSpeechSeq2Seq
-    return AutoModelForCausalLM
+    return getattr(transformers, auto_class_name(model_type))
 
 
 def build_module(recipe: dict):

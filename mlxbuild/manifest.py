@@ -65,12 +65,12 @@ __all__ = [
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "manifest.schema.json"
 
-ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gemma3", "qwen3_moe", "whisper")
+ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gemma3", "qwen3_moe", "whisper", "parakeet")
 BACKENDS: tuple[str, ...] = capabilities.ALL_BACKENDS
 DTYPES: tuple[str, ...] = capabilities.DTYPES
 TASKS: tuple[str, ...] = ("text-generation", "speech-to-text")
 # The task each synthetic architecture performs (default: text-generation).
-ARCHITECTURE_TASKS: dict[str, str] = {"whisper": "speech-to-text"}
+ARCHITECTURE_TASKS: dict[str, str] = {"whisper": "speech-to-text", "parakeet": "speech-to-text"}
 SOURCE_KINDS: tuple[str, ...] = ("path", "hf", "synthetic", "module")
 QUANT_FORMATS: tuple[str, ...] = ("affine", "nvfp4", "none")
 QUANT_BITS: tuple[int, ...] = (2, 4, 8)

@@ -111,7 +111,7 @@ def test_transcription_matches_transformers_generate(built, target):
     import torch
 
     from mlxbuild import speech
-    from mlxbuild.task_kinds import speech_to_text
+    from mlxbuild.task_kinds import speech_to_text, whisper
     from mlxbuild.task_kinds.common import as_numpy, open_program
 
     pte, record = artifact(built, target)
@@ -128,7 +128,7 @@ def test_transcription_matches_transformers_generate(built, target):
         # And the logits along that transcription, on the artifact's own encoder output.
         tokens = [1] + want
         hidden = program.run("encoder", [feats])[0]
-        rows = speech_to_text.decode_rows(program, hidden, tokens, prompt=1)
+        rows = whisper.decode_rows(program, hidden, tokens, prompt=1)
         with torch.no_grad():
             ref = model(input_features=feats, decoder_input_ids=torch.tensor([tokens])).logits[0].numpy()
             ref_hidden = model.get_encoder()(feats).last_hidden_state[0].numpy()
@@ -240,3 +240,101 @@ def test_full_manifest_with_xnnpack_builds_and_verifies(tmp_path, subprocess_env
     _, record = artifact(tmp_path, "xnnpack-8da4w")
     assert record["verification"]["passed"] and record["verification"]["encoder"]["passed"]
     assert "XnnpackBackend" in record["delegation"]["text_decoder"]["delegates"]
+
+
+# --------------------------------------------------------------------------- Parakeet TDT
+
+PARAKEET = REPO / "manifests" / "parakeet.yaml"
+PK_NAME = "parakeet-tdt-synthetic"
+
+
+@pytest.fixture(scope="module")
+def parakeet_built(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("parakeet")
+    data = yaml.safe_load(PARAKEET.read_text())
+    data["targets"] = [t for t in data["targets"] if t["name"] == "mlx-fp32"]
+    data["quantization"] = {}
+    (root / "manifests").mkdir()
+    manifest = root / "manifests" / "parakeet.yaml"
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    p = build(root, subprocess_env, manifest)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = root / "artifacts" / PK_NAME / VERSION
+    return out / f"{PK_NAME}-mlx-fp32.pte", json.loads((out / f"{PK_NAME}-mlx-fp32.json").read_text()), root
+
+
+def eager_tdt(model, feats, max_symbols: int = 10) -> list[int]:
+    """Greedy TDT decoding written against the eager transformers modules."""
+    import torch
+
+    cfg, dec = model.config, model.decoder
+    blank, durations, vocab = cfg.blank_token_id, list(cfg.durations), cfg.vocab_size
+
+    def step(token, state):
+        out, state = dec.lstm(dec.embedding(torch.tensor([[token]])), state)
+        return dec.decoder_projector(out), state
+
+    with torch.no_grad():
+        f = model.get_audio_features(input_features=feats).pooler_output
+        zeros = torch.zeros(cfg.num_decoder_layers, 1, cfg.decoder_hidden_size)
+        g, state = step(blank, (zeros, zeros))
+        tokens, t, at_frame = [], 0, 0
+        while t < f.shape[1]:
+            logits = model.joint(decoder_hidden_states=g, encoder_hidden_states=f[:, t:t + 1]).reshape(-1)
+            k, dur = int(logits[:vocab].argmax()), durations[int(logits[vocab:].argmax())]
+            if k == blank:
+                t, at_frame = t + max(dur, 1), 0
+                continue
+            tokens.append(k)
+            g, state = step(k, state)
+            at_frame = at_frame + 1 if dur == 0 else 0
+            if at_frame >= max_symbols:
+                dur, at_frame = 1, 0
+            t += dur
+    return tokens
+
+
+def test_parakeet_builds_with_the_transducer_runner_methods(parakeet_built):
+    from mlxbuild.pte_inspect import inspect_pte
+
+    pte, record, _ = parakeet_built
+    check = record["verification"]
+    assert check["passed"], check
+    for part in ("encoder", "decoder_step"):
+        assert check[part]["max_rel_error"] <= check["tolerance"]["max_rel_error"]
+    assert check["joint_tokens"]["agreement"] == check["joint_durations"]["agreement"] == 1.0
+    assert check["structure"]["passed"]
+    info = inspect_pte(pte)
+    assert set(info["methods"]) == {"encoder", "decoder_step", "joint"}
+    for m in info["methods"].values():
+        assert [d["backend_id"] for d in m["delegates"]] == ["MLXBackend"] and m["operators"] == []
+    c = info["constant_methods"]
+    assert (c["blank_id"], c["num_rnn_layers"], c["pred_hidden"]) == (64, 1, 32)
+    assert c["get_durations"] == [0, 1, 2, 3, 4]
+
+
+def test_parakeet_transcription_matches_eager(parakeet_built):
+    from mlxbuild.task_kinds import parakeet, speech_to_text
+    from mlxbuild.task_kinds.common import open_program
+
+    pte, record, root = parakeet_built
+    model = eager_model(root, record)
+    program = open_program(pte)
+    seen = set()
+    for seed, frames in ((1, 160), (2, 240), (3, 333)):  # the encoder's time dim is dynamic
+        feats = parakeet.synthetic_features(80, frames, seed)
+        got = speech_to_text.transcribe(program, feats.numpy(), max_new_tokens=1000)
+        assert got["tokens"] == eager_tdt(model, feats), (seed, frames)
+        assert got["encoder_frames"] == model.encoder._get_subsampling_output_length(
+            __import__("torch").tensor([frames])).item()
+        seen.update(got["tokens"])
+    assert len(seen) > 3
+
+
+def test_parakeet_refuses_non_mlx_flavours():
+    from mlxbuild.errors import BuildError
+    from mlxbuild.task_kinds import parakeet
+
+    for flavour in ("plain", "et-llm-ops"):
+        with pytest.raises(BuildError, match="only mlx"):
+            parakeet.export(None, {"dtype": "fp32"}, flavour)

@@ -11,7 +11,7 @@ from mlxbuild.llm import DTYPES, build_module
 
 # transformers architecture names the synthetic source accepts, by manifest name.
 ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama", "gemma3": "gemma3_text", "qwen3_moe": "qwen3_moe",
-                 "whisper": "whisper"}
+                 "whisper": "whisper", "parakeet": "parakeet_tdt"}
 
 
 def run(params: dict, cache, out: Path) -> dict:
@@ -36,14 +36,14 @@ def run(params: dict, cache, out: Path) -> dict:
 
 
 def _synthetic(recipe: dict, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSpeechSeq2Seq
+    import transformers
+    from transformers import AutoConfig
 
-    from mlxbuild.task_kinds import task_of_model_type
+    from mlxbuild.task_kinds import auto_class_name
 
     config = AutoConfig.for_model(ARCHITECTURES[recipe["architecture"]], **recipe["config"])
     torch.manual_seed(recipe["seed"])
-    seq2seq = task_of_model_type(config.model_type) == "speech-to-text"
-    auto = AutoModelForSpeechSeq2Seq if seq2seq else AutoModelForCausalLM
+    auto = getattr(transformers, auto_class_name(config.model_type))
     model = auto.from_config(config, dtype=torch.float32)
     return model.to(dtype).eval()
 

@@ -27,7 +27,9 @@ KINDS: dict[str, ModuleType] = {"text-generation": text_generation, "speech-to-t
 
 # transformers model_type -> task, for checkpoints (path / hf) whose task the manifest
 # cannot know before the weights are read; anything else is a causal LM.
-MODEL_TYPE_TASKS: dict[str, str] = {"whisper": "speech-to-text"}
+MODEL_TYPE_TASKS: dict[str, str] = {"whisper": "speech-to-text", "parakeet_tdt": "speech-to-text"}
+# transformers auto class per model_type, where it is not AutoModelForCausalLM.
+AUTO_CLASSES: dict[str, str] = {"whisper": "AutoModelForSpeechSeq2Seq", "parakeet_tdt": "AutoModelForTDT"}
 
 
 def get(task: str | None) -> ModuleType:
@@ -40,6 +42,10 @@ def get(task: str | None) -> ModuleType:
 
 def task_of_model_type(model_type: str | None) -> str:
     return MODEL_TYPE_TASKS.get(model_type or "", "text-generation")
+
+
+def auto_class_name(model_type: str | None) -> str:
+    return AUTO_CLASSES.get(model_type or "", "AutoModelForCausalLM")
 
 
 def of_program(method_names) -> ModuleType:

@@ -1,5 +1,5 @@
-"""speech-to-text (encoder-decoder ASR, Whisper): two methods of one program, named as
-ExecuTorch's seq2seq ASR runner (``extension/asr/runner``) loads them,
+"""Whisper (speech-to-text, encoder-decoder): two methods of one program, named as
+ExecuTorch's seq2seq ASR runner (``extension/asr/runner/seq2seq_runner``) loads them,
 
 - ``encoder(input_features[1, n_mels, frames]) -> encoder_hidden_states[1, S, d]`` (static shape);
 - ``text_decoder(decoder_input_ids[1, T], encoder_hidden_states, cache_position[T]) -> logits[1, T, V]``
@@ -24,26 +24,8 @@ import json
 import time
 from pathlib import Path
 
-NAME = "speech-to-text"
+MODEL_TYPES = ("whisper",)
 METHODS = ("encoder", "text_decoder")
-
-VERIFY_PROMPT = 4
-VERIFY_DECODE_STEPS = 8
-
-
-def verify_spec(max_context_length: int, max_prefill_chunk: int) -> dict:
-    prompt = min(VERIFY_PROMPT, max_prefill_chunk)
-    return {"prompt": prompt, "decode_steps": min(VERIFY_DECODE_STEPS, max_context_length - prompt),
-            "seed": 0}
-
-
-def _quantized_model(params: dict, cache):
-    from mlxbuild import llm
-    from mlxbuild.stages import quantize
-
-    model = llm.load_model(cache.path("weights", params["weights"]), params["dtype"])
-    quantize.load_into(model, cache.path("quantize", params["quantized"]))
-    return model
 
 
 def decoder_start_ids(model) -> list[int]:
@@ -81,25 +63,16 @@ def _check_supported(model, params: dict) -> None:
     from mlxbuild.errors import BuildError
 
     cfg = model.config
-    if cfg.model_type != "whisper":
-        raise BuildError(f"speech-to-text: model_type {cfg.model_type!r} is not supported "
-                         "(supported: whisper)")
     if params["max_context_length"] > cfg.max_target_positions:
         raise BuildError(f"speech-to-text: export.max_context_length {params['max_context_length']} exceeds "
                          f"the decoder's max_target_positions ({cfg.max_target_positions})")
 
 
-def export(params: dict, cache, flavour_name: str):
+def export(model, params: dict, flavour_name: str):
     import torch
 
-    import delegate
     from mlxbuild import llm, progress, speech
 
-    # Registers the flavour's custom ops (and the MLX schema); the encoder keeps
-    # transformers' own attention, the decoder's self-attention uses the flavour's cache.
-    delegate.flavour(flavour_name).attention_implementation()
-    progress.note("loading quantized model")
-    model = _quantized_model(params, cache)
     _check_supported(model, params)
     dtype = llm.DTYPES[params["dtype"]]
     modules = {"encoder": speech.WhisperEncoder(model).eval(),
@@ -111,11 +84,10 @@ def export(params: dict, cache, flavour_name: str):
             progress.note(f"torch.export {name}")
             kwargs, dynamic = examples[name]
             programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return programs, {"speech_config": speech_config(model)}
+    return programs, speech_config(model)
 
 
-def constant_methods(params: dict, info: dict) -> dict:
-    sc = info["speech_config"]
+def constant_methods(params: dict, sc: dict) -> dict:
     methods = {
         "get_max_seq_len": params["max_context_length"],
         "get_max_context_len": params["max_context_length"],
@@ -142,7 +114,7 @@ def _prompt(start_ids: list[int], n: int, vocab: int, seed: int) -> list[int]:
     return list(start_ids) + fill
 
 
-def reference(params: dict, cache, out: Path) -> dict:
+def reference(model, params: dict, out: Path) -> dict:
     """The eager model on a synthetic log-mel input: encoder output, then decoder logits
     for the start ids (seeded fill up to `prompt`) and `decode_steps` greedy tokens."""
     import numpy as np
@@ -151,7 +123,6 @@ def reference(params: dict, cache, out: Path) -> dict:
 
     from mlxbuild import llm, speech
 
-    model = _quantized_model(params, cache)
     dtype = llm.DTYPES[params["dtype"]]
     feats = speech.synthetic_features(model.config, params["seed"], dtype)
     sc = speech_config(model)
@@ -168,7 +139,8 @@ def reference(params: dict, cache, out: Path) -> dict:
     np.save(out / "tokens.npy", np.array([tokens], dtype=np.int64))
     np.save(out / "logits.npy", logits[0].float().numpy())
     prompt = max(params["prompt"], len(sc["decoder_start_ids"]))
-    (out / "reference.json").write_text(json.dumps({"prompt": prompt, "decode_steps": params["decode_steps"]}))
+    (out / "reference.json").write_text(json.dumps({"model_type": "whisper", "prompt": prompt,
+                                                    "decode_steps": params["decode_steps"]}))
     return {"positions": len(tokens)}
 
 
@@ -205,7 +177,7 @@ def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
     try:
         with native_stderr_captured() as log:
             program = open_program(pte, backend)
-            dtype = _input_dtype(program)
+            dtype = input_dtype(program)
             hidden = program.run("encoder", [torch.from_numpy(feats).to(dtype)])[0]
             enc = compare_tensor(as_numpy(hidden)[0].astype(np.float32), ref_hidden, tol)
             got = decode_rows(program, hidden, tokens, prompt)
@@ -219,7 +191,7 @@ def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
     return result
 
 
-def _input_dtype(program):
+def input_dtype(program):
     """The encoder input's dtype, from the program's own method metadata."""
     import torch
 
@@ -247,7 +219,7 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
     eos = {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
     for name in METHODS:
         program.reset(name)
-    dtype = _input_dtype(program)
+    dtype = input_dtype(program)
     feats = torch.as_tensor(np.asarray(features)).to(dtype)
     if feats.dim() == 2:
         feats = feats.unsqueeze(0)
@@ -279,12 +251,8 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
             "decode_tokens_per_s": len(out) / (t2 - t1) if out and t2 > t1 else None}
 
 
-def run(program, args) -> dict:
-    return transcribe(program, args.features, args.max_new_tokens, stop_at_eos=not args.no_eos)
-
-
-def prepare_inputs(program, args, tokenizer) -> None:
-    """``args.features``: from --features (.npy), --audio (.wav, through transformers'
+def features(program, args) -> "np.ndarray":
+    """[1, n_mels, frames] from --features (.npy), --audio (.wav, through transformers'
     WhisperFeatureExtractor), or a seeded synthetic log-mel input of the encoder's shape."""
     import numpy as np
 
@@ -292,7 +260,7 @@ def prepare_inputs(program, args, tokenizer) -> None:
 
     meta = program.constant_methods
     n_mels, frames = int(meta.get("get_num_mel_bins", 80)), int(meta.get("get_num_frames", 3000))
-    if getattr(args, "features", None):
+    if getattr(args, "features", None) is not None:
         feats = np.load(args.features)
     elif getattr(args, "audio", None):
         feats = speech.log_mel(args.audio, n_mels, frames)
@@ -305,7 +273,7 @@ def prepare_inputs(program, args, tokenizer) -> None:
     if feats.shape != (1, n_mels, frames):
         raise ValueError(f"features of shape {list(feats.shape)}; this encoder takes [1, {n_mels}, {frames}] "
                          f"({n_mels} mel bins x {frames} frames)")
-    args.features = feats
+    return feats
 
 
 def describe(result: dict) -> list[str]:
