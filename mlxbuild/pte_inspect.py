@@ -443,8 +443,8 @@ def report(path: str | os.PathLike) -> dict:
     for method, m in info["methods"].items():
         for i, d in enumerate(m["delegates"]):
             d["nodes"] = nodes[method][i]
-            # The aten ops the build lowered into this backend (the record has them per method).
-            d["lowered_ops"] = (delegation.get(method) or {}).get("delegated_ops") if record else None
+        # The aten ops the build lowered into delegates (the record has them per method, not per delegate).
+        m["lowered_ops"] = (delegation.get(method) or {}).get("delegated_ops") if record else None
     info["record_path"] = str(rec_path) if rec_path else None
     info["record"] = record
     info["record_matches"] = None if record is None else record.get("sha256") == sha256_file(path)
@@ -469,8 +469,8 @@ def render(info: dict) -> str:
                 out.append("    nodes: not read (mlx is not installed)")
             else:
                 out.append("    nodes: not read (mlxbuild has no reader for this backend's payload)")
-            if d.get("lowered_ops"):
-                out.append(f"    lowered ops (record): {_counts(d['lowered_ops'])}")
+        if m.get("lowered_ops"):
+            out.append(f"  aten ops lowered into delegates (record): {_counts(m['lowered_ops'])}")
         ops = m["operators"]
         out.append(f"  portable kernels ({len(ops)}): {', '.join(ops) if ops else 'none'}")
         ins = m["instructions"]
