@@ -236,16 +236,15 @@ class _NoRuntime(Exception):
 
 
 def run_artifact(pte: Path, backend: str, info: dict, ptds: list[Path]) -> tuple[str, str]:
-    """Run `forward` once on this host's runtime for `backend`; return (runtime, problem or '')."""
-    import numpy as np
-
+    """Run every method once on this host's runtime for `backend` (a short prefill for an
+    LLM's forward, zeros of the declared shapes otherwise); return (runtime, problem or '')."""
     import delegate
 
     try:
         module = delegate.backend(backend)
     except ValueError:
         raise _NoRuntime(f"no {backend} runtime in mlxbuild") from None
-    inputs = sample_inputs(info)
+    inputs = {name: sample_inputs(m["inputs"]) for name, m in info["methods"].items()}
     if hasattr(module, "load_method"):  # a runtime of ours (MLX through mlx.core)
         try:
             import mlx.core  # noqa: F401
@@ -254,11 +253,9 @@ def run_artifact(pte: Path, backend: str, info: dict, ptds: list[Path]) -> tuple
         from delegate import mlx_runtime
 
         program = mlx_runtime.load(pte, ptds)
-        outputs = program.run("forward", inputs)
+        outputs = {name: program.run(name, args) for name, args in inputs.items()}
         how = "mlxbuild MLX runtime"
     elif getattr(module, "VERIFY", None) == "runtime":
-        import torch
-
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  LLM kernels
         import executorch.kernels.quantized  # noqa: F401  quantized embedding kernels
         from executorch.runtime import Runtime
@@ -267,37 +264,33 @@ def run_artifact(pte: Path, backend: str, info: dict, ptds: list[Path]) -> tuple
 
         with native_stderr_captured():
             program = Runtime.get().load_program(str(pte), data_path=str(ptds[0]) if ptds else None)
-            outputs = program.load_method("forward").execute([torch.from_numpy(x) for x in inputs])
+            outputs = {name: program.load_method(name).execute(args) for name, args in inputs.items()}
         how = "executorch.runtime"
     else:
         raise _NoRuntime(f"{backend} is checked structurally only on this host")
-    for i, out in enumerate(outputs):
-        arr = np.asarray(out.float() if hasattr(out, "float") else out, dtype=np.float64)
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            return how, f"output {i} has non-finite values"
+    for name, outs in outputs.items():
+        for i, out in enumerate(outs):
+            if hasattr(out, "is_floating_point") and out.is_floating_point() and not out.float().isfinite().all():
+                return how, f"{name} output {i} has non-finite values"
     return how, ""
 
 
-def sample_inputs(info: dict) -> list:
-    """Inputs for one `forward` call: a short prefill for an LLM's (tokens, positions),
-    else zeros of each input's declared (upper-bound) shape."""
-    import numpy as np
+def sample_inputs(specs: list[dict]) -> list:
+    """Torch tensors for one call: a short prefill for an LLM's (tokens, positions), else
+    zeros of each input's declared (upper-bound) shape."""
+    import torch
 
-    specs = info["methods"]["forward"]["inputs"]
-    dtypes = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
-              "bool": np.bool_, "uint8": np.uint8, "int8": np.int8, "float64": np.float64}
     llm = (len(specs) == 2 and all(s.get("kind") == "Tensor" and s["dtype"] == "int64" for s in specs)
-           and len(specs[1]["sizes"]) == 1)
+           and len(specs[0]["sizes"]) == 2 and len(specs[1]["sizes"]) == 1)
     if llm:
         t = min(4, specs[1]["sizes"][0])
-        return [np.zeros((1, t), dtype=np.int64), np.arange(t, dtype=np.int64)]
+        return [torch.zeros((1, t), dtype=torch.int64), torch.arange(t, dtype=torch.int64)]
     out = []
     for s in specs:
-        if s.get("kind") != "Tensor":
-            raise _NoRuntime(f"forward takes a {s.get('kind')} input mlxbuild cannot make up")
-        if s["dtype"] not in dtypes:
-            raise _NoRuntime(f"forward takes a {s['dtype']} input mlxbuild cannot make up")
-        out.append(np.zeros(s["sizes"], dtype=dtypes[s["dtype"]]))
+        dtype = getattr(torch, s.get("dtype", ""), None) if s.get("kind") == "Tensor" else None
+        if not isinstance(dtype, torch.dtype):
+            raise _NoRuntime(f"a method takes a {s.get('dtype') or s.get('kind')} input mlxbuild cannot make up")
+        out.append(torch.zeros(s["sizes"], dtype=dtype))
     return out
 
 

@@ -157,14 +157,23 @@ def _loading(name: str, targets: dict) -> list[str]:
     example = f"{name}-{(cpu or mlx or sorted(targets))[0]}.pte"
     e0 = targets[(cpu or mlx or sorted(targets))[0]]
     cm = e0.get("constant_methods") or {}
-    out = ["## Loading", "",
-           "Every program has `forward(input_ids: int64[1, T], cache_position: int64[T]) -> "
-           f"logits: float[1, T, {cm.get('get_vocab_size', 'vocab')}]` with a KV cache kept inside the program "
-           f"(T up to {cm.get('get_prefill_chunk_size', '?')} per call, {cm.get('get_max_context_len', '?')} "
-           "positions in all), and the constant methods ExecuTorch's LLM runners read "
-           f"({', '.join(f'`{k}`' for k in sorted(cm)) or 'none'}). For text generation use an LLM runner "
-           "(C++ `TextLLMRunner`, Swift `TextLLMRunner`, Android `LlmModule`) with the model's tokenizer; "
-           "below, the plain `Module` APIs.", ""]
+    methods = e0.get("methods")  # absent from locks written before it was recorded: an LLM then
+    if methods and set(methods) != {"forward"}:
+        out = ["## Loading", "", "Methods (the same in every target; shapes are upper bounds where dynamic):", ""]
+        out += [f"- `{m}({', '.join(_sig(v) for v in sig['inputs'])}) -> {', '.join(_sig(v) for v in sig['outputs'])}`"
+                for m, sig in methods.items()]
+        out += ["", f"Constant methods: {', '.join(f'`{k}`' for k in sorted(cm)) or 'none'}. Below, the plain "
+                "`Module` APIs with an LLM's `forward` as the example; call the methods above by name "
+                "(`load_method(name)`, `module.execute(name, ...)`).", ""]
+    else:
+        out = ["## Loading", "",
+               "Every program has `forward(input_ids: int64[1, T], cache_position: int64[T]) -> "
+               f"logits: float[1, T, {cm.get('get_vocab_size', 'vocab')}]` with a KV cache kept inside the program "
+               f"(T up to {cm.get('get_prefill_chunk_size', '?')} per call, {cm.get('get_max_context_len', '?')} "
+               "positions in all), and the constant methods ExecuTorch's LLM runners read "
+               f"({', '.join(f'`{k}`' for k in sorted(cm)) or 'none'}). For text generation use an LLM runner "
+               "(C++ `TextLLMRunner`, Swift `TextLLMRunner`, Android `LlmModule`) with the model's tokenizer; "
+               "below, the plain `Module` APIs.", ""]
     if any(e["files"] and len(e["files"]) > 1 for e in targets.values()):
         out += ["Targets with a `.ptd` file keep their weights there: pass it as the data file "
                 "(Python `data_path=`, C++ `Module(pte, ptd)`).", ""]
@@ -218,6 +227,12 @@ def _loading(name: str, targets: dict) -> list[str]:
             "float[] logits = module.forward(EValue.from(ids), EValue.from(pos))[0].toTensor().getDataAsFloatArray();",
             "```", ""]
     return out
+
+
+def _sig(v: dict) -> str:
+    if v.get("dtype") is None:
+        return str(v.get("kind", "?"))
+    return f"{v['dtype']}[{', '.join(map(str, v.get('sizes', [])))}]"
 
 
 def _size(n: int) -> str:

@@ -104,6 +104,9 @@ def make_lock(manifest, plan, packages, out_dir: Path) -> dict:
         layers = record.get("layer_quantization") or {}
         entry["layer_quantization"] = layers.get("summary")
         entry["speed"] = next((record[k] for k in SPEED_FIELDS if record.get(k)), None)
+        entry["methods"] = {name: {io: [{k: v.get(k) for k in ("kind", "dtype", "sizes", "shape_dynamism")}
+                                        for v in m.get(io, [])] for io in ("inputs", "outputs")}
+                            for name, m in (record.get("methods") or {}).items()}
         targets[record["target"]] = entry
         tools = record.get("tool_versions") or tools
     return {
