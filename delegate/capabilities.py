@@ -128,8 +128,13 @@ class LayerSupport:
     weight_only: bool = True  # affine without dynamic activations
     nvfp4_dtypes: tuple[str, ...] = DTYPES
     int8_dynamic_dtypes: tuple[str, ...] = DTYPES
-    # Why a format is missing, when it was tried and found not to work.
+    # Why a format is missing, when it was tried and found not to work: affine (or,
+    # with weight_only=False, weight-only affine), the bits not in affine_bits, nvfp4,
+    # and int8 dynamic activations.
     unsupported_because: str = ""
+    bits_unsupported_because: str = ""
+    nvfp4_unsupported_because: str = ""
+    int8_dynamic_unsupported_because: str = ""
     note: str = ""
 
     def formats(self) -> tuple[str, ...]:
@@ -146,7 +151,8 @@ class LayerSupport:
         if self.affine_bits and self.weight_only:
             parts.append(f"affine {bits}-bit weight-only")
         if self.int8_dynamic:
-            parts.append(f"affine {bits}-bit with int8_dynamic activations"
+            da_bits = "/".join(str(b) for b in self.affine_bits if b in (4, 8))
+            parts.append(f"affine {da_bits}-bit with int8_dynamic activations"
                          + _only(self.int8_dynamic_dtypes))
         if self.nvfp4:
             parts.append("nvfp4" + _only(self.nvfp4_dtypes))
@@ -168,11 +174,17 @@ class BackendCapabilities:
     linear: LayerSupport = field(default_factory=LayerSupport)
     embedding: LayerSupport = field(default_factory=LayerSupport)
     options: type[BackendOptions] = BackendOptions
+    dtypes_unsupported_because: str = ""  # why the missing dtypes are missing
+    status: str = "supported"  # what the README's Status column says
     notes: str = ""
 
     def layer(self, kind: str) -> LayerSupport:
         return self.linear if kind == "linear" else self.embedding
 
+
+# Not lowered on a CUDA host by mlxbuild yet; ExecuTorch's CUDA backend also wants its
+# own quantized tensor layouts (executorch.backends.cuda.quantize_op_dispatch).
+_CUDA_UNTESTED = "quantized CUDA lowering is not implemented: ExecuTorch's CUDA backend needs its own int4/int8 weight layouts"
 
 CAPABILITIES: dict[str, BackendCapabilities] = {
     "mlx": BackendCapabilities(
@@ -211,27 +223,70 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         options=PortableOptions,
         notes="No delegate: reference portable/quantized kernels (slow, maximally compatible).",
     ),
+    # Core ML and Vulkan: found by building every format on the tiny Qwen3 (tests/test_matrix.py);
+    # structural checks only, so "supported" means lowered with the weights kept quantized
+    # inside the delegate. nvfp4 lowers on both but as dequantizing ops over wider weights
+    # (the artifact grows past the unquantized one), so it is refused.
     "coreml": BackendCapabilities(
         name="coreml",
         supported=True,
-        dtypes=DTYPES,
-        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, int8_dynamic=True),
-        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        dtypes=("fp32",),
+        linear=LayerSupport(
+            affine_bits=(4, 8),
+            bits_unsupported_because="Core ML quantizes weights to 4 or 8 bits only",
+            nvfp4_unsupported_because="coremltools lowers it as dequantizing ops over wider weights, "
+                                      "larger than unquantized",
+            int8_dynamic_unsupported_because="coremltools cannot take the int8 activations "
+                                             "between partitions",
+        ),
+        embedding=LayerSupport(
+            affine_bits=(4, 8),
+            bits_unsupported_because="Core ML quantizes weights to 4 or 8 bits only",
+            nvfp4_unsupported_because="coremltools lowers it as dequantizing ops over wider weights, "
+                                      "larger than unquantized",
+        ),
         options=CoremlOptions,
+        status="supported (verified structurally)",
+        dtypes_unsupported_because="coremltools converts neither bf16 tensors nor this fp16 graph, "
+                                   "which mixes fp16 and fp32 operands; use fp32 with options.precision: "
+                                   "fp16 to compute in fp16 on device",
+        notes="Apple Core ML (CPU, GPU, Neural Engine); lowered on any host, runs on Apple "
+              "platforms only, so verified structurally (delegate present, model readable, "
+              "op coverage; not executed). The KV-cache writes run as portable kernels.",
     ),
     "vulkan": BackendCapabilities(
         name="vulkan",
         supported=True,
-        dtypes=DTYPES,
-        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, int8_dynamic=True),
-        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        dtypes=("fp32", "fp16"),
+        linear=LayerSupport(
+            affine_bits=(2, 4, 8), int8_dynamic=True,
+            nvfp4_unsupported_because="the Vulkan delegate lowers it as dequantizing ops over wider "
+                                      "weights, larger than unquantized",
+            note="2-bit weights are stored as 4-bit",
+        ),
+        embedding=LayerSupport(
+            affine_bits=(2, 4, 8),
+            nvfp4_unsupported_because="the Vulkan delegate lowers it as dequantizing ops over wider "
+                                      "weights, larger than unquantized",
+        ),
         options=VulkanOptions,
+        status="supported (verified structurally)",
+        dtypes_unsupported_because="the Vulkan delegate has no bf16 kernels: half the graph "
+                                   "stays on portable kernels",
+        notes="GPU delegate (Android, desktop); lowered on any host, verified structurally "
+              "(delegate present, graph readable, op coverage; not executed).",
     ),
     "cuda": BackendCapabilities(
         name="cuda",
         supported=True,
         dtypes=("fp32", "bf16"),
+        linear=LayerSupport(unsupported_because=_CUDA_UNTESTED),
+        embedding=LayerSupport(unsupported_because=_CUDA_UNTESTED),
         options=CudaOptions,
+        status="on CUDA hosts only (verified structurally)",
+        dtypes_unsupported_because="fp16 is untested with ExecuTorch's CUDA backend",
+        notes="NVIDIA GPUs through AOTInductor; lowering needs a CUDA build of torch, a GPU and "
+              "triton on the build host (refused before any step elsewhere); verified structurally.",
     ),
 }
 
@@ -286,7 +341,8 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
             (
                 "dtype",
                 f"dtype {dtype!r} is not supported by {backend} "
-                f"(supported: {', '.join(caps.dtypes)})",
+                + (f"({caps.dtypes_unsupported_because}) " if caps.dtypes_unsupported_because else "")
+                + f"(supported: {', '.join(caps.dtypes)})",
             )
         )
     if scheme is None:
@@ -301,11 +357,12 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
             continue
         sup = caps.layer(kind)
         if (fmt == "nvfp4" and not sup.nvfp4) or (fmt == "affine" and not sup.affine_bits):
+            why = sup.nvfp4_unsupported_because if fmt == "nvfp4" else sup.unsupported_because
             issues.append(
                 (
                     f"{kind}.format",
                     f"{fmt} is not supported by {backend} for {kind} layers "
-                    + (f"({sup.unsupported_because}) " if fmt == "affine" and sup.unsupported_because else "")
+                    + (f"({why}) " if why else "")
                     + f"(supported formats: {', '.join(sup.formats())})",
                 )
             )
@@ -324,7 +381,8 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
                     (
                         f"{kind}.bits",
                         f"{bits}-bit affine is not supported by {backend} for {kind} layers "
-                        f"(supported bits: {', '.join(str(b) for b in sup.affine_bits)})",
+                        + (f"({sup.bits_unsupported_because}) " if sup.bits_unsupported_because else "")
+                        + f"(supported bits: {', '.join(str(b) for b in sup.affine_bits)})",
                     )
                 )
         if fmt == "affine" and not dynamic and not sup.weight_only and not issues:
@@ -333,8 +391,9 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
         if getattr(layer, "activations", "none") == "int8_dynamic" and not sup.int8_dynamic:
             others = _int8_dynamic_backends()
             where = ", ".join(others) if others else "no backend"
+            why = f" ({backend}: {sup.int8_dynamic_unsupported_because})" if sup.int8_dynamic_unsupported_because else ""
             issues.append(
-                (f"{kind}.activations", f"int8_dynamic activations are only supported by {where}")
+                (f"{kind}.activations", f"int8_dynamic activations are only supported by {where}{why}")
             )
     return issues
 
@@ -352,7 +411,7 @@ def render_markdown() -> str:
             continue
         opts = ", ".join(f"`{k}`" for k in caps.options.model_fields) or "none"
         lines.append(
-            f"| `{name}` | supported | {', '.join(caps.dtypes)} | {caps.linear.describe()} "
+            f"| `{name}` | {caps.status} | {', '.join(caps.dtypes)} | {caps.linear.describe()} "
             f"| {caps.embedding.describe()} | {opts} |"
         )
     notes = [f"- `{n}`: {CAPABILITIES[n].notes}" for n in ALL_BACKENDS if CAPABILITIES[n].notes]

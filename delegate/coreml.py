@@ -190,7 +190,11 @@ def _payload_problem(blob: bytes) -> str:
     from executorch.backends.apple.coreml import executorchcoreml
 
     with tempfile.TemporaryDirectory(prefix="mlxbuild-coreml-") as tmp:
-        if not executorchcoreml.unflatten_directory_contents(blob, tmp):
+        try:
+            unpacked = executorchcoreml.unflatten_directory_contents(blob, tmp)
+        except RuntimeError as e:
+            return f"not a Core ML delegate payload (cannot unpack it: {e})"
+        if not unpacked:
             return "not a Core ML delegate payload (cannot unpack it)"
         dirs = list(Path(tmp).iterdir())
         if len(dirs) != 1 or not dirs[0].is_dir():

@@ -383,12 +383,15 @@ BAD = [
     ("unknown-backend", sub("backend: mlx", "backend: metal"),
      "23:5: targets[0].backend: 'metal' is not allowed; expected one of: mlx, xnnpack, "
      "portable, coreml, vulkan, cuda"),
-    ("unsupported-backend-coreml", sub("backend: mlx", "backend: coreml"),
-     "23:5: targets[0].backend: backend 'coreml' is not supported yet (supported: mlx, "
-     "xnnpack, portable)"),
-    ("unsupported-backend-cuda", sub("backend: xnnpack", "backend: cuda"),
-     "27:5: targets[1].backend: backend 'cuda' is not supported yet (supported: mlx, "
-     "xnnpack, portable)"),
+    ("coreml-int8-dynamic", sub("backend: xnnpack", "backend: coreml"),
+     "28:5: targets[1].quantization: scheme '8da4w' is not compatible with backend 'coreml': "
+     "linear.activations: int8_dynamic activations are only supported by xnnpack, vulkan (coreml: "
+     "coremltools cannot take the int8 activations between partitions)"),
+    ("cuda-quantized", sub("backend: xnnpack", "backend: cuda"),
+     "28:5: targets[1].quantization: scheme '8da4w' is not compatible with backend 'cuda': "
+     "linear.format: affine is not supported by cuda for linear layers (quantized CUDA lowering is "
+     "not implemented: ExecuTorch's CUDA backend needs its own int4/int8 weight layouts) "
+     "(supported formats: none)"),
     ("duplicate-target-name", sub("name: xnn", "name: mlx-4w"),
      "26:5: targets[1].name: duplicate target name 'mlx-4w' (already used by targets[0])"),
     ("unknown-scheme-ref", sub("quantization: 4w", "quantization: 3w"),
@@ -396,7 +399,7 @@ BAD = [
      "none"),
     ("int8-dynamic-on-mlx", sub("quantization: 4w", "quantization: 8da4w"),
      "24:5: targets[0].quantization: scheme '8da4w' is not compatible with backend 'mlx': "
-     "linear.activations: int8_dynamic activations are only supported by xnnpack"),
+     "linear.activations: int8_dynamic activations are only supported by xnnpack, vulkan"),
     ("xnnpack-2bit-linear", sub("{bits: 4, group_size: 32, activations: int8_dynamic}",
                                 "{bits: 2}"),
      "28:5: targets[1].quantization: scheme '8da4w' is not compatible with backend 'xnnpack': "
@@ -505,7 +508,7 @@ def test_capabilities_check():
         ("linear.activations", "int8_dynamic activations on xnnpack need dtype fp32 (manifest dtype is fp16)")
     ]
     assert capabilities.check("mlx", da, "fp32") == [
-        ("linear.activations", "int8_dynamic activations are only supported by xnnpack")
+        ("linear.activations", "int8_dynamic activations are only supported by xnnpack, vulkan")
     ]
     # Found not to work by verification: refused with the reason.
     assert [f for f, _ in capabilities.check("portable", da, "fp32")] == ["linear.format"]
@@ -516,9 +519,9 @@ def test_capabilities_check():
     assert capabilities.check("mlx", two, "fp32") == []
     nv = Scheme(embedding=LayerQuant(format="nvfp4"))
     assert [f for f, _ in capabilities.check("portable", nv, "fp32")] == ["embedding.format"]
-    assert capabilities.check("vulkan", None, "fp32")[0][0] == "backend"
+    assert capabilities.check("vulkan", None, "bf16")[0][0] == "dtype"
     assert capabilities.check("tpu", None, "fp32")[0][0] == "backend"
-    assert capabilities.SUPPORTED_BACKENDS == ("mlx", "xnnpack", "portable")
+    assert capabilities.SUPPORTED_BACKENDS == ("mlx", "xnnpack", "portable", "coreml", "vulkan", "cuda")
 
 
 def test_capabilities_markdown():
