@@ -338,3 +338,16 @@ def test_parakeet_refuses_non_mlx_flavours():
     for flavour in ("plain", "et-llm-ops"):
         with pytest.raises(BuildError, match="only mlx"):
             parakeet.export(None, {"dtype": "fp32"}, flavour)
+
+
+def test_parakeet_run_from_audio(parakeet_built, tmp_path, capsys):
+    import wave
+
+    pte, _, _ = parakeet_built
+    wav = tmp_path / "tone.wav"
+    with wave.open(str(wav), "wb") as w:  # 1 s at 16 kHz -> 101 feature frames -> 13 encoder frames
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 32767).astype(np.int16).tobytes())
+    rc, result, err = _run_json(capsys, pte, "--audio", wav)
+    assert rc == 0, err
+    assert result["encoder_frames"] == 13 and result["stopped"] in ("frames", "max_new_tokens")

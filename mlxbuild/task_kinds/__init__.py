@@ -6,13 +6,16 @@ The export, reference, lower and verify stages look up ``get(task)`` and delegat
 task-specific part; the backend-specific part stays in ``delegate/``. A task kind
 module provides (torch imported only inside the functions, so planning stays light):
 
-- ``METHODS``: the program's executable methods, in the order they are lowered;
+- ``NAME``; ``METHODS``: the methods every program of the kind has (``of_program`` tells
+  kinds apart by them; the structural check asks for them);
 - ``verify_spec(max_context_length, max_prefill_chunk)``: the plan's verification inputs;
 - ``export(params, cache, flavour) -> ({method: ExportedProgram}, info)``;
 - ``constant_methods(params, info) -> dict``: what runners read, before the manifest's own;
 - ``reference(params, cache, out) -> dict``: the eager model's outputs, written to ``out``;
 - ``verify(pte, reference_dir, tol, backend) -> dict``: run the artifact, compare;
-- ``run(program, args) -> dict``: the greedy loop ``mlxbuild run`` uses.
+- ``prepare_inputs(program, args, tokenizer)``, ``run(program, args) -> dict`` and
+  ``describe(result) -> lines``: the greedy loop ``mlxbuild run`` uses, on a program from
+  ``common.open_program`` (our MLX runtime or ExecuTorch's).
 
 (``mlxbuild.tasks`` is a different thing: the doit tasks of a plan.)
 """

@@ -264,15 +264,21 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
 
 
 def features(program, args):
-    """[1, T, n_mels] from --features (.npy) or a seeded synthetic input of VERIFY_FRAMES frames
-    (--audio needs Parakeet's own feature extractor settings, not handled yet)."""
+    """[1, T, n_mels] from --features (.npy), --audio (.wav, through transformers'
+    ParakeetFeatureExtractor with its default 16 kHz / 10 ms settings), or a seeded synthetic
+    input of VERIFY_FRAMES frames."""
     import numpy as np
 
     n_mels = int(program.constant_methods.get("get_num_mel_bins", 80))
     if getattr(args, "audio", None):
-        raise ValueError("--audio is not supported for Parakeet artifacts yet; pass --features mel.npy "
-                         "([T, n_mels] from ParakeetFeatureExtractor)")
-    if getattr(args, "features", None) is not None:
+        from transformers import ParakeetFeatureExtractor
+
+        from mlxbuild import speech
+
+        fe = ParakeetFeatureExtractor(feature_size=n_mels)
+        feats = fe(speech.read_wav(args.audio), sampling_rate=speech.SAMPLE_RATE,
+                   return_tensors="np").input_features
+    elif getattr(args, "features", None) is not None:
         feats = np.asarray(np.load(args.features), dtype=np.float32)
     else:
         feats = synthetic_features(n_mels, VERIFY_FRAMES, args.seed).numpy()
