@@ -176,6 +176,10 @@ class BackendCapabilities:
     options: type[BackendOptions] = BackendOptions
     dtypes_unsupported_because: str = ""  # why the missing dtypes are missing
     status: str = "supported"  # what the README's Status column says
+    # Embedding bits refused when the scheme's linears are quantized to these bits as
+    # well, and why (a constraint between the two layer kinds of one scheme).
+    packed_together: tuple[int, ...] = ()
+    packed_together_because: str = ""
     notes: str = ""
 
     def layer(self, kind: str) -> LayerSupport:
@@ -271,10 +275,15 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         ),
         options=VulkanOptions,
         status="supported (verified structurally)",
+        packed_together=(2, 4),
+        packed_together_because="the Vulkan delegate repacks a 2/4-bit weight for the linear, and "
+                                "with tied embeddings lm_head and the embedding share it, so the "
+                                "embedding then fails to lower; quantize embeddings to 8 bits",
         dtypes_unsupported_because="the Vulkan delegate has no bf16 kernels: half the graph "
                                    "stays on portable kernels",
         notes="GPU delegate (Android, desktop); lowered on any host, verified structurally "
-              "(delegate present, graph readable, op coverage; not executed).",
+              "(delegate present, graph readable, op coverage; not executed). Embeddings and "
+              "linears are not both quantized to 2/4 bits (fails with tied embeddings).",
     ),
     "cuda": BackendCapabilities(
         name="cuda",
@@ -348,6 +357,7 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
     if scheme is None:
         return issues
 
+    issues += _packed_together(caps, scheme)
     for kind in LAYERS:
         layer = getattr(scheme, kind, None)
         if layer is None:
@@ -396,6 +406,19 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
                 (f"{kind}.activations", f"int8_dynamic activations are only supported by {where}{why}")
             )
     return issues
+
+
+def _packed_together(caps: BackendCapabilities, scheme: Any) -> list[tuple[str, str]]:
+    def affine_bits(kind: str):
+        layer = getattr(scheme, kind, None)
+        fmt = getattr(layer, "format", "none") if layer is not None else "none"
+        return getattr(layer, "bits", None) if fmt == "affine" else None
+
+    lin, emb = affine_bits("linear"), affine_bits("embedding")
+    if lin in caps.packed_together and emb in caps.packed_together:
+        return [("embedding.bits", f"{emb}-bit embeddings with {lin}-bit linears are not supported "
+                 f"by {caps.name} ({caps.packed_together_because})")]
+    return []
 
 
 def render_markdown() -> str:
