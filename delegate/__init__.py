@@ -9,10 +9,12 @@ functions. A backend module provides:
 - ``VERIFY``: ``"runtime"`` when the build host can execute its programs, or
   ``"structural"`` when it can only inspect them; optionally ``load_method(pte)`` when
   its programs run on a runtime of ours rather than ExecuTorch's, and
-  ``check_structure(info)`` for what must hold of a lowered program beyond its numbers;
+  ``check_structure(info, methods)`` for what must hold of a lowered program beyond its
+  numbers (the whole check for structural backends: ``delegate.structural``);
 - ``prepare(model)`` / ``install_cache(exportable, config, max_cache_len, chunk, dtype)``:
   the flavour's source transforms;
-- ``lower(programs, options, constant_methods)``: an ExecuTorch program manager;
+- ``lower(programs, options, constant_methods)``: ``(edge, program manager)``; ``options``
+  are the target's, validated by the backend's model in ``capabilities.py``;
 - optionally ``preflight()``: raise ``mlxbuild.errors.BuildError`` when this host cannot
   lower for the backend at all (checked once per build, before any step runs).
 """
