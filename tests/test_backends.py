@@ -133,3 +133,12 @@ def test_cuda_build_fails_before_any_step(tmp_path, subprocess_env):
     assert not p.stdout.strip(), p.stdout  # no step started (not even the portable target's)
     assert not cache.exists() and not artifacts.exists()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["cuda.yaml"]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS hosts can compile Core ML models")
+def test_coreml_compiled_model_needs_macos():
+    from delegate import coreml
+    from mlxbuild.errors import BuildError
+
+    with pytest.raises(BuildError, match="compiled_model' needs macOS"):
+        coreml.lower({}, {"model_type": "compiled_model"}, {})
