@@ -128,6 +128,7 @@ class LayerSupport:
     weight_only: bool = True  # affine without dynamic activations
     nvfp4_dtypes: tuple[str, ...] = DTYPES
     int8_dynamic_dtypes: tuple[str, ...] = DTYPES
+    per_channel_bits: tuple[int, ...] = ()  # affine bits that lower only with group_size per_channel
     # Why a format is missing, when it was tried and found not to work: affine (or,
     # with weight_only=False, weight-only affine), the bits not in affine_bits, nvfp4,
     # and int8 dynamic activations.
@@ -157,6 +158,9 @@ class LayerSupport:
         if self.nvfp4:
             parts.append("nvfp4" + _only(self.nvfp4_dtypes))
         text = ", ".join(parts)
+        if self.per_channel_bits:
+            text += (f" ({'/'.join(str(b) for b in self.per_channel_bits)}-bit: "
+                     "group_size per_channel only)")
         if self.note:
             text += f" — {self.note}"
         return text
@@ -195,8 +199,8 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         name="mlx",
         supported=True,
         dtypes=("fp32", "fp16", "bf16"),
-        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, nvfp4_dtypes=("fp32", "bf16")),
-        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True, nvfp4_dtypes=("fp32", "bf16")),
+        linear=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
+        embedding=LayerSupport(affine_bits=(2, 4, 8), nvfp4=True),
         options=MlxOptions,
         notes="Apple MLX delegate; weight-only quantization lowered to MLX quantized kernels.",
     ),
@@ -208,6 +212,8 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         # compile in XNNPACK at fp16 (both found by verification with executorch 1.5.1).
         linear=LayerSupport(
             affine_bits=(4, 8), int8_dynamic=True, weight_only=False, int8_dynamic_dtypes=("fp32",),
+            # "Only 4b group quantization is supported" when lowering 8-bit groups.
+            per_channel_bits=(8,),
             unsupported_because="its weight-only linear lowering gives wrong logits in executorch 1.5.1",
         ),
         embedding=LayerSupport(
@@ -398,6 +404,10 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
         if fmt == "affine" and not dynamic and not sup.weight_only and not issues:
             issues.append((f"{kind}.activations", f"weight-only affine {kind} is not supported by "
                            f"{backend}: {sup.unsupported_because}; use activations: int8_dynamic"))
+        if (not issues and fmt == "affine" and getattr(layer, "bits", None) in sup.per_channel_bits
+                and getattr(layer, "group_size", None) != "per_channel"):
+            issues.append((f"{kind}.group_size", f"{layer.bits}-bit affine {kind} on {backend} needs "
+                           f"group_size per_channel (it lowers only 4-bit groups)"))
         if getattr(layer, "activations", "none") == "int8_dynamic" and not sup.int8_dynamic:
             others = _int8_dynamic_backends()
             where = ", ".join(others) if others else "no backend"

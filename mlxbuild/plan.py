@@ -88,9 +88,12 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             label=f"{manifest.name} {scheme_name}"))
 
         flavour = backend.FLAVOUR
+        # The export runs the flavour's module, not the target's backend: backends that share
+        # a flavour (vulkan and xnnpack, coreml and portable) share one export.
         export_key = stable_hash("export", quant.key, flavour, export_spec,
                                  _versions("torch", "executorch", "transformers",
-                                           code=("mlxbuild.stages.export", f"delegate.{target.backend}")))
+                                           code=("mlxbuild.stages.export",
+                                                 delegate.flavour(flavour).__name__)))
         export = plan.add(Step(
             kind="export", name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
             deps=[quant.name],

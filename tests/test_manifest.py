@@ -185,9 +185,10 @@ def test_nvfp4_on_mlx_and_fp16_bf16(tmp_path):
     m = load(tmp_path, sub("  source:", "  dtype: bf16\n  source:", text))
     assert m.model.dtype == "bf16"
     assert m.scheme_for("cpu").linear.effective_group_size == 16
-    # torchao's nvfp4 refuses fp16 weights, so validation does too.
-    with pytest.raises(ManifestError, match="nvfp4 on mlx needs dtype fp32 or bf16"):
-        load(tmp_path, sub("  source:", "  dtype: fp16\n  source:", text))
+    # fp16 weights are quantized to nvfp4 through float32 (torchao refuses fp16 itself).
+    assert load(tmp_path, sub("  source:", "  dtype: fp16\n  source:", text)).model.dtype == "fp16"
+    with pytest.raises(ManifestError, match="nvfp4 is not supported by xnnpack"):
+        load(tmp_path, sub("backend: mlx", "backend: xnnpack", text))
 
 
 @pytest.mark.parametrize(
@@ -502,8 +503,12 @@ def test_capabilities_check():
     assert capabilities.check("xnnpack", Scheme(), "bf16") == [
         ("dtype", "dtype 'bf16' is not supported by xnnpack (supported: fp32, fp16)")
     ]
-    da = Scheme(linear=LayerQuant(bits=8, activations="int8_dynamic"))
+    da = Scheme(linear=LayerQuant(bits=8, group_size="per_channel", activations="int8_dynamic"))
     assert capabilities.check("xnnpack", da, "fp32") == []
+    grouped = Scheme(linear=LayerQuant(bits=8, activations="int8_dynamic"))
+    assert capabilities.check("xnnpack", grouped, "fp32") == [
+        ("linear.group_size", "8-bit affine linear on xnnpack needs group_size per_channel "
+                              "(it lowers only 4-bit groups)")]
     assert capabilities.check("xnnpack", da, "fp16") == [
         ("linear.activations", "int8_dynamic activations on xnnpack need dtype fp32 (manifest dtype is fp16)")
     ]

@@ -148,10 +148,11 @@ BAD = [
      "15:36: quantization.mixed.rules[1].activations: not supported by backend 'mlx' of "
      "targets[0] ('mlx') for linear layers: "
      + why("mlx", "linear", "activations", bits=8, activations="int8_dynamic")),
-    ("rule-nvfp4-at-fp16", sub("dtype: fp32", "dtype: fp16").replace(
-        "  - {name: xnn, backend: xnnpack, quantization: x8da}\n", ""),
-     "16:57: quantization.mixed.rules[2].format: not supported by backend 'mlx' of targets[0] "
-     "('mlx') for linear layers: " + why("mlx", "linear", "format", "fp16", format="nvfp4")),
+    ("rule-8bit-groups-on-xnnpack", sub("{blocks: [0], bits: 8, group_size: per_channel,",
+                                        "{blocks: [0], bits: 8, group_size: 32,"),
+     "21:32: quantization.x8da.rules[0].group_size: not supported by backend 'xnnpack' of "
+     "targets[1] ('xnn') for linear layers: "
+     + why("xnnpack", "linear", "group_size", bits=8, activations="int8_dynamic")),
     ("rule-weight-only-linear-on-xnnpack", sub("{match: '*.o_proj', format: none}",
                                                "{match: '*.o_proj', bits: 8}"),
      "22:9: quantization.x8da.rules[1].activations: not supported by backend 'xnnpack' of "
