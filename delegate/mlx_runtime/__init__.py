@@ -22,7 +22,7 @@ from typing import Iterable
 
 from .program import Method, Program, ProgramError
 
-__all__ = ["load", "generate", "Program", "Method", "ProgramError"]
+__all__ = ["load", "generate", "greedy_continue", "eos_set", "Program", "Method", "ProgramError"]
 
 
 def load(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = (), *,
@@ -35,6 +35,35 @@ def load(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = (), 
     half-precision kernels accumulate in half precision (see ``graph._promotes``).
     """
     return Program(path, data_files, precision=precision)
+
+
+def eos_set(constant_methods: dict) -> set[int]:
+    """The ids of ``get_eos_ids`` (a list or a single id) as a set."""
+    ids = constant_methods.get("get_eos_ids")
+    return {int(ids)} if isinstance(ids, int) else {int(e) for e in (ids or [])}
+
+
+def greedy_continue(logits, step, pos: int, max_new_tokens: int, eos: set[int], limit: int):
+    """Greedy tokens from the last row of `logits` on: ``step(token, pos) -> logits`` feeds one
+    token at a time. Stops at an `eos` token, `max_new_tokens`, or position `limit`; returns
+    ``(tokens, why)``. Shared by every task kind's loop (text, transcription), whatever the
+    runtime: numpy or torch logits."""
+    import numpy as np
+
+    out = []
+    while len(out) < max_new_tokens:
+        last = logits[0, -1]
+        nxt = int(np.asarray(last.float() if hasattr(last, "float") else last).argmax())
+        out.append(nxt)
+        if nxt in eos:
+            return out, "eos"
+        if pos >= limit:
+            return out, "context"
+        if len(out) == max_new_tokens:
+            break
+        logits = step(nxt, pos)
+        pos += 1
+    return out, "max_new_tokens"
 
 
 def generate(program: Program, prompt: "Iterable[int]", max_new_tokens: int = 32, *, method: str = "forward",
@@ -57,8 +86,7 @@ def generate(program: Program, prompt: "Iterable[int]", max_new_tokens: int = 32
         raise ValueError("generate: empty prompt")
     chunk = int(meta.get("get_prefill_chunk_size") or meta.get("get_max_seq_len") or len(ids))
     limit = int(meta.get("get_max_context_len") or meta.get("get_max_seq_len") or len(ids) + max_new_tokens)
-    eos_ids = meta.get("get_eos_ids") if stop_at_eos else None
-    eos = {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
+    eos = eos_set(meta) if stop_at_eos else set()
     if len(ids) > limit:
         raise ValueError(f"generate: {len(ids)} prompt tokens exceed the context length {limit}")
     program.reset(method)
@@ -69,20 +97,10 @@ def generate(program: Program, prompt: "Iterable[int]", max_new_tokens: int = 32
         part = np.array([ids[start:start + chunk]], dtype=np.int64)
         logits = program.run(method, [part, np.arange(start, start + part.shape[1], dtype=np.int64)])[0]
     t1 = time.perf_counter()
-    out, pos, stopped = [], len(ids), "max_new_tokens"
-    while len(out) < max_new_tokens:
-        nxt = int(np.asarray(logits)[0, -1].argmax())
-        out.append(nxt)
-        if nxt in eos:
-            stopped = "eos"
-            break
-        if pos >= limit:
-            stopped = "context"
-            break
-        if len(out) == max_new_tokens:
-            break
-        logits = program.run(method, [np.array([[nxt]], dtype=np.int64), np.array([pos], dtype=np.int64)])[0]
-        pos += 1
+    out, stopped = greedy_continue(
+        logits, lambda token, pos: program.run(method, [np.array([[token]], dtype=np.int64),
+                                                        np.array([pos], dtype=np.int64)])[0],
+        len(ids), max_new_tokens, eos, limit)
     t2 = time.perf_counter()
     decoded = max(len(out) - 1, 0)  # the first new token comes from the prefill's logits
     return {"prompt": ids, "tokens": out, "stopped": stopped,

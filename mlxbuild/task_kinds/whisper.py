@@ -210,13 +210,14 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
     import numpy as np
     import torch
 
+    from delegate.mlx_runtime import eos_set, greedy_continue
+
     meta = program.constant_methods
     start = meta.get("get_decoder_start_ids") or [meta.get("decoder_start_token_id", 0)]
     start = [int(t) for t in (start if isinstance(start, list) else [start])]
     limit = int(meta.get("get_max_context_len") or len(start) + max_new_tokens)
     chunk = int(meta.get("get_prefill_chunk_size") or 1)
-    eos_ids = meta.get("get_eos_ids") if stop_at_eos else None
-    eos = {int(eos_ids)} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
+    eos = eos_set(meta) if stop_at_eos else set()
     for name in METHODS:
         program.reset(name)
     dtype = input_dtype(program)
@@ -231,21 +232,10 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
         part = start[a:a + chunk]
         logits = program.run("text_decoder", [torch.tensor([part]), hidden,
                                               torch.arange(a, a + len(part))])[0]
-    out, pos, stopped = [], len(start), "max_new_tokens"
-    while len(out) < max_new_tokens:
-        nxt = int(np.asarray(logits)[0, -1].argmax()) if not hasattr(logits, "float") \
-            else int(logits[0, -1].float().argmax())
-        out.append(nxt)
-        if nxt in eos:
-            stopped = "eos"
-            break
-        if pos >= limit:
-            stopped = "context"
-            break
-        if len(out) == max_new_tokens:
-            break
-        logits = program.run("text_decoder", [torch.tensor([[nxt]]), hidden, torch.tensor([pos])])[0]
-        pos += 1
+    out, stopped = greedy_continue(
+        logits, lambda token, pos: program.run("text_decoder", [torch.tensor([[token]]), hidden,
+                                                                torch.tensor([pos])])[0],
+        len(start), max_new_tokens, eos, limit)
     t2 = time.perf_counter()
     return {"prompt": start, "tokens": out, "stopped": stopped, "encode_s": t1 - t0, "decode_s": t2 - t1,
             "decode_tokens_per_s": len(out) / (t2 - t1) if out and t2 > t1 else None}
