@@ -480,7 +480,7 @@ def main(argv=None) -> int:
             "notes": ("ours = `doit build` of a manifest copy holding only this target, fresh cache: "
                       "it also makes the synthetic weights (the weights step; ET's script starts "
                       "from the saved folder), computes eager reference logits and verifies the "
-                      "artifact (structurally on Linux)."),
+                      "artifact (numerically, through the MLX delegate runtime)."),
         }
         save()
         r = results["side_by_side"]["ratio_ours_over_et"]
