@@ -31,12 +31,8 @@ BACKEND_ID = "CoreMLBackend"
 KEEP_OUT = ("aten.index_put.default", "aten.index_copy.default")
 
 
-def attention_implementation() -> str | None:
-    return None
-
-
-def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype) -> None:
-    pass  # the plain flavour: transformers' StaticCache as exported
+# The export runs the flavour's own hooks (delegate.flavour); plain is portable's.
+from delegate.portable import attention_implementation, install_cache  # noqa: E402,F401
 
 
 def partitioner(options: dict):

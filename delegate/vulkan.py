@@ -17,16 +17,8 @@ VERIFY = "structural"
 BACKEND_ID = "VulkanBackend"
 
 
-def attention_implementation() -> str | None:
-    from delegate import et_llm_ops
-
-    return et_llm_ops.register_attention()
-
-
-def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype) -> None:
-    from delegate import et_llm_ops
-
-    et_llm_ops.install_cache(exportable, config, max_cache_len, dtype)
+# The export runs the flavour's own hooks (delegate.flavour); et-llm-ops is XNNPACK's.
+from delegate.xnnpack import attention_implementation, install_cache  # noqa: E402,F401
 
 
 def partitioner(options: dict):

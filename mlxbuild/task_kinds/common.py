@@ -134,3 +134,13 @@ def runtime_failure(e: Exception, log: dict) -> dict:
     return {"passed": False, "executed": True,
             "reason": f"runtime error: {e}" + (f" (runtime log: {tail})" if tail else "")}
 
+
+def kv_cache_methods(params: dict) -> dict:
+    """Constant methods every runner of a KV-cached decoder reads (LLM and ASR runners alike)."""
+    return {
+        "get_max_seq_len": params["max_context_length"],
+        "get_max_context_len": params["max_context_length"],
+        "get_prefill_chunk_size": params["max_prefill_chunk"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
+    }

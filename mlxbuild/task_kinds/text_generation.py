@@ -63,13 +63,9 @@ def export(params: dict, cache, flavour_name: str):
 def constant_methods(params: dict, info: dict) -> dict:
     """What ExecuTorch's LLM runners read (the manifest's own entries go on top)."""
     text = info.get("text_config", {})
-    methods = {
-        "get_max_seq_len": params["max_context_length"],
-        "get_max_context_len": params["max_context_length"],
-        "get_prefill_chunk_size": params["max_prefill_chunk"],
-        "use_kv_cache": True,
-        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
-    }
+    from mlxbuild.task_kinds.common import kv_cache_methods  # numpy: not on the planning path
+
+    methods = kv_cache_methods(params)
     if "vocab_size" in text:
         methods["get_vocab_size"] = text["vocab_size"]
     if text.get("bos_token_id") is not None:

@@ -88,12 +88,10 @@ def export(model, params: dict, flavour_name: str):
 
 
 def constant_methods(params: dict, sc: dict) -> dict:
+    from mlxbuild.task_kinds.common import kv_cache_methods  # numpy: not on the planning path
+
     methods = {
-        "get_max_seq_len": params["max_context_length"],
-        "get_max_context_len": params["max_context_length"],
-        "get_prefill_chunk_size": params["max_prefill_chunk"],
-        "use_kv_cache": True,
-        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
+        **kv_cache_methods(params),
         "get_vocab_size": sc["vocab_size"],
         "get_num_mel_bins": sc["num_mel_bins"],
         "get_num_frames": sc["frames"],
