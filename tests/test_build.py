@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from buildlog import KINDS, STEP_LINE, doit_command
 
 from mlxbuild.plan import VERIFY_DECODE_STEPS, VERIFY_PROMPT
 
@@ -31,19 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 MANIFEST = "manifests/qwen.yaml"
 NAME, VERSION = "qwen3-tiny", "0.1.0"
 TARGETS = ("mlx-4w", "xnnpack-8da4w", "portable-fp32")
-KINDS = ("weights", "quantize", "export", "reference", "lower", "verify", "package")
 # One weights step feeds three schemes; every target gets its own lower/verify/package.
 COLD_STEPS = {"weights": 1, "quantize": 3, "export": 3, "reference": 3,
               "lower": 3, "verify": 3, "package": 3}
 ALL_STEPS = sum(COLD_STEPS.values())
 
-STEP_LINE = re.compile(r"^(\.  |ok |-- )(" + "|".join(KINDS) + r") (.+?)(?: \(\d+(?:\.\d+)? s\))?$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def doit_command() -> list[str]:
-    script = Path(sys.executable).with_name("doit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "doit"]
 
 
 def sha256(path: Path) -> str:

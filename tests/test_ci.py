@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from buildlog import KINDS, STEP_LINE
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NAME = "ci-tiny"
 TARGETS = {"portable-fp32": "portable", "mlx-fp32": "mlx"}
-KINDS = ["weights", "quantize", "export", "reference", "lower", "verify", "package"]
 
 TINY = """\
 name: ci-tiny
@@ -66,8 +66,6 @@ targets:
   - {name: portable-fp32, backend: portable, quantization: none}
 """
 FACTORY = 'def make(**kwargs):\n    raise RuntimeError("factory exploded on purpose")\n'
-
-STEP_LINE = re.compile(r"^(\.  |ok |-- )(" + "|".join(KINDS) + r") (.+?)(?: \(\d+(?:\.\d+)? s\))?$")
 
 
 def tool(name: str) -> str:

@@ -18,17 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from buildlog import doit_command
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "whisper.yaml"
 NAME, VERSION = "whisper-tiny-synthetic", "0.1.0"
 FAST_TARGETS = ("mlx-4w", "portable-fp32")
-
-
-def doit_command() -> list[str]:
-    script = Path(sys.executable).with_name("doit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "doit"]
 
 
 def write_manifest(root: Path, targets) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from buildlog import doit_command
 import torch
 import yaml
 
@@ -36,11 +37,6 @@ FAST_TARGETS = {
     "qwen3-moe-tiny": [("mlx-4w", "mlx", "4w"), ("xnnpack-fp32", "xnnpack", "none")],
 }
 WINDOW, CONTEXT = 8, 32  # gemma3-tiny's sliding window and context
-
-
-def doit_command() -> list[str]:
-    script = Path(sys.executable).with_name("doit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "doit"]
 
 
 def trimmed(name: str, targets) -> dict:

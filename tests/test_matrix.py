@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from buildlog import doit_command
 import yaml
 
 from delegate import capabilities
@@ -105,11 +106,6 @@ def full_pairs(dtype: str) -> list[tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------- building
-
-
-def doit_command() -> list[str]:
-    script = Path(sys.executable).with_name("doit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "doit"]
 
 
 def sha256(path: Path) -> str:
