@@ -55,6 +55,7 @@ def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dt
     install_mlx_cache(exportable, config=config, max_batch_size=1, max_cache_len=max_cache_len,
                       dtype=dtype, prefill_chunk_size=prefill_chunk)
     _positions_from_cache_position(exportable.static_cache)
+    _accept_call_kwargs(exportable.static_cache)
     if sliding_layers(config):
         _use_sliding_attention(exportable)
 
@@ -71,6 +72,22 @@ def _positions_from_cache_position(cache) -> None:
         return self.layers[layer_idx].cumulative_length
 
     cache.get_seq_length = types.MethodType(get_seq_length, cache)
+
+
+def _accept_call_kwargs(cache) -> None:
+    """transformers 5.24 calls ``cache.update(k, v, layer_idx, kwargs=kwargs)``, handing the
+    attention call's extra arguments down to the cache layers; ExecuTorch 1.5.1's
+    HFStaticCache.update takes only ``cache_kwargs`` and fails to bind. Its layers need
+    none of them (the write position is each layer's cumulative_length, which the wrapper
+    sets before every call; 5.23 passed nothing), so they are dropped."""
+    import types
+
+    update = type(cache).update
+
+    def update_any(self, key_states, value_states, layer_idx, cache_kwargs=None, **_call_kwargs):
+        return update(self, key_states, value_states, layer_idx, cache_kwargs)
+
+    cache.update = types.MethodType(update_any, cache)
 
 
 def _use_sliding_attention(exportable) -> None:
