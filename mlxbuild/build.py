@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import delegate
 from mlxbuild.fingerprint import FileHasher
-from mlxbuild import lock
+from mlxbuild import lock, toolchain
 from mlxbuild.manifest import load_manifest
 from mlxbuild.plan import Plan, plan_manifest
 from mlxbuild.selection import TargetFilter
@@ -12,6 +12,7 @@ from mlxbuild.settings import Roots, remote_cache
 
 
 def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None) -> Plan:
+    toolchain.check()  # a version known to break refuses the build before any step
     manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
     remote = remote_cache([m for _, m in manifests])  # a bad URL is an error before any work
     if select:  # --target / --backend: the other targets are not planned at all

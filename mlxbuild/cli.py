@@ -5,6 +5,7 @@
     mlxbuild validate manifests/*.yaml           check manifests, one line per error
     mlxbuild plan manifests/qwen.yaml            steps, keys and what is already built
     mlxbuild schema                              the manifest JSON Schema
+    mlxbuild doctor [--json] [--lock FILE]       installed toolchain against the tested set
     mlxbuild release manifests/qwen.yaml         build, lock and bundle the version (doit release ...)
     mlxbuild check-bundle X-0.1.0.tar.gz         check a release bundle end to end
     mlxbuild inspect X.pte [--json]              what a .pte holds (methods, delegates, ops, segments)
@@ -152,6 +153,11 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     p.add_argument("manifests", nargs="+")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON Schema")
+    d = sub.add_parser("doctor", help="the installed toolchain against the tested set (exit 2 on a "
+                       "version known to break, or with --lock on any drift from the lock)")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--lock", metavar="FILE", help="also compare every installed package with this "
+                   "pip-compile lock (e.g. requirements/lock.txt)")
     sub.add_parser("release", help="build, lock and bundle manifests' versions (doit release ...)")
     cb = sub.add_parser("check-bundle", help="check a release bundle end to end (checksums, lock, artifacts run)")
     cb.add_argument("bundles", nargs="+")
@@ -196,6 +202,10 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
         from mlxbuild.pte_inspect import main as inspect_main
 
         return inspect_main(args.pte, as_json=args.json)
+    if args.cmd == "doctor":
+        from mlxbuild.toolchain import main as doctor_main
+
+        return doctor_main(as_json=args.json, lock=args.lock)
     if args.cmd == "schema":
         from mlxbuild.manifest import schema_text
 

@@ -148,6 +148,10 @@ class Build(Run):
         started, t0 = time.time(), time.monotonic()
         if params.get("plain"):
             os.environ["MLXBUILD_PLAIN"] = "1"  # worker processes and progress notes see it too
+        if params.get("verbosity") == 2:
+            from mlxbuild.tasks import TRACEBACK_ENV
+
+            os.environ[TRACEBACK_ENV] = "1"  # a crashed step's traceback on the terminal too
         error, doit_result = None, None
         try:
             doit_result = super().execute(params, args)
@@ -276,11 +280,46 @@ class ProgressReporter(ConsoleReporter):
             self._started.pop(task.name, None)
             super().add_failure(task, fail)
 
+    def _write_failure(self, result, write_exception=True):
+        # A step's failure is its message and, for a crash, the log with the traceback;
+        # doit's own form (exception class, task id, traceback) only where asked for.
+        fail = result["exception"]
+        if not getattr(fail, "log", None) and not hasattr(fail, "figures"):
+            return super()._write_failure(result, write_exception)
+        if not write_exception:
+            return
+        text = fail.message
+        title = result["task"].title()
+        if not text.startswith(title):
+            text = f"{title}: {text}"
+        self.write(f"{self._paint('31', 'FAIL')} {text}\n")
+        if fail.log:
+            self.write(f"     full traceback: {fail.log}\n")
+        if fail.traceback:
+            self.write("".join(fail.traceback))
+
+    def complete_run(self):
+        # The output a crashed step captured goes to its log; an empty capture is not shown.
+        keep = []
+        for result in self.failures:
+            log, task = getattr(result["exception"], "log", None), result["task"]
+            captured = "".join(f"{a.out or ''}{a.err or ''}" for a in task.actions) if task.executed else ""
+            if log and captured.strip():
+                try:
+                    with open(log, "a") as f:
+                        f.write("\n--- captured output\n" + captured)
+                except OSError:
+                    pass
+            if not log and captured.strip():
+                keep.append(result)
+        self.failures = keep
+        self._finish()
+
     def skip_uptodate(self, task):
         if not task.name.startswith("_"):
             self.write(f"{self._paint('2', '--')} {task.title()}\n")
 
-    def complete_run(self):
+    def _finish(self):
         if self.live:
             self._stop.set()
             if self._ticker is not None:

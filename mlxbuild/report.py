@@ -56,6 +56,7 @@ class Outcome:
     kind: str | None = None  # failure kind: build | verification | dependency (an upstream failed)
     message: str | None = None
     figures: dict | None = None
+    log: str | None = None  # a crashed step's traceback log
 
 
 def failure_kind(fail) -> str:
@@ -102,6 +103,7 @@ class Recorder:
         o.status, o.kind, o.seconds = "failed", failure_kind(fail), _since(o.started)
         o.message = getattr(fail, "message", str(fail))
         o.figures = getattr(fail, "figures", None)
+        o.log = getattr(fail, "log", None)
         self.inner.add_failure(task, fail)
 
     def skip_uptodate(self, task):
@@ -214,7 +216,8 @@ def _target(plan, package, outcomes) -> dict:
     }
     if root is not None:
         step, o = root
-        entry["failure"] = {"kind": o.kind, "step": step.kind, "task": step.name, "message": o.message}
+        entry["failure"] = {"kind": o.kind, "step": step.kind, "task": step.name, "message": o.message,
+                            "log": o.log}
         entry["verification"] = o.figures
     elif status == "not-run":
         entry["failure"] = None

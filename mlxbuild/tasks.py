@@ -17,6 +17,8 @@ no-op build never touches the network.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
@@ -43,13 +45,18 @@ def _fetchable(step: Step, cache: Cache) -> bool:
 
 class StepFailed(TaskFailed):
     """A step failed: doit counts it as a failed task; the kind says which exit code and
-    report entry it becomes. Plain attributes, so it pickles from `-n N` workers."""
+    report entry it becomes. Plain attributes, so it pickles from `-n N` workers.
+
+    ``log`` is the file holding the whole traceback of an unexpected exception (the
+    terminal gets the step, the exception's type and message, and this path)."""
 
     kind = "build"
 
-    def __init__(self, message: str, exception=None, figures: dict | None = None):
+    def __init__(self, message: str, exception=None, figures: dict | None = None,
+                 log: str | None = None):
         super().__init__(message, exception)
         self.figures = figures  # a failed verification's numbers (verify.json), else None
+        self.log = log
 
 
 class VerificationFailed(StepFailed):
@@ -82,8 +89,42 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
     except MlxbuildError as e:
         return StepFailed(str(e))
     except Exception as e:  # a crash in a step (e.g. a model factory raising) is a build failure
-        return StepFailed(f"{step.kind} {step.label}: {type(e).__name__}: {e}", e)
+        return crashed(step, roots, e)
     return True
+
+
+TRACEBACK_ENV = "MLXBUILD_TRACEBACK"  # set by `doit build -v 2`; MLXBUILD_DEBUG=1 does the same
+MESSAGE_LINES = 3  # of an exception's message, on the terminal (torch's run to pages)
+
+
+def show_tracebacks() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in (TRACEBACK_ENV, "MLXBUILD_DEBUG"))
+
+
+def crashed(step: Step, roots: Roots, error: BaseException) -> StepFailed:
+    """An unexpected exception inside a step: its whole traceback goes to a log file beside
+    the cache (one per step key, the latest failure), the terminal gets a few lines."""
+    import traceback
+
+    lines = [ln for ln in str(error).splitlines() if ln.strip()] or [""]
+    shown = [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines[:MESSAGE_LINES]]
+    if len(lines) > MESSAGE_LINES:
+        shown.append(f"... ({len(lines) - MESSAGE_LINES} more lines in the log)")
+    message = f"{step.kind} {step.label}: {type(error).__name__}: " + "\n    ".join(shown)
+    log = None
+    try:
+        folder = roots.cache / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{step.kind}-{step.key[:16]}.log"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(f"step: {step.name} ({step.kind} {step.label})\nkey: {step.key}\n"
+                       f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n"
+                       + "".join(traceback.format_exception(error)))
+        os.replace(tmp, path)
+        log = str(path)
+    except OSError as e:  # no log is no reason to hide the failure
+        message += f"\n    (could not write the traceback log: {e})"
+    return StepFailed(message, error if show_tracebacks() or log is None else None, log=log)
 
 
 class _WithFigures(Exception):

@@ -11,6 +11,19 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_sessionstart(session):
+    """In CI, an install that is not the lock fails the run before any test: a green run
+    must mean the locked environment passed (a developer's venv may drift; it is tested
+    by tests/test_toolchain.py there)."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        from mlxbuild.toolchain import lock_drift
+
+        drift = lock_drift(REPO / "requirements" / "lock.txt")
+        if drift:
+            pytest.exit("installed packages differ from requirements/lock.txt: " + "; ".join(drift),
+                        returncode=3)
+
+
 @pytest.fixture(scope="session")
 def frozen_source(tmp_path_factory) -> Path:
     """A copy of the `mlxbuild` and `delegate` packages as they are when the session starts.
