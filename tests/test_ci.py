@@ -466,7 +466,11 @@ def test_example_workflow_runs_only_commands_the_cli_accepts():
     from mlxbuild import cli
 
     workflow = yaml.safe_load(WORKFLOW.read_text())
-    [job] = workflow["jobs"].values()
+    job, lane = workflow["jobs"]["build"], workflow["jobs"]["latest-dependencies"]
+    assert set(workflow["jobs"]) == {"build", "latest-dependencies"}
+    # The lane runs the repository's script, which exists and is executable.
+    [lane_script] = [s["run"] for s in lane["steps"] if "run" in s]
+    assert os.access(REPO / lane_script.split()[0], os.X_OK), lane_script
     scripts = [step["run"] for step in job["steps"] if "run" in step]
     invocations = [c for s in scripts for c in shell_commands(s) if c[0] in ("doit", "mlxbuild")]
     seen = set()
@@ -480,7 +484,8 @@ def test_example_workflow_runs_only_commands_the_cli_accepts():
                 assert positional == ["EXPR"], argv  # the matrix's manifest
         else:
             seen.add(doit_args.cmd)  # argparse exits (SystemExit 2) on an unknown option
-    assert {"build", "release", "check-bundle", "validate"} <= seen, seen
+    assert {"build", "release", "check-bundle", "validate", "doctor"} <= seen, seen
+    assert any("requirements/lock.txt" in s and "-c" in s for s in scripts)  # installs through the lock
     for entry in job["strategy"]["matrix"]["include"]:
         assert (REPO / entry["manifest"]).exists(), entry
     cache_key = next(s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/cache/restore"))["with"]["key"]
