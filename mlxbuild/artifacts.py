@@ -64,6 +64,8 @@ def publish(params: dict, cache, package_key: str) -> dict:
     # A released target rebuilt after its files were deleted must come out as the same bytes.
     lock.check_rebuilt(out_dir, stem, f"{params['record']['name']}/{params['record']['target']}", files)
     pte_info = inspect_pte(lowered / "model.pte")
+    from delegate.requirements import runtime_requirements
+
     record = {
         **params["record"],
         "package_key": package_key,
@@ -73,6 +75,8 @@ def publish(params: dict, cache, package_key: str) -> dict:
         "methods": pte_info["methods"],
         "constant_methods": pte_info["constant_methods"],
         "delegation": lower_info["delegation"],
+        # Read from the program: what a runtime must link, import or register to load it.
+        "runtime_requirements": runtime_requirements(pte_info["methods"], [d for _, d in sources[1:]]),
         "verification": verified,
     }
     if params.get("quantize"):

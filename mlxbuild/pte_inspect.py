@@ -445,6 +445,10 @@ def report(path: str | os.PathLike) -> dict:
             d["nodes"] = nodes[method][i]
         # The aten ops the build lowered into delegates (the record has them per method, not per delegate).
         m["lowered_ops"] = (delegation.get(method) or {}).get("delegated_ops") if record else None
+    from delegate.requirements import runtime_requirements
+
+    beside = [p.name for p in sorted(Path(path).parent.glob(f"{Path(path).stem}*.ptd"))]
+    info["runtime_requirements"] = runtime_requirements(info["methods"], beside)
     info["record_path"] = str(rec_path) if rec_path else None
     info["record"] = record
     info["record_matches"] = None if record is None else record.get("sha256") == sha256_file(path)
@@ -488,6 +492,11 @@ def render(info: dict) -> str:
     if info.get("named_data"):
         nd = info["named_data"]
         out.append(f"named data: {nd['count']} entries, {nd['bytes']} bytes")
+    if info.get("runtime_requirements"):
+        from delegate.requirements import describe
+
+        out.append("runtime requirements:")
+        out.extend(f"  {line}" for line in describe(info["runtime_requirements"]))
     rec = info.get("record")
     if rec is None:
         out.append("record: none beside this file")
