@@ -23,17 +23,39 @@ def record_path(out_dir: Path, stem: str) -> Path:
     return Path(out_dir) / f"{stem}{RECORD_SUFFIX}"
 
 
-def is_published(out_dir: Path, stem: str, package_key: str) -> bool:
-    """Cheap check for a no-op build: the record names this key and its files are there."""
+def is_published(out_dir: Path, stem: str, package_key: str, hasher=None) -> bool:
+    """The no-op build's check: the record names this key and every file it lists is there
+    with the recorded size and sha256 (through ``hasher``, a FileHasher that remembers
+    hashes by size, mtime and inode, so unchanged files are not read again)."""
     rec = record_path(out_dir, stem)
     try:
         meta = json.loads(rec.read_text())
     except (OSError, ValueError):
         return False
-    files = meta.get("files", {})
-    return meta.get("package_key") == package_key and all(
-        (Path(out_dir) / f).exists() and (Path(out_dir) / f).stat().st_size == info["size"]
-        for f, info in files.items())
+    if meta.get("package_key") != package_key:
+        return False
+    return not mismatches(Path(out_dir), meta, hasher)
+
+
+def mismatches(out_dir: Path, record: dict, hasher=None) -> list[str]:
+    """One line per file of ``record`` that is missing or differs from it."""
+    problems = []
+    for name, info in (record.get("files") or {}).items():
+        path = Path(out_dir) / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{path}: missing")
+            continue
+        if size != info["size"]:
+            problems.append(f"{path}: {size} bytes, its record says {info['size']}")
+            continue
+        digest = hasher.hash(path) if hasher is not None else sha256_file(path)
+        if digest != info["sha256"]:
+            problems.append(f"{path}: sha256 {digest[:12]} differs from its record's {info['sha256'][:12]}")
+    if hasher is not None:
+        hasher.save()
+    return problems
 
 
 def unpublish(out_dir: Path, stem: str) -> list[str]:
@@ -52,8 +74,16 @@ def unpublish(out_dir: Path, stem: str) -> list[str]:
 def publish(params: dict, cache, package_key: str) -> dict:
     from mlxbuild.pte_inspect import inspect_pte
 
-    lowered = cache.path("lower", params["lower"])
-    verified = json.loads((cache.path("verify", params["verify"]) / "verify.json").read_text())
+    from mlxbuild.cache import CorruptEntry
+
+    lowered = cache.read("lower", params["lower"])
+    verified = json.loads((cache.read("verify", params["verify"]) / "verify.json").read_text())
+    program_sha = cache.files("lower", params["lower"])["model.pte"]["sha256"]
+    if verified.get("artifact_sha256") != program_sha:
+        # The lowered program was rebuilt since it was verified: verify these bytes first.
+        raise CorruptEntry("verify", params["verify"], "verify.json",
+                           f"verified {str(verified.get('artifact_sha256'))[:12]}, but the lowered "
+                           f"program is {program_sha[:12]}")
     lower_info = json.loads((lowered / "lower.json").read_text())
     out_dir, stem = Path(params["out_dir"]), params["stem"]
     sources = [(lowered / "model.pte", f"{stem}.pte")]
@@ -61,6 +91,7 @@ def publish(params: dict, cache, package_key: str) -> dict:
                 for name in lower_info.get("ptd", [])]
 
     files = {dest: {"sha256": sha256_file(src), "size": src.stat().st_size} for src, dest in sources}
+    _say_if_tampered(out_dir, stem)
     # A released target rebuilt after its files were deleted must come out as the same bytes.
     lock.check_rebuilt(out_dir, stem, f"{params['record']['name']}/{params['record']['target']}", files)
     pte_info = inspect_pte(lowered / "model.pte")
@@ -80,7 +111,7 @@ def publish(params: dict, cache, package_key: str) -> dict:
         "verification": verified,
     }
     if params.get("quantize"):
-        quantized = cache.path("quantize", params["quantize"])
+        quantized = cache.read("quantize", params["quantize"])
         record["layer_quantization"] = {
             "summary": json.loads((quantized / "summary.json").read_text()),
             "layers": json.loads((quantized / "layers.json").read_text())}
@@ -98,6 +129,18 @@ def publish(params: dict, cache, package_key: str) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def _say_if_tampered(out_dir: Path, stem: str) -> None:
+    """A published artifact that no longer matches its record is replaced: say so."""
+    import sys
+
+    try:
+        old = json.loads(record_path(out_dir, stem).read_text())
+    except (OSError, ValueError):
+        return
+    for line in mismatches(out_dir, old):
+        print(f"warning: {line}; republishing it from the cache", file=sys.stderr, flush=True)
 
 
 def _move(src: Path, dest: Path) -> None:

@@ -4,6 +4,10 @@ An entry appears by renaming a finished temporary directory into place, so a
 crashed or interrupted step never leaves a half-written entry, and two
 processes racing on the same key both succeed with one copy kept.
 
+Every entry records the sha256 and size of each file it holds, in its completion marker
+(written last): ``read`` checks them and raises ``CorruptEntry`` naming the file, so a
+flipped byte or a truncated file is rebuilt, never published (``mlxbuild.tasks``).
+
 With a remote tier (``mlxbuild.remote``), a missing entry can be fetched from a
 bucket that other machines push their finished entries to. Only ``fetch``,
 ``push`` and ``remote_has`` touch the network; ``has`` stays a local stat.
@@ -12,12 +16,45 @@ bucket that other machines push their finished entries to. Only ``fetch``,
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from mlxbuild.errors import MlxbuildError
+
 COMPLETE = ".complete"
+_CHUNK = 1 << 20
+
+
+class CorruptEntry(MlxbuildError):
+    """A cache entry's files do not match the sizes and sha256 it recorded."""
+
+    def __init__(self, kind: str, key: str, file: str, problem: str):
+        self.kind, self.key, self.file, self.problem = kind, key, file, problem
+        super().__init__(f"cache entry {kind}/{key[:12]} is corrupt: {file}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.kind, self.key, self.file, self.problem))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inventory(root: Path) -> dict[str, dict]:
+    """``{relative path: {"sha256", "size"}}`` of every file below ``root`` but the marker."""
+    files = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file() and p.name != COMPLETE:
+            files[p.relative_to(root).as_posix()] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    return files
 
 
 class _Miss(Exception):
@@ -44,7 +81,8 @@ class Cache:
         scratch = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch_root))
         try:
             yield scratch
-            (scratch / COMPLETE).touch()
+            # The marker is the entry's inventory, written last: an entry without it is not one.
+            (scratch / COMPLETE).write_text(json.dumps({"format": 1, "files": inventory(scratch)}))
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(scratch, final)
@@ -54,6 +92,33 @@ class Cache:
                 # Another process finished the same entry first: keep theirs.
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def files(self, kind: str, key: str) -> dict[str, dict]:
+        """The entry's recorded inventory (CorruptEntry when the marker is unreadable)."""
+        marker = self.path(kind, key) / COMPLETE
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except FileNotFoundError:
+            raise CorruptEntry(kind, key, COMPLETE, "missing (the entry is incomplete)") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CorruptEntry(kind, key, COMPLETE, "no file inventory (written by an older "
+                               "mlxbuild, or damaged)") from None
+        return files
+
+    def read(self, kind: str, key: str) -> Path:
+        """The entry's directory, after checking every file against its inventory."""
+        root = self.path(kind, key)
+        for rel, want in self.files(kind, key).items():
+            path = root / rel
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise CorruptEntry(kind, key, rel, "missing") from None
+            if size != want["size"]:
+                raise CorruptEntry(kind, key, rel, f"{size} bytes, recorded {want['size']}")
+            if _sha256(path) != want["sha256"]:
+                raise CorruptEntry(kind, key, rel, "sha256 differs from the recorded one")
+        return root
 
     def remote_has(self, kind: str, key: str) -> bool:
         """Whether the remote tier announces a complete entry (False without one)."""

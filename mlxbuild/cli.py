@@ -6,6 +6,7 @@
     mlxbuild plan manifests/qwen.yaml            steps, keys and what is already built
     mlxbuild schema                              the manifest JSON Schema
     mlxbuild doctor [--json] [--lock FILE]       installed toolchain against the tested set
+    mlxbuild check [ARTIFACTS_DIR ...]           published files against their records and locks
     mlxbuild release manifests/qwen.yaml         build, lock and bundle the version (doit release ...)
     mlxbuild check-bundle X-0.1.0.tar.gz         check a release bundle end to end
     mlxbuild inspect X.pte [--json]              what a .pte holds (methods, delegates, ops, segments)
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     p.add_argument("manifests", nargs="+")
     p.add_argument("--json", action="store_true")
     sub.add_parser("schema", help="print the manifest JSON Schema")
+    ck = sub.add_parser("check", help="every published artifact against its record and release lock "
+                        "(exit 4 on a mismatch)")
+    ck.add_argument("dirs", nargs="*", metavar="ARTIFACTS_DIR", help="default: $MLXBUILD_ARTIFACTS or ./artifacts")
     d = sub.add_parser("doctor", help="the installed toolchain against the tested set (exit 2 on a "
                        "version known to break, or with --lock on any drift from the lock)")
     d.add_argument("--json", action="store_true")
@@ -202,6 +206,10 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
         from mlxbuild.pte_inspect import main as inspect_main
 
         return inspect_main(args.pte, as_json=args.json)
+    if args.cmd == "check":
+        from mlxbuild.check import main as check_main
+
+        return check_main(args.dirs)
     if args.cmd == "doctor":
         from mlxbuild.toolchain import main as doctor_main
 

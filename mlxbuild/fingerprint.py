@@ -33,7 +33,8 @@ def sha256_file(path: Path) -> str:
 
 
 class FileHasher:
-    """sha256 of files, remembered across runs by (size, mtime_ns)."""
+    """sha256 of files, remembered across runs by (size, mtime_ns, inode): a file replaced
+    by another of the same size and time is a new inode."""
 
     def __init__(self, state_file: Path | None):
         self.state_file = state_file
@@ -48,10 +49,10 @@ class FileHasher:
     def hash(self, path: Path) -> str:
         real = str(Path(path).resolve())
         st = os.stat(real)
-        stamp = [st.st_size, st.st_mtime_ns]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         known = self._known.get(real)
-        if known and known[:2] == stamp:
-            return known[2]
+        if known and known[:3] == stamp:
+            return known[3]
         digest = sha256_file(Path(real))
         self._known[real] = stamp + [digest]
         self._dirty = True

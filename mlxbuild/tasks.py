@@ -24,7 +24,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from mlxbuild import artifacts
-from mlxbuild.cache import Cache
+from mlxbuild.cache import Cache, CorruptEntry
 from mlxbuild.errors import MlxbuildError, VerificationError
 from mlxbuild.plan import Plan, Step
 from mlxbuild.settings import Roots
@@ -32,11 +32,39 @@ from mlxbuild.settings import Roots
 
 def is_done(plan: Plan, step: Step, cache: Cache, _seen=None) -> bool:
     if step.kind == "package":
-        return artifacts.is_published(Path(step.params["out_dir"]), step.params["stem"], step.key)
+        return artifacts.is_published(Path(step.params["out_dir"]), step.params["stem"], step.key,
+                                      _published_hashes(cache))
     if cache.has(step.kind, step.key):
-        return True
+        return _current(step, cache)
     users = [plan.steps[n] for n in step.dependents]
     return bool(users) and all(is_done(plan, u, cache) or _fetchable(u, cache) for u in users)
+
+
+_HASHERS: dict = {}
+
+
+def _published_hashes(cache: Cache):
+    """sha256 of published files, remembered by (size, mtime, inode) beside the cache, so the
+    no-op build checks every artifact's bytes against its record without reading them."""
+    from mlxbuild.fingerprint import FileHasher
+
+    hasher = _HASHERS.get(cache.root)
+    if hasher is None:
+        hasher = _HASHERS[cache.root] = FileHasher(cache.root / "published-hashes.json")
+    return hasher
+
+
+def _current(step: Step, cache: Cache) -> bool:
+    """An existing entry still stands for its inputs. A verification stands for the bytes it
+    checked: once the lowered program is rebuilt with other bytes, it is stale."""
+    if step.kind != "verify" or not cache.has("lower", step.params["lower"]):
+        return True
+    try:
+        verified = json.loads((cache.path("verify", step.key) / "verify.json").read_text())
+        program = cache.files("lower", step.params["lower"])["model.pte"]["sha256"]
+    except (OSError, ValueError, KeyError, MlxbuildError):
+        return False
+    return verified.get("artifact_sha256") == program
 
 
 def _fetchable(step: Step, cache: Cache) -> bool:
@@ -70,27 +98,75 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
     progress.quiet_libraries()
     cache = Cache(roots.cache, remote=remote.connect(plan.remote_cache if plan else None))
     try:
-        if step.kind == "package":
-            artifacts.publish(step.params, cache, step.key)
-        elif not cache.has(step.kind, step.key) and not remote.fetch_entry(cache, step.kind, step.key):
-            # (a parallel build may have made it meanwhile; the remote cache may have it)
-            from mlxbuild.stages import stage
-
-            _make_inputs(plan, step, roots, cache)
-            with cache.writing(step.kind, step.key) as out:
-                try:
-                    stage(step.kind).run({**step.params, "label": step.label}, cache, out)
-                except VerificationError as e:
-                    # The figures are in the entry about to be discarded: keep them for the report.
-                    raise _WithFigures(e, _read_json(out / "verify.json")) from None
-            remote.push_entry(cache, step.kind, step.key)
+        last = None
+        for _ in range(MAX_REPAIRS):
+            try:
+                _attempt(step, roots, plan, cache)
+                return True
+            except CorruptEntry as e:
+                last = e
+                repaired = _repair(step, e, roots, plan, cache)
+                if repaired is not True:
+                    return repaired
+        return StepFailed(f"{step.kind} {step.label}: cache entries kept failing their checks; "
+                          f"last: {last}")
     except _WithFigures as w:
         return VerificationFailed(str(w.error), figures=w.figures)
     except MlxbuildError as e:
         return StepFailed(str(e))
     except Exception as e:  # a crash in a step (e.g. a model factory raising) is a build failure
         return crashed(step, roots, e)
-    return True
+
+
+MAX_REPAIRS = 4  # entries one step may find corrupt and rebuild before it gives up
+
+
+def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache) -> None:
+    from mlxbuild import remote
+
+    if step.kind == "package":
+        artifacts.publish(step.params, cache, step.key)
+        return
+    if cache.has(step.kind, step.key) and not _current(step, cache):
+        try:
+            cache.read(step.kind, step.key)  # stale (its input was rebuilt), or damaged?
+        except CorruptEntry as e:
+            import sys
+
+            print(f"warning: {step.kind} {step.label}: {e}; evicted, rebuilding it", file=sys.stderr,
+                  flush=True)
+        cache.remove(step.kind, step.key)
+    if cache.has(step.kind, step.key) or remote.fetch_entry(cache, step.kind, step.key):
+        return  # (a parallel build may have made it meanwhile; the remote cache may have it)
+    from mlxbuild.stages import stage
+
+    _make_inputs(plan, step, roots, cache)
+    with cache.writing(step.kind, step.key) as out:
+        try:
+            stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+        except VerificationError as e:
+            # The figures are in the entry about to be discarded: keep them for the report.
+            raise _WithFigures(e, _read_json(out / "verify.json")) from None
+    remote.push_entry(cache, step.kind, step.key)
+
+
+def _repair(step: Step, error: CorruptEntry, roots: Roots, plan: Plan | None, cache: Cache):
+    """A step found an entry it reads corrupt: evict it, say so in one line, rebuild it.
+    True when rebuilt (the step is tried again), else the failure to report."""
+    import sys
+
+    from mlxbuild import progress
+
+    cache.remove(error.kind, error.key)
+    source = next((s for s in (plan.steps.values() if plan else ()) if s.kind == error.kind
+                   and s.key == error.key), None)
+    if source is None or source is step:
+        return StepFailed(f"{step.kind} {step.label}: {error}")
+    print(f"warning: {step.kind} {step.label}: {error}; evicted, rebuilding it", file=sys.stderr,
+          flush=True)
+    result = run_step(source, roots, plan)
+    progress.begin(step.kind, step.label)
+    return result
 
 
 TRACEBACK_ENV = "MLXBUILD_TRACEBACK"  # set by `doit build -v 2`; MLXBUILD_DEBUG=1 does the same

@@ -49,7 +49,7 @@ def _op_name(target) -> str:
 
 def run(params: dict, cache, out: Path) -> dict:
     backend = delegate.backend(params["backend"])
-    entry = cache.path("export", params["export"])
+    entry = cache.read("export", params["export"])
     info = json.loads((entry / "export.json").read_text())
     progress.note("loading saved program")
     programs = export.load_programs(entry, backend.FLAVOUR)

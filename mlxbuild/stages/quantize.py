@@ -22,7 +22,7 @@ from mlxbuild.quantize import apply_scheme, summarize
 
 
 def run(params: dict, cache, out: Path) -> dict:
-    model = load_model(cache.path("weights", params["weights"]), params["dtype"])
+    model = load_model(cache.read("weights", params["weights"]), params["dtype"])
     progress.note("quantizing")
     with torch.no_grad():
         try:

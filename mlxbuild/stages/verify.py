@@ -20,9 +20,9 @@ from mlxbuild.task_kinds.common import compare, native_stderr_captured  # noqa: 
 def run(params: dict, cache, out: Path) -> dict:
     backend = delegate.backend(params["backend"])
     kind = task_kinds.get(params.get("task"))
-    lowered = cache.path("lower", params["lower"])
+    lowered = cache.read("lower", params["lower"])
     if backend.VERIFY == "runtime":
-        result = numerical(lowered / "model.pte", cache.path("reference", params["reference"]),
+        result = numerical(lowered / "model.pte", cache.read("reference", params["reference"]),
                            params["tolerance"], backend, kind)
         if result["passed"] and hasattr(backend, "check_structure"):
             # A runtime that runs any leftover op (the MLX one runs them with torch)
@@ -34,6 +34,9 @@ def run(params: dict, cache, out: Path) -> dict:
     else:
         result = structural(lowered / "model.pte", backend, kind)
         result["coverage"] = coverage(lowered / "lower.json")
+    # What was verified is these bytes: publishing and up-to-date checks compare them with
+    # the lowered program they are about to trust (mlxbuild.tasks, mlxbuild.artifacts).
+    result["artifact_sha256"] = cache.files("lower", params["lower"])["model.pte"]["sha256"]
     (out / "verify.json").write_text(json.dumps(result, indent=1))
     if not result["passed"]:
         raise VerificationError(f"{params['label']}: verification failed: {result['reason']}")

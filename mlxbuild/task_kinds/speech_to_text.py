@@ -59,8 +59,8 @@ def _quantized_model(params: dict, cache):
     from mlxbuild import llm
     from mlxbuild.stages import quantize
 
-    model = llm.load_model(cache.path("weights", params["weights"]), params["dtype"])
-    quantize.load_into(model, cache.path("quantize", params["quantized"]))
+    model = llm.load_model(cache.read("weights", params["weights"]), params["dtype"])
+    quantize.load_into(model, cache.read("quantize", params["quantized"]))
     return model
 
 
