@@ -116,8 +116,7 @@ def publish(params: dict, cache, package_key: str) -> dict:
             "summary": json.loads((quantized / "summary.json").read_text()),
             "layers": json.loads((quantized / "layers.json").read_text())}
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = cache.scratch_dir()
-    try:
+    with cache.scratch(prefix="publish-") as staging:
         for src, dest in sources:
             shutil.copyfile(src, staging / dest)
         (staging / (stem + RECORD_SUFFIX)).write_text(json.dumps(record, indent=1, default=str))
@@ -126,8 +125,6 @@ def publish(params: dict, cache, package_key: str) -> dict:
         for _, dest in sources:
             _move(staging / dest, out_dir / dest)
         _move(staging / (stem + RECORD_SUFFIX), record_path(out_dir, stem))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
@@ -149,5 +146,12 @@ def _move(src: Path, dest: Path) -> None:
     except OSError:
         # Different filesystems: copy beside the destination under a hidden name, then rename.
         tmp = dest.with_name(f".{dest.name}.partial")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no debris
+            raise OSError(e.errno, e.strerror, str(dest)) from None  # named by where it goes
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # nor does an interrupt
+            raise

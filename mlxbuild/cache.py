@@ -16,16 +16,20 @@ bucket that other machines push their finished entries to. Only ``fetch``,
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from mlxbuild.errors import MlxbuildError
 
 COMPLETE = ".complete"
+OWNER = ".owner"  # beside a scratch directory: locked by the process using it
+LEGACY_SCRATCH_AGE = 3600
 _CHUNK = 1 << 20
 
 
@@ -73,13 +77,77 @@ class Cache:
         return (self.path(kind, key) / COMPLETE).exists()
 
     @contextlib.contextmanager
+    def lock(self, kind: str, key: str, on_wait=None):
+        """Hold the one-builder lock of (kind, key) across processes: an ``fcntl`` lock on a
+        file under ``locks/``, released by the kernel when its holder dies. ``on_wait()`` is
+        called once if another process holds it."""
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f"{kind}-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str = ""):
+        """A scratch directory on the cache's filesystem, owned by this process through a
+        locked ``<dir>.owner`` file beside it: ``clean_scratch`` removes only directories
+        whose owner is gone (a killed build's), never a running one's."""
+        root = self.scratch_root()
+        fd, owner = tempfile.mkstemp(prefix=prefix, suffix=OWNER, dir=root)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        scratch = Path(owner[: -len(OWNER)])
+        try:
+            scratch.mkdir()
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(owner)
+            os.close(fd)
+
+    def clean_scratch(self) -> list[str]:
+        """Remove scratch directories whose owning process is gone; return their names."""
+        root = self.root / "tmp"
+        removed = []
+        if not root.is_dir():
+            return removed
+        for owner in root.glob(f"*{OWNER}"):
+            try:
+                fd = os.open(owner, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # its owner is alive
+            scratch = Path(str(owner)[: -len(OWNER)])
+            shutil.rmtree(scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                owner.unlink()
+            os.close(fd)
+            removed.append(scratch.name)
+        for path in root.iterdir():
+            # Left by an mlxbuild that had no owner files: removed once an hour old.
+            if (path.is_dir() and not Path(f"{path}{OWNER}").exists()
+                    and time.time() - path.stat().st_mtime > LEGACY_SCRATCH_AGE):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return removed
+
+    @contextlib.contextmanager
     def writing(self, kind: str, key: str):
         """Yield a scratch directory that becomes the entry if the block succeeds."""
         final = self.path(kind, key)
-        scratch_root = self.root / "tmp"
-        scratch_root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=scratch_root))
-        try:
+        with self.scratch(prefix=f"{kind}-") as scratch:
             yield scratch
             # The marker is the entry's inventory, written last: an entry without it is not one.
             (scratch / COMPLETE).write_text(json.dumps({"format": 1, "files": inventory(scratch)}))
@@ -90,8 +158,6 @@ class Cache:
                 if not self.has(kind, key):
                     raise
                 # Another process finished the same entry first: keep theirs.
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def files(self, kind: str, key: str) -> dict[str, dict]:
         """The entry's recorded inventory (CorruptEntry when the marker is unreadable)."""
@@ -155,8 +221,3 @@ class Cache:
     def remove(self, kind: str, key: str) -> None:
         shutil.rmtree(self.path(kind, key), ignore_errors=True)
 
-    def scratch_dir(self) -> Path:
-        """A temporary directory on the cache's filesystem (for atomic renames elsewhere)."""
-        root = self.root / "tmp"
-        root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=root))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -81,8 +82,53 @@ class ManifestLoader(TaskLoader2):
             print(f"error: {e}", file=sys.stderr)
             raise PlanFailed(EXIT_USAGE if isinstance(e, UsageError) else EXIT_MANIFEST, e)
         self.plan = plan
+        if getattr(cmd, "name", None) in ("build", "release"):
+            try:
+                writable(r.cache, r.artifacts)
+            except UsageError as e:
+                print(f"error: {e}", file=sys.stderr)
+                raise PlanFailed(EXIT_USAGE, e)
         r.cache.mkdir(parents=True, exist_ok=True)
+        from mlxbuild.cache import Cache
+
+        Cache(r.cache).clean_scratch()  # what builds killed earlier left behind
         return generate_tasks("mlxbuild", task_dicts(plan, r))
+
+
+def writable(*folders: Path) -> None:
+    """Every folder a build writes to exists (or can be made) and takes a file: checked
+    before any step, so a read-only or full artifacts directory is not found at the end."""
+    import tempfile
+
+    from mlxbuild.errors import UsageError
+
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise UsageError(f"{folder}: not writable ({e.strerror}); set MLXBUILD_CACHE / "
+                             "MLXBUILD_ARTIFACTS to folders this build can write") from None
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the build's main process like KeyboardInterrupt is for SIGINT."""
+
+
+def _terminate_raises():
+    """Make SIGTERM raise Terminated in this process; ``-n N`` workers (forked with the
+    handler) die of it quietly, as they would by default. Returns the previous handler."""
+    main = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 class PlanFailed(SystemExit):
@@ -153,13 +199,25 @@ class Build(Run):
 
             os.environ[TRACEBACK_ENV] = "1"  # a crashed step's traceback on the terminal too
         error, doit_result = None, None
+        previous = _terminate_raises()
         try:
             doit_result = super().execute(params, args)
         except PlanFailed as e:
             kind = "usage" if e.code == report.EXIT_USAGE else "manifest"
             error, code = report.error_entry(kind, e.error), e.code
+        except (KeyboardInterrupt, Terminated) as e:
+            # A cancelled CI job: stop, say so in one line, and still write the reports.
+            signame = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+            code = report.EXIT_SIGTERM if isinstance(e, Terminated) else report.EXIT_SIGINT
+            stopped = report.mark_interrupted(self.recorder.outcomes if self.recorder else {}, signame)
+            error = {"kind": "interrupted", "message": f"interrupted by {signame}"}
+            titles = [self._title(n) for n in stopped]
+            print(f"\ninterrupted by {signame}" + (f": stopped {', '.join(titles)}" if titles else ""),
+                  file=sys.stderr, flush=True)
         else:
             code = report.exit_code(self.recorder.outcomes if self.recorder else {}, doit_result)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         summary = (os.environ.get("GITHUB_STEP_SUMMARY")
                    if os.environ.get("MLXBUILD_STEP_SUMMARY", "1") != "0" else None)
         if params.get("report") or params.get("junit") or summary:
@@ -171,6 +229,11 @@ class Build(Run):
                 print(f"error: {problem}", file=sys.stderr)
                 code = code or report.EXIT_BUILD
         return code
+
+    def _title(self, task_name: str) -> str:
+        plan = getattr(self.loader, "plan", None)
+        step = plan.steps.get(task_name) if plan else None
+        return f"{step.kind} {step.label}" if step else task_name
 
     def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console",
                  num_process=0, par_type="process", single=False, auto_delayed_regex=False,

@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EXIT_OK, EXIT_BUILD, EXIT_USAGE, EXIT_MANIFEST, EXIT_VERIFICATION = 0, 1, 2, 3, 4
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal, as shells report a killed command
 MEANING = {EXIT_OK: "success", EXIT_BUILD: "build failure", EXIT_USAGE: "usage error",
-           EXIT_MANIFEST: "bad manifest", EXIT_VERIFICATION: "verification failure"}
+           EXIT_MANIFEST: "bad manifest", EXIT_VERIFICATION: "verification failure",
+           EXIT_SIGINT: "interrupted (SIGINT)", EXIT_SIGTERM: "interrupted (SIGTERM)"}
 FORMAT = "mlxbuild-build-report/1"
 
 # Figures of the verification record worth a JUnit property and a summary column.
@@ -129,6 +131,18 @@ class Recorder:
 
     def __getattr__(self, name):  # anything else a reporter offers
         return getattr(self.inner, name)
+
+
+def mark_interrupted(outcomes: dict[str, Outcome], signame: str) -> list[str]:
+    """Steps started and not finished when the build was interrupted: failed, kind
+    ``interrupted``. Returns their task names."""
+    names = []
+    for name, o in outcomes.items():
+        if o.started is not None and o.status == "not-run":
+            o.status, o.kind, o.seconds = "failed", "interrupted", _since(o.started)
+            o.message = f"interrupted by {signame}"
+            names.append(name)
+    return names
 
 
 def _since(start):

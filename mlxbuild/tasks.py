@@ -16,6 +16,7 @@ no-op build never touches the network.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -114,39 +115,51 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
         return VerificationFailed(str(w.error), figures=w.figures)
     except MlxbuildError as e:
         return StepFailed(str(e))
+    except OSError as e:
+        if e.errno in RESOURCE_ERRNOS:  # a full disk is not a crash: one line, where and what
+            where = e.filename or (step.params["out_dir"] if step.kind == "package" else roots.cache)
+            return StepFailed(f"{step.kind} {step.label}: {os.strerror(e.errno)}: {where}")
+        return crashed(step, roots, e)
     except Exception as e:  # a crash in a step (e.g. a model factory raising) is a build failure
         return crashed(step, roots, e)
 
 
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 MAX_REPAIRS = 4  # entries one step may find corrupt and rebuild before it gives up
 
 
 def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache) -> None:
-    from mlxbuild import remote
+    from mlxbuild import progress, remote
 
-    if step.kind == "package":
-        artifacts.publish(step.params, cache, step.key)
-        return
-    if cache.has(step.kind, step.key) and not _current(step, cache):
-        try:
-            cache.read(step.kind, step.key)  # stale (its input was rebuilt), or damaged?
-        except CorruptEntry as e:
-            import sys
+    def waiting():
+        progress.note("waiting for another build of this step")
 
-            print(f"warning: {step.kind} {step.label}: {e}; evicted, rebuilding it", file=sys.stderr,
-                  flush=True)
-        cache.remove(step.kind, step.key)
-    if cache.has(step.kind, step.key) or remote.fetch_entry(cache, step.kind, step.key):
-        return  # (a parallel build may have made it meanwhile; the remote cache may have it)
-    from mlxbuild.stages import stage
+    # One builder per step across processes: a second build waits, then reuses the entry.
+    with cache.lock(step.kind, step.key, on_wait=waiting):
+        if step.kind == "package":
+            if not artifacts.is_published(Path(step.params["out_dir"]), step.params["stem"], step.key):
+                artifacts.publish(step.params, cache, step.key)
+            return
+        if cache.has(step.kind, step.key) and not _current(step, cache):
+            try:
+                cache.read(step.kind, step.key)  # stale (its input was rebuilt), or damaged?
+            except CorruptEntry as e:
+                import sys
 
-    _make_inputs(plan, step, roots, cache)
-    with cache.writing(step.kind, step.key) as out:
-        try:
-            stage(step.kind).run({**step.params, "label": step.label}, cache, out)
-        except VerificationError as e:
-            # The figures are in the entry about to be discarded: keep them for the report.
-            raise _WithFigures(e, _read_json(out / "verify.json")) from None
+                print(f"warning: {step.kind} {step.label}: {e}; evicted, rebuilding it", file=sys.stderr,
+                      flush=True)
+            cache.remove(step.kind, step.key)
+        if cache.has(step.kind, step.key) or remote.fetch_entry(cache, step.kind, step.key):
+            return  # (another build made it meanwhile; the remote cache may have it)
+        from mlxbuild.stages import stage
+
+        _make_inputs(plan, step, roots, cache)
+        with cache.writing(step.kind, step.key) as out:
+            try:
+                stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+            except VerificationError as e:
+                # The figures are in the entry about to be discarded: keep them for the report.
+                raise _WithFigures(e, _read_json(out / "verify.json")) from None
     remote.push_entry(cache, step.kind, step.key)
 
 

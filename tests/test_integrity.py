@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,120 @@ def test_check_names_missing_files_and_refuses_an_empty_tree(ws):
     nothing = subprocess.run([str(Path(sys.executable).with_name("mlxbuild")), "check", str(empty)],
                              capture_output=True, text=True)
     assert nothing.returncode == 2 and "no published artifacts" in nothing.stderr
+
+
+# -- interruption, resources, concurrency
+
+
+def _popen(ws, *args, **env):
+    full = ws.make_env(MLXBUILD_CACHE=ws.cache, MLXBUILD_ARTIFACTS=ws.root / "artifacts", PYTHONUNBUFFERED="1", **env)
+    return subprocess.Popen([*doit_command(), "build", *args, "m.yaml"], cwd=ws.root, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _scratch(ws) -> list[str]:
+    root = ws.cache / "tmp"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+@pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_an_interrupted_build_writes_its_reports_and_one_line(ws, signum, code, name):
+    shutil.rmtree(ws.entry("lower"))
+    shutil.rmtree(ws.entry("verify"))
+    ws.unpublish()
+    proc = _popen(ws, "--report", "r.json", "--junit", "j.xml")
+    for line in proc.stdout:
+        if line.startswith(".  lower"):
+            time.sleep(1.0)  # inside the lowering
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines() == [f"interrupted by {name}: stopped lower {NAME}/portable-fp32"], err
+    report = json.loads((ws.root / "r.json").read_text())
+    [target] = report["manifests"][0]["targets"]
+    assert report["exit_code"] == code and report["error"]["kind"] == "interrupted"
+    assert target["failure"]["kind"] == "interrupted" and target["failure"]["step"] == "lower"
+    assert 'type="interrupted"' in (ws.root / "j.xml").read_text()
+    assert _scratch(ws) == []  # the interrupted step's scratch directory is gone
+    again = ws.build()  # and the next build finishes the work
+    assert again.returncode == 0 and (ws.art / f"{STEM}.pte").exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted = []
+
+    def mount(path: Path, size: str, readonly: bool = False):
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if readonly else "")
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {p.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_full_artifacts_filesystem_is_one_line_and_leaves_no_debris(ws, tmpfs):
+    shutil.rmtree(ws.root / "artifacts")
+    full = tmpfs(ws.root / "artifacts", "16k")
+    p = ws.build()
+    assert p.returncode == 1, p.stderr
+    [fail] = [ln for ln in p.stdout.splitlines() if ln.startswith("FAIL ")]
+    assert fail.startswith(f"FAIL package {NAME}/portable-fp32: No space left on device: "), fail
+    assert str(full) in fail and "Traceback" not in p.stdout + p.stderr
+    leftovers = [q.name for q in full.rglob("*") if q.is_file()]
+    assert leftovers == [], leftovers  # no .partial, no half-written artifact
+    assert _scratch(ws) == []
+
+
+def test_a_read_only_artifacts_directory_is_refused_before_any_step(ws, tmpfs):
+    shutil.rmtree(ws.root / "artifacts")
+    ro = tmpfs(ws.root / "artifacts", "1m", readonly=True)
+    p = ws.build()
+    assert p.returncode == 2 and not p.ran, p.stdout
+    assert p.stderr.strip().splitlines() == [
+        f"error: {ro}: not writable (Read-only file system); set MLXBUILD_CACHE / MLXBUILD_ARTIFACTS "
+        "to folders this build can write"], p.stderr
+
+
+def test_concurrent_builds_do_each_step_once(ws):
+    shutil.rmtree(ws.entry("export"))
+    shutil.rmtree(ws.entry("lower"))
+    shutil.rmtree(ws.entry("verify"))
+    ws.unpublish()
+    procs = [_popen(ws) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    text = "".join(o + e for o, e in outs)
+    assert text.count("lowering forward to portable") == 1, text  # one lowering, two waits
+    assert text.count("torch.export") == 1, text
+    assert sha256(ws.art / f"{STEM}.pte") == sha256(ws.root / "artifacts" / NAME / "0.1.0" / f"{STEM}.pte")
+    assert _scratch(ws) == []
+
+
+def test_scratch_left_by_a_dead_build_is_removed_a_live_one_kept(ws):
+    import fcntl
+    import os
+
+    root = ws.cache / "tmp"
+    root.mkdir(exist_ok=True)
+    # A killed build's scratch: its owner file is there but nobody holds its lock.
+    (root / "lower-dead").mkdir()
+    (root / "lower-dead" / "forward.pt2").write_bytes(b"x" * 1000)
+    (root / "lower-dead.owner").write_text("")
+    # A running build's: this test holds the lock.
+    (root / "lower-live").mkdir()
+    fd = os.open(root / "lower-live.owner", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        p = ws.build()
+        assert p.returncode == 0, p.stderr
+        assert _scratch(ws) == ["lower-live", "lower-live.owner"]
+    finally:
+        os.close(fd)
