@@ -58,6 +58,18 @@ class FileHasher:
         self._dirty = True
         return digest
 
+    # Facts about content already established (a checkpoint found well-formed), by a key
+    # that hashes that content: kept in the same state file.
+    _NOTES = "notes"
+
+    def noted(self, tag: str) -> bool:
+        return tag in self._known.get(self._NOTES, [])
+
+    def note(self, tag: str) -> None:
+        if not self.noted(tag):
+            self._known.setdefault(self._NOTES, []).append(tag)
+            self._dirty = True
+
     def save(self) -> None:
         if not (self._dirty and self.state_file):
             return

@@ -144,10 +144,20 @@ def _choice(*values: Any):
     return Annotated[Literal[values], BeforeValidator(check)]  # type: ignore[valid-type]
 
 
-def _string_check(what: str, regex: re.Pattern | None = None, hint: str = "") -> Callable:
+# Names and versions become file names (artifacts/<name>/<version>/<name>-<target>.json,
+# <name>-<version>.tar.gz): bounded so the longest, name-target.json, stays within 134
+# bytes, under the strictest common limit (eCryptfs: 143; ext4, APFS, NTFS: 255).
+MAX_NAME, MAX_VERSION = 64, 32
+
+
+def _string_check(what: str, regex: re.Pattern | None = None, hint: str = "",
+                  max_length: int | None = None) -> Callable:
     def check(v: Any) -> Any:
         if not isinstance(v, str):
             raise _Issue((), f"expected a {what} string, got {_describe(v)}")
+        if max_length is not None and len(v) > max_length:
+            raise _Issue((), f"a {what} of {len(v)} characters is too long (at most {max_length}: "
+                         "it becomes part of the artifacts' file names)")
         if regex is None:
             if not v.strip():
                 raise _Issue((), f"expected a {what} string, got an empty string")
@@ -197,8 +207,8 @@ def _check_constant(v: Any) -> Any:
 
 Slug = Annotated[
     str,
-    StringConstraints(pattern=SLUG_PATTERN),
-    BeforeValidator(_string_check("name", _SLUG_RE, _SLUG_HINT)),
+    StringConstraints(pattern=SLUG_PATTERN, max_length=MAX_NAME),
+    BeforeValidator(_string_check("name", _SLUG_RE, _SLUG_HINT, MAX_NAME)),
 ]
 SchemeName = Annotated[
     str, StringConstraints(pattern=SLUG_PATTERN), BeforeValidator(_check_scheme_name)
@@ -210,12 +220,13 @@ SchemeRef = Annotated[
 ]
 SemVer = Annotated[
     str,
-    StringConstraints(pattern=SEMVER_PATTERN),
+    StringConstraints(pattern=SEMVER_PATTERN, max_length=MAX_VERSION),
     BeforeValidator(
         _string_check(
             "semantic version",
             _SEMVER_RE,
             "expected MAJOR.MINOR.PATCH[-prerelease][+build], e.g. 0.1.0",
+            MAX_VERSION,
         )
     ),
 ]
@@ -697,6 +708,18 @@ class Manifest(_Model):
     settings: Settings = Field(default_factory=Settings, description="how to build (not what)")
 
     _manifest_path: Path | None = PrivateAttr(None)
+    _positions: dict = PrivateAttr(default_factory=dict)  # YAML positions of its fields
+
+    def error_at(self, field: tuple, message: str) -> ManifestError:
+        """A one-line error at ``field`` (e.g. ``("model", "source", "path")``): the
+        manifest's file:line:col of that field, as validation errors have."""
+        line, col = (1, 1)
+        for n in range(len(field), -1, -1):
+            if field[:n] in self._positions:
+                line, col = self._positions[field[:n]]
+                break
+        return ManifestError(str(self._manifest_path or "<string>"), line, col,
+                             ".".join(map(str, field)) or None, message)
 
     @field_validator("settings", mode="before")
     @classmethod
@@ -1133,6 +1156,7 @@ def parse_manifest(text: str, file: str | os.PathLike = "<string>") -> Manifest:
         raise _first_error(e, data, positions, fname) from None
     if fname != "<string>":
         manifest.manifest_path = fname
+    manifest._positions = positions
     return manifest
 
 

@@ -63,7 +63,7 @@ def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
 def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path) -> list[str]:
     """Add one manifest's steps to `plan`; return its package step names."""
     manifest_dir = Path(manifest.source_file).parent if manifest.source_file else Path.cwd()
-    src = sources.identify(manifest.model.source, manifest_dir, hasher)
+    src = sources.located(manifest, manifest_dir, hasher)
     dtype = manifest.model.dtype
     exp = manifest.export
     export_spec = {"max_context_length": exp.max_context_length,

@@ -80,6 +80,60 @@ def identify(source, manifest_dir: Path, hasher: FileHasher) -> dict:
     raise BuildError("model.source: no source given")
 
 
+def located(manifest, manifest_dir: Path, hasher: FileHasher) -> dict:
+    """``identify`` for a manifest, with a local checkpoint and the tokenizer checked
+    (``mlxbuild.checkpoint_check``) before any step: a problem is one line at the
+    manifest's field, naming the file."""
+    from mlxbuild.checkpoint_check import CheckpointError, check_folder, check_tokenizer
+
+    source = manifest.model.source
+    field = ("model", "source", "path" if source.path is not None else "hf")
+    try:
+        src = identify(source, manifest_dir, hasher)
+    except BuildError as e:
+        if source.path is None and source.hf is None:
+            raise
+        raise manifest.error_at(field, str(e).removeprefix("model.source.path: ")) from None
+    memo = _Checked(hasher)
+    if "path" in src["load"] and not memo.seen(src["checkpoint"]):
+        try:
+            check_folder(Path(src["load"]["path"]))
+        except CheckpointError as e:
+            raise manifest.error_at(field, str(e)) from None
+        memo.add(src["checkpoint"])
+    tokenizer = manifest.tokenizer_path
+    if tokenizer is not None:
+        try:
+            file = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+            digest = {"tokenizer": hasher.hash(file)} if file.is_file() else None
+            if digest is None or not memo.seen(digest):
+                check_tokenizer(tokenizer)
+                memo.add(digest)
+        except CheckpointError as e:
+            raise manifest.error_at(("model", "tokenizer"), str(e)) from None
+    return src
+
+
+class _Checked:
+    """Checkpoints (by their files' hashes) already found well-formed, noted in the hasher's
+    state: a no-op build does not read their headers again."""
+
+    def __init__(self, hasher: FileHasher):
+        self.hasher = hasher
+
+    @staticmethod
+    def _key(files: dict) -> str:
+        from mlxbuild.fingerprint import stable_hash
+
+        return "checked:" + stable_hash("checked", files)
+
+    def seen(self, files: dict) -> bool:
+        return self.hasher.noted(self._key(files))
+
+    def add(self, files: dict) -> None:
+        self.hasher.note(self._key(files))
+
+
 def _resolve(base: Path, path: str) -> Path:
     p = Path(os.path.expanduser(path))
     return (p if p.is_absolute() else base / p).resolve()

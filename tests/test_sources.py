@@ -298,15 +298,16 @@ def test_changing_one_shard_changes_the_weights_key(work, tmp_path):
 
 
 def test_path_source_errors(work, tmp_path):
-    from mlxbuild.errors import BuildError
+    from mlxbuild.errors import ManifestError
 
+    # Named at the manifest's field (file:line:col), as validation errors are.
     missing = write_manifest(tmp_path / "missing.yaml", "tiny", {"path": "nope"})
-    with pytest.raises(BuildError, match="is not a directory"):
+    with pytest.raises(ManifestError, match=r"missing\.yaml:\d+:\d+: model\.source\.path: .*nope is not a directory"):
         plan_weights(missing, tmp_path / "cache")
     (tmp_path / "empty").mkdir()
     shutil.copy(work / "ckpt" / "config.json", tmp_path / "empty")
     empty = write_manifest(tmp_path / "empty.yaml", "tiny", {"path": "empty"})
-    with pytest.raises(BuildError, match="no \\*.safetensors"):
+    with pytest.raises(ManifestError, match=r"empty\.yaml:\d+:\d+: model\.source\.path: .*no \*\.safetensors"):
         plan_weights(empty, tmp_path / "cache")
 
 
