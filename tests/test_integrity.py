@@ -305,3 +305,33 @@ def test_scratch_left_by_a_dead_build_is_removed_a_live_one_kept(ws):
         assert _scratch(ws) == ["lower-live", "lower-live.owner"]
     finally:
         os.close(fd)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_never_leaves_wrong_bytes_or_debris(clean, tmp_path):
+    """20 builds killed with SIGKILL at random points (about 6 minutes): each rerun succeeds,
+    publishes the clean build's bytes and leaves the scratch area empty."""
+    import random
+
+    rng = random.Random(0)
+    want = sha256(clean.art / f"{STEM}.pte")
+    ws = Ws(tmp_path / "ws", clean.make_env)
+    shutil.copytree(clean.root, ws.root, symlinks=True)
+    outcomes = []
+    for trial in range(20):
+        for kind in ("export", "lower", "verify"):
+            if rng.random() < 0.7:
+                for entry in (ws.cache / kind).glob("*/*"):
+                    shutil.rmtree(entry)
+        ws.unpublish()
+        proc = _popen(ws)
+        time.sleep(rng.uniform(0.5, 12.0))
+        proc.kill()
+        proc.communicate()
+        again = ws.build()
+        assert again.returncode == 0, (trial, again.stderr[-2000:])
+        assert sha256(ws.art / f"{STEM}.pte") == want, trial
+        assert ws.check().returncode == 0, trial
+        assert _scratch(ws) == [], (trial, _scratch(ws))
+        outcomes.append(proc.returncode)
+    assert len(outcomes) == 20
