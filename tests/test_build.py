@@ -420,6 +420,13 @@ def test_parallel_build_is_byte_identical(warm, cold):
 # --------------------------------------------------------------------------- 7. verification bites
 
 
+def reseal(entry: Path) -> None:
+    """Record an entry's current files in its marker, as if a step had written them."""
+    from mlxbuild.cache import COMPLETE, inventory
+
+    (entry / COMPLETE).write_text(json.dumps({"format": 1, "files": inventory(entry)}))
+
+
 def _corrupt_reference_logits(ws: Workspace, target: str) -> str:
     """Every scheme's reference logits are shifted, in every 7th vocabulary column, by the
     largest logit: far outside any tolerance, however the checkpoint's logits are scaled."""
@@ -427,6 +434,7 @@ def _corrupt_reference_logits(ws: Workspace, target: str) -> str:
         logits = np.load(entry / "logits.npy")
         logits[:, ::7] += np.abs(logits).max()
         np.save(entry / "logits.npy", logits)
+        reseal(entry)  # wrong but consistent (a bug, not a damaged file: that is rebuilt)
     return r"verification failed: max abs error [0-9.e+-]+ \([0-9.e+-]+ of the largest logit, allowed [0-9.e+-]+\), top-1 agreement [0-9.]+%"
 
 
@@ -437,6 +445,7 @@ def _swap_lowered_program(ws: Workspace, target: str) -> str:
     those close, from the structural check that follows them."""
     lowered = ws.entry("lower", ws.record(target)["keys"]["lower"]) / "model.pte"
     shutil.copyfile(ws.entry("lower", ws.record("portable-fp32")["keys"]["lower"]) / "model.pte", lowered)
+    reseal(lowered.parent)
     return r"verification failed: (forward: MLX delegate missing|max abs error)"
 
 

@@ -164,10 +164,13 @@ def failed(matrix, tmp_path_factory):
     src, _ = matrix
     ws = Workspace(tmp_path_factory.mktemp("ci-failed") / "ws", src._make_env)
     shutil.copytree(src.root, ws.root, symlinks=True)
+    from test_build import reseal
+
     for logits in (ws.root / "cache" / "reference").glob("*/*/logits.npy"):
         ref = np.load(logits)
         ref[:, ::7] += np.abs(ref).max()
         np.save(logits, ref)
+        reseal(logits.parent)  # wrong but consistent, so verification (not integrity) catches it
     shutil.rmtree(ws.root / "cache" / "verify")
     for record in (ws.root / "artifacts" / NAME / "0.1.0").glob("*.json"):
         record.unlink()

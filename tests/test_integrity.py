@@ -114,12 +114,19 @@ def test_entries_record_their_files(clean):
 # Each kind of entry, damaged by a flipped byte or cut in half, while the artifact is not
 # published: the step reading it says so in one line, it is rebuilt, and the bytes published are
 # the clean build's.
-CASES = [("weights", "model.safetensors", flip), ("quantize", "state.pt", truncate),
-         ("export", "forward.pt2", flip), ("reference", "logits.npy", flip),
-         ("lower", "model.pte", flip), ("lower", "model.pte", truncate), ("verify", "verify.json", truncate)]
+# The default run damages the export, the lowered program and the verification (what the
+# measured cases hit); the other kinds run with `-m slow` (about 2 minutes).
+_SLOW = pytest.mark.slow
+CASES = [pytest.param("weights", "model.safetensors", flip, marks=_SLOW, id="weights-flip"),
+         pytest.param("quantize", "state.pt", truncate, marks=_SLOW, id="quantize-truncate"),
+         pytest.param("export", "forward.pt2", flip, id="export-flip"),
+         pytest.param("reference", "logits.npy", flip, marks=_SLOW, id="reference-flip"),
+         pytest.param("lower", "model.pte", flip, id="lower-flip"),
+         pytest.param("lower", "model.pte", truncate, marks=_SLOW, id="lower-truncate"),
+         pytest.param("verify", "verify.json", truncate, id="verify-truncate")]
 
 
-@pytest.mark.parametrize("kind,file,damage", CASES, ids=[f"{k}-{f}-{d.__name__}" for k, f, d in CASES])
+@pytest.mark.parametrize("kind,file,damage", CASES)
 def test_a_damaged_entry_is_rebuilt_not_published(ws, clean, kind, file, damage):
     entry = ws.entry(kind)
     target = entry / file if (entry / file).exists() else next(p for p in entry.iterdir() if p.suffix != ".json"
@@ -204,7 +211,9 @@ def _scratch(ws) -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
-@pytest.mark.parametrize("signum,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize("signum,code,name", [
+    pytest.param(signal.SIGINT, 130, "SIGINT", id="sigint"),
+    pytest.param(signal.SIGTERM, 143, "SIGTERM", marks=pytest.mark.slow, id="sigterm")])
 def test_an_interrupted_build_writes_its_reports_and_one_line(ws, signum, code, name):
     shutil.rmtree(ws.entry("lower"))
     shutil.rmtree(ws.entry("verify"))
@@ -335,3 +344,19 @@ def test_kill_9_at_random_points_never_leaves_wrong_bytes_or_debris(clean, tmp_p
         assert _scratch(ws) == [], (trial, _scratch(ws))
         outcomes.append(proc.returncode)
     assert len(outcomes) == 20
+
+
+def test_check_compares_a_released_version_with_its_lock(ws):
+    """A file rewritten together with its record still differs from the release lock."""
+    pte, record_file = ws.art / f"{STEM}.pte", ws.art / f"{STEM}.json"
+    record = ws.record()
+    lock = {"format": 1, "targets": {"portable-fp32": {"stem": STEM, "files": record["files"]}}}
+    (ws.art / "release.lock.json").write_text(json.dumps(lock))
+    assert ws.check().returncode == 0
+    flip(pte, 0.4)
+    record["files"][pte.name]["sha256"] = sha256(pte)  # the record made to agree: the lock does not
+    record_file.write_text(json.dumps(record))
+    c = ws.check()
+    assert c.returncode == 4, c
+    assert c.stderr.strip().splitlines() == [
+        f"mismatch: {pte}: sha256 differs from release.lock.json (target portable-fp32)"], c.stderr

@@ -335,7 +335,8 @@ def test_hf_source_not_in_offline_cache_is_a_clear_error(work, tmp_path, subproc
     manifest = write_manifest(tmp_path / "m.yaml", "tiny", source)
     env = subprocess_env(**hub_env(work / "hub"), MLXBUILD_CACHE=tmp_path / "cache")
     planned = plan_in_subprocess(manifest, tmp_path / "cache", env)
-    assert planned.get("error") == "BuildError", planned
+    assert planned.get("error") == "ManifestError", planned  # at the manifest's field
+    assert "m.yaml:" in planned["message"] and "model.source.hf: " in planned["message"], planned
     assert f"hf:{source['hf']}@{source.get('revision') or 'main'}" in planned["message"]
     assert "HF_HUB_OFFLINE" in planned["message"]
 
