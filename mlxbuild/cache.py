@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -26,11 +25,11 @@ import time
 from pathlib import Path
 
 from mlxbuild.errors import MlxbuildError
+from mlxbuild.fingerprint import sha256_file
 
 COMPLETE = ".complete"
 OWNER = ".owner"  # beside a scratch directory: locked by the process using it
 LEGACY_SCRATCH_AGE = 3600
-_CHUNK = 1 << 20
 
 
 class CorruptEntry(MlxbuildError):
@@ -44,20 +43,12 @@ class CorruptEntry(MlxbuildError):
         return (type(self), (self.kind, self.key, self.file, self.problem))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inventory(root: Path) -> dict[str, dict]:
     """``{relative path: {"sha256", "size"}}`` of every file below ``root`` but the marker."""
     files = {}
     for p in sorted(Path(root).rglob("*")):
         if p.is_file() and p.name != COMPLETE:
-            files[p.relative_to(root).as_posix()] = {"sha256": _sha256(p), "size": p.stat().st_size}
+            files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return files
 
 
@@ -182,7 +173,7 @@ class Cache:
                 raise CorruptEntry(kind, key, rel, "missing") from None
             if size != want["size"]:
                 raise CorruptEntry(kind, key, rel, f"{size} bytes, recorded {want['size']}")
-            if _sha256(path) != want["sha256"]:
+            if sha256_file(path) != want["sha256"]:
                 raise CorruptEntry(kind, key, rel, "sha256 differs from the recorded one")
         return root
 
