@@ -70,7 +70,7 @@ STEP_OK = re.compile(r"^ok (\S+) (.*) \(([0-9.]+) s\)$")
 # Runs ExecuTorch's script in this process after generating the MLX schema it imports.
 ET_WRAPPER = (
     "import runpy, sys\n"
-    "from delegate.mlx_schema import ensure_mlx_schema\n"
+    "from backends.mlx_schema import ensure_mlx_schema\n"
     "ensure_mlx_schema()\n"
     f"sys.argv = ['export_llm_hf', *sys.argv[1:]]\n"
     f"runpy.run_module({ET_MODULE!r}, run_name='__main__', alter_sys=True)\n"
@@ -231,14 +231,14 @@ def snapshot_code(mode: str, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--short", "--", "mlxbuild", "delegate"], cwd=REPO,
+    dirty = subprocess.run(["git", "status", "--short", "--", "mlxbuild", "backends", "mlx_runtime"], cwd=REPO,
                            capture_output=True, text=True).stdout.splitlines()
     if mode == "head":
-        archive = subprocess.run(["git", "archive", "HEAD", "mlxbuild", "delegate"], cwd=REPO,
+        archive = subprocess.run(["git", "archive", "HEAD", "mlxbuild", "backends", "mlx_runtime"], cwd=REPO,
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     else:
-        for pkg in ("mlxbuild", "delegate"):
+        for pkg in ("mlxbuild", "backends", "mlx_runtime"):
             shutil.copytree(REPO / pkg, dest / pkg,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return {"mode": mode, "head": head, "dirty_files_not_measured" if mode == "head"

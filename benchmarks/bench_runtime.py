@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Runtime benchmark: prefill and decode tokens/s of an MLX-delegated .pte through
-``delegate.mlx_runtime`` against mlx-lm running the same checkpoint (same bits,
+``mlx_runtime`` against mlx-lm running the same checkpoint (same bits,
 same group size) on the same host, in the same run.
 
 Steps:
@@ -200,8 +200,8 @@ def ours_side(pte: Path, args, prompt: list[int]) -> dict:
     import numpy as np
     import mlx.core as mx
 
-    from delegate import mlx_runtime
-    from delegate.mlx_runtime import graph as _graph
+    import mlx_runtime
+    from mlx_runtime import graph as _graph
 
     t0 = time.perf_counter()
     prog = mlx_runtime.load(pte, precision=args.precision)

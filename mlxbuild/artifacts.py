@@ -95,7 +95,7 @@ def publish(params: dict, cache, package_key: str) -> dict:
     # A released target rebuilt after its files were deleted must come out as the same bytes.
     lock.check_rebuilt(out_dir, stem, f"{params['record']['name']}/{params['record']['target']}", files)
     pte_info = inspect_pte(lowered / "model.pte")
-    from delegate.requirements import runtime_requirements
+    from backends.requirements import runtime_requirements
 
     record = {
         **params["record"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import delegate
+import backends
+from backends.errors import BackendError
+from mlxbuild.errors import BuildError
 from mlxbuild.fingerprint import FileHasher
 from mlxbuild import lock, toolchain
 from mlxbuild.manifest import load_manifest
@@ -19,7 +21,10 @@ def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None) -> P
         manifests = select.apply(manifests)
     # A backend that cannot lower on this host says so now, not after hours of quantizing.
     for backend in sorted({t.backend for _, m in manifests for t in m.targets}):
-        delegate.preflight(backend)
+        try:
+            backends.preflight(backend)
+        except BackendError as e:
+            raise BuildError(str(e)) from None
     hasher = FileHasher(roots.hash_state)
     plan = Plan()
     plan.remote_cache = remote

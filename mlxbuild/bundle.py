@@ -238,36 +238,25 @@ class _NoRuntime(Exception):
 def run_artifact(pte: Path, backend: str, info: dict, ptds: list[Path]) -> tuple[str, str]:
     """Run every method once on this host's runtime for `backend` (a short prefill for an
     LLM's forward, zeros of the declared shapes otherwise); return (runtime, problem or '')."""
-    import delegate
+    import backends
+    from backends.et_runtime import native_stderr_captured
 
     try:
-        module = delegate.backend(backend)
+        runtime = backends.runtime_module_name(backend)
     except ValueError:
         raise _NoRuntime(f"no {backend} runtime in mlxbuild") from None
-    inputs = {name: sample_inputs(m["inputs"]) for name, m in info["methods"].items()}
-    if hasattr(module, "load_method"):  # a runtime of ours (MLX through mlx.core)
+    if runtime is None:
+        raise _NoRuntime(f"{backend} is checked structurally only on this host")
+    if runtime == "mlx_runtime":
         try:
             import mlx.core  # noqa: F401
         except ImportError:
             raise _NoRuntime("mlx is not installed here") from None
-        from delegate import mlx_runtime
-
-        program = mlx_runtime.load(pte, ptds)
+    inputs = {name: sample_inputs(m["inputs"]) for name, m in info["methods"].items()}
+    with native_stderr_captured():
+        program = backends.open_program(pte, backend, ptds)
         outputs = {name: program.run(name, args) for name, args in inputs.items()}
-        how = "mlxbuild MLX runtime"
-    elif getattr(module, "VERIFY", None) == "runtime":
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  LLM kernels
-        import executorch.kernels.quantized  # noqa: F401  quantized embedding kernels
-        from executorch.runtime import Runtime
-
-        from mlxbuild.stages.verify import native_stderr_captured
-
-        with native_stderr_captured():
-            program = Runtime.get().load_program(str(pte), data_path=str(ptds[0]) if ptds else None)
-            outputs = {name: program.load_method(name).execute(args) for name, args in inputs.items()}
-        how = "executorch.runtime"
-    else:
-        raise _NoRuntime(f"{backend} is checked structurally only on this host")
+    how = "mlxbuild MLX runtime" if runtime == "mlx_runtime" else "executorch.runtime"
     for name, outs in outputs.items():
         for i, out in enumerate(outs):
             if hasattr(out, "is_floating_point") and out.is_floating_point() and not out.float().isfinite().all():

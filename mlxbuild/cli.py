@@ -98,9 +98,9 @@ def _run(args) -> int:
     from mlxbuild.progress import quiet_libraries
 
     quiet_libraries()
-    from delegate import mlx_runtime
-    from mlxbuild import task_kinds
-    from mlxbuild.task_kinds.common import open_program
+    import mlx_runtime
+    from backends import open_program
+    from mlxbuild import families
 
     try:
         program = open_program(args.pte, data_files=args.data)
@@ -119,7 +119,7 @@ def _run(args) -> int:
                    "mlx_nodes": nodes}
             print(json.dumps(out, indent=1))
             return 0
-        kind = task_kinds.of_program(program.method_names)
+        kind = families.of_program(program.method_names)
         tokenizer = _tokenizer(args)
         kind.prepare_inputs(program, args, tokenizer)
         result = kind.run(program, args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from backends.errors import BackendError
+
 
 class MlxbuildError(Exception):
     """Base class for every error mlxbuild reports to the user."""
@@ -61,3 +63,8 @@ class BuildError(MlxbuildError):
 
 class VerificationError(BuildError):
     """A built artifact failed verification (e.g. outputs diverge from eager)."""
+
+
+# What the build reports as one line: its own errors and the backends' (which stand
+# alone and so have their own class).
+REPORTED = (MlxbuildError, BackendError)

@@ -88,11 +88,37 @@ def tool_versions() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = "missing"
-    found["mlxbuild"] = _own_version()
+    # The release number only: what our code decides is in each step's key, by the code it
+    # runs (code_hash), so an upgrade that leaves a step's code alone leaves its key alone.
+    from mlxbuild import __version__
+
+    found["mlxbuild"] = __version__
     return found
 
 
-OUR_PACKAGES = ("mlxbuild", "delegate")
+# -- the code a step's bytes depend on --------------------------------------------------
+#
+# The rule (what `code_hash` hashes for a step): the source of
+#
+#   1. the step's stage module (``mlxbuild.stages.<kind>``),
+#   2. what that stage combines, named by the plan from the step's declared inputs: the task
+#      kind's family modules (``mlxbuild.families.modules_of(task)``: text_generation; or
+#      speech_to_text with whisper and parakeet) for export, reference, lower and verify; the
+#      export flavour (``backends.flavours.<flavour>``) for export and lower; the backend
+#      module (``backends.<name>``) for lower and verify; the backend's runtime
+#      (``mlx_runtime`` or ``backends.et_runtime``) and the structural check for verify,
+#   3. and every module of ours those import, statically (function-level imports included:
+#      they run too), closed transitively.
+#
+# The dispatch tables (``mlxbuild.families``, ``backends``, ``backends.flavours``) are hashed
+# as text but their imports are not followed: what they dispatch to by name is exactly what
+# (2) adds, and following them would put every family and backend into every key. A
+# package's ``__init__`` is included only where it is imported by name (``from pkg import
+# name`` of a submodule reads the submodule). The structure keeps these closures small:
+# families import no backend and no stage, the backends and the runtime import nothing of
+# mlxbuild, and nothing imports in a circle (tests/test_structure.py holds all three).
+OUR_PACKAGES = ("mlxbuild", "backends", "mlx_runtime")
+DISPATCH_TABLES = frozenset({"mlxbuild.families", "backends", "backends.flavours"})
 
 
 def _package_root(name: str) -> Path:
@@ -110,6 +136,17 @@ def _module_file(dotted: str) -> Path | None:
     return None
 
 
+def module_name(file: Path) -> str:
+    for top in OUR_PACKAGES:
+        root = _package_root(top)
+        if file == root / "__init__.py":
+            return top
+        if root in file.parents:
+            parts = [top, *file.relative_to(root).with_suffix("").parts]
+            return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    raise ValueError(f"{file} is not in {OUR_PACKAGES}")
+
+
 def _absolute(file: Path, module: str | None, level: int) -> str | None:
     """The dotted name a (possibly relative) `from X import` refers to."""
     if level == 0:
@@ -123,32 +160,35 @@ def _absolute(file: Path, module: str | None, level: int) -> str | None:
     return None
 
 
-def _imports(file: Path) -> set[Path]:
+@lru_cache(maxsize=None)
+def imports_of(file: Path) -> frozenset[Path]:
     """Our modules that `file` imports, statically (function-level imports included)."""
     import ast
 
     found = set()
-    for node in ast.walk(ast.parse(file.read_text())):
-        names = []
+    text = file.read_text()
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found.update(f for f in (_module_file(a.name) for a in node.names) if f)
         elif isinstance(node, ast.ImportFrom):
             module = _absolute(file, node.module, node.level)
-            names = [module] + [f"{module}.{a.name}" for a in node.names] if module else []
-        for name in names:
-            target = _module_file(name)
-            if target:
-                found.add(target)
-    if file.name == "__init__.py" and "pkgutil" in file.read_text():
+            if not module:
+                continue
+            for alias in node.names:
+                sub = _module_file(f"{module}.{alias.name}")
+                target = sub or _module_file(module)  # a submodule, else a name of the package
+                if target:
+                    found.add(target)
+    if file.name == "__init__.py" and "pkgutil" in text:
         found.update(file.parent.rglob("*.py"))  # a package that loads all its modules
-    return found
+    found.discard(file)
+    return frozenset(found)
 
 
-@lru_cache(maxsize=None)
-def code_hash(*roots: str) -> str:
-    """sha256 over the source of `roots` (dotted module names) and everything of ours they
-    import. A step's key includes the code that step runs and nothing else, so editing
-    the verifier does not invalidate exports."""
+def closure(*roots: str) -> list[Path]:
+    """The files of `roots` (dotted module names) and of everything of ours they import,
+    dispatch tables as leaves (see the rule above)."""
+    tables = {_module_file(t) for t in DISPATCH_TABLES}
     todo = [f for f in (_module_file(r) for r in roots) if f]
     seen: set[Path] = set()
     while todo:
@@ -156,24 +196,17 @@ def code_hash(*roots: str) -> str:
         if f in seen:
             continue
         seen.add(f)
-        todo.extend(_imports(f) - seen)
-    h = hashlib.sha256()
-    for f in sorted(seen):
-        h.update(f.as_posix().split("/site-packages/")[-1].encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+        if f not in tables:
+            todo.extend(imports_of(f) - seen)
+    return sorted(seen)
 
 
 @lru_cache(maxsize=None)
-def _own_version() -> str:
-    # The release number alone would let a code change reuse stale exports during
-    # development, so our own source files are part of the identity too.
-    from mlxbuild import __version__
-
+def code_hash(*roots: str) -> str:
+    """sha256 over the source of `closure(*roots)`: a step's key includes the code that
+    decides its bytes and nothing else, so editing the verifier does not invalidate exports."""
     h = hashlib.sha256()
-    for package in ("mlxbuild", "delegate"):
-        root = Path(__import__(package).__file__).parent
-        for file in sorted(root.rglob("*.py")):
-            h.update(file.relative_to(root).as_posix().encode())
-            h.update(file.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:12]}"
+    for f in closure(*roots):
+        h.update(module_name(f).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -143,8 +143,8 @@ def _label(path: str) -> str:
     # "inputs.quantization.linear.group_size" -> "quantization.linear.group_size"
     head, _, rest = path.partition(".")
     label = rest if head in ("inputs", "settings") and rest else path
-    if label == "tool_versions.mlxbuild":
-        return "tool_versions.mlxbuild (mlxbuild's code)"
+    if label.startswith("code."):
+        return f"{label} (mlxbuild's code of the {label[5:]} step)"
     if label.startswith("keys."):
         return f"{label} (the code or tools of the {label[5:]} step)"
     return label

@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from delegate import capabilities
+from backends import capabilities
 from mlxbuild.errors import ManifestError
 from mlxbuild.remote import URL_PATTERN as REMOTE_URL_PATTERN, parse_url
 
@@ -779,12 +779,12 @@ class Manifest(_Model):
     def check_sliding_window(self) -> "Manifest":
         # Text families (docs/families-text.md): a synthetic model's sliding window bounds
         # the prefill chunk; real checkpoints are checked against their config at export.
-        from mlxbuild import families
+        from mlxbuild.families import windows
 
         synthetic = self.model.source.synthetic
         if synthetic is not None:
-            window = families.synthetic_sliding_window(synthetic.architecture, synthetic.config)
-            problem = families.prefill_chunk_problem(window, self.export.max_prefill_chunk)
+            window = windows.synthetic_sliding_window(synthetic.architecture, synthetic.config)
+            problem = windows.prefill_chunk_problem(window, self.export.max_prefill_chunk)
             if problem:
                 raise _Issue(("export", "max_prefill_chunk"), problem)
         return self

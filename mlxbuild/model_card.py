@@ -189,7 +189,7 @@ def _loading(name: str, targets: dict) -> list[str]:
         out += [f"MLX targets ({', '.join(f'`{t}`' for t in mlx)}) run in `executorch.runtime` only where it was "
                 "built with the MLX delegate (Apple silicon, `python install_executorch.py` with Xcode's Metal "
                 "compiler). On any host, mlxbuild's own MLX interpreter runs them: "
-                f'`from delegate import mlx_runtime; mlx_runtime.load("{name}-{mlx[0]}.pte").forward(ids, positions)`.', ""]
+                f'`import mlx_runtime; mlx_runtime.load("{name}-{mlx[0]}.pte").forward(ids, positions)`.', ""]
     out += ["### C++ (`Module`)", "", "```cpp",
             "#include <executorch/extension/module/module.h>",
             "#include <executorch/extension/tensor/tensor.h>",

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import delegate
-from mlxbuild import sources, task_kinds
+import backends
+from mlxbuild import families, sources
 from mlxbuild.errors import BuildError
 from mlxbuild import __version__
 from mlxbuild.fingerprint import FileHasher, code_hash, stable_hash, tool_versions
-from mlxbuild.task_kinds.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT  # noqa: F401  (tests read them here)
+from mlxbuild.families.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT  # noqa: F401  (tests read them here)
 from mlxbuild.tolerance import tolerance
 
 
@@ -60,30 +60,50 @@ def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
     return {**{n: v[n] for n in names}, "mlxbuild": __version__, "code": code_hash(*code)}
 
 
+def step_code(kind: str, *, task: str | None = None, flavour: str | None = None,
+              backend: str | None = None) -> tuple[str, ...]:
+    """The modules whose code decides a step's bytes (``mlxbuild.fingerprint``'s rule): the
+    stage, and what it combines: the task's family modules, the export flavour, the
+    backend and, for verification, the backend's runtime and the structural check."""
+    roots = [f"mlxbuild.stages.{kind}"]
+    if kind in ("export", "reference", "lower", "verify"):
+        roots += families.modules_of(task)
+    if kind in ("export", "lower"):
+        roots.append(backends.flavour_module_name(flavour or backends.backend(backend).FLAVOUR))
+    if kind in ("lower", "verify"):
+        roots.append(f"backends.{backend}")
+    if kind == "verify":
+        roots += ["backends.structural", *filter(None, [backends.runtime_module_name(backend)])]
+    if kind == "package":
+        roots = ["mlxbuild.artifacts"]
+    return tuple(roots)
+
+
 def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path) -> list[str]:
     """Add one manifest's steps to `plan`; return its package step names."""
     manifest_dir = Path(manifest.source_file).parent if manifest.source_file else Path.cwd()
     src = sources.located(manifest, manifest_dir, hasher)
     dtype = manifest.model.dtype
     exp = manifest.export
+    task = manifest.model.task
     export_spec = {"max_context_length": exp.max_context_length,
-                   "max_prefill_chunk": exp.max_prefill_chunk, "task": manifest.model.task}
+                   "max_prefill_chunk": exp.max_prefill_chunk, "task": task}
 
     weights = plan.add(Step(
         kind="weights", name=f"weights:{_short(stable_hash(src['identity'], dtype))}",
-        key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers", code=("mlxbuild.stages.weights",))),
+        key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers", code=step_code("weights"))),
         deps=[], params={"load": src["load"], "dtype": dtype}, label=f"{manifest.name} ({dtype})"))
 
     packages = []
     for target in manifest.targets:
-        backend = delegate.backend(target.backend)
+        backend = backends.backend(target.backend)
         scheme_name = target.quantization
         scheme = manifest.scheme_for(target).model_dump(mode="json")
 
         quant = plan.add(Step(
             kind="quantize",
             name=f"quantize:{scheme_name}.{_short(stable_hash(weights.key, scheme))}",
-            key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao", code=("mlxbuild.stages.quantize",))),
+            key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao", code=step_code("quantize"))),
             deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": dtype},
             label=f"{manifest.name} {scheme_name}"))
 
@@ -93,7 +113,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         export_key = stable_hash("export", quant.key, flavour, export_spec,
                                  _versions("torch", "executorch", "transformers",
                                            code=("mlxbuild.stages.export",
-                                                 delegate.flavour(flavour).__name__)))
+                                                 backends.flavour(flavour).__name__)))
         export = plan.add(Step(
             kind="export", name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
             deps=[quant.name],
@@ -101,11 +121,11 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                     "dtype": dtype, **export_spec},
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
-        verify_spec = task_kinds.get(manifest.model.task).verify_spec(exp.max_context_length,
+        verify_spec = families.get(manifest.model.task).verify_spec(exp.max_context_length,
                                                                        exp.max_prefill_chunk)
         ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
                               _versions("torch", "transformers", "executorch",
-                                        code=("mlxbuild.stages.reference",)))
+                                        code=step_code("reference", task=task)))
         reference = plan.add(Step(
             kind="reference", name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
             deps=[quant.name],
@@ -120,17 +140,17 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         lower = plan.add(Step(
             kind="lower", name=f"lower:{tname}",
             key=stable_hash("lower", export.key, lower_params,
-                            _versions("executorch", code=("mlxbuild.stages.lower", f"delegate.{target.backend}"))),
+                            _versions("executorch", code=step_code("lower", task=task, backend=target.backend))),
             deps=[export.name], params=lower_params, label=tname))
 
         tol = tolerance(dtype, scheme)
         verify = plan.add(Step(
             kind="verify", name=f"verify:{tname}",
             key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY,
-                            _versions("executorch", code=("mlxbuild.stages.verify", f"delegate.{target.backend}"))),
+                            _versions("executorch", code=step_code("verify", task=task, backend=target.backend))),
             deps=[lower.name, reference.name],
             params={"lower": lower.key, "reference": reference.key, "backend": target.backend,
-                    "tolerance": tol, "task": manifest.model.task},
+                    "tolerance": tol, "task": task},
             label=tname))
 
         out_dir = artifacts_root / manifest.name / manifest.version
@@ -143,6 +163,15 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             "tokenizer": str(manifest.tokenizer_path) if manifest.model.tokenizer else None,
             "keys": {"weights": weights.key, "quantize": quant.key, "export": export.key,
                      "lower": lower.key, "verify": verify.key},
+            # Per step, the hash of the code that decides its bytes (the keys hold them too):
+            # a release lock names the step whose code changed, and an upgrade that changes
+            # none of them leaves a release rebuildable as it is.
+            "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize")),
+                     "export": code_hash(*step_code("export", task=task, flavour=flavour)),
+                     "reference": code_hash(*step_code("reference", task=task)),
+                     "lower": code_hash(*step_code("lower", task=task, backend=target.backend)),
+                     "verify": code_hash(*step_code("verify", task=task, backend=target.backend)),
+                     "package": code_hash(*step_code("package"))},
         }
         package = plan.add(Step(
             kind="package", name=f"package:{tname}",

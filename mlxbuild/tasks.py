@@ -26,7 +26,7 @@ from doit.exceptions import TaskFailed
 
 from mlxbuild import artifacts
 from mlxbuild.cache import Cache, CorruptEntry
-from mlxbuild.errors import MlxbuildError, VerificationError
+from mlxbuild.errors import REPORTED, MlxbuildError, VerificationError
 from mlxbuild.plan import Plan, Step
 from mlxbuild.settings import Roots
 
@@ -113,7 +113,7 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
                           f"last: {last}")
     except _WithFigures as w:
         return VerificationFailed(str(w.error), figures=w.figures)
-    except MlxbuildError as e:
+    except REPORTED as e:
         return StepFailed(str(e))
     except OSError as e:
         if e.errno in RESOURCE_ERRNOS:  # a full disk is not a crash: one line, where and what

@@ -26,7 +26,7 @@ def pytest_sessionstart(session):
 
 @pytest.fixture(scope="session")
 def frozen_source(tmp_path_factory) -> Path:
-    """A copy of the `mlxbuild` and `delegate` packages as they are when the session starts.
+    """A copy of our packages (`mlxbuild`, `backends`, `mlx_runtime`) as they are when the session starts.
 
     Cache keys include a hash of our own source files, and the repository is edited
     while tests run; subprocesses that put this directory first on PYTHONPATH (see
@@ -35,7 +35,7 @@ def frozen_source(tmp_path_factory) -> Path:
     and doit's entry points name modules, not paths, so plugins load from here too.
     """
     root = tmp_path_factory.mktemp("src")
-    for package in ("mlxbuild", "delegate"):
+    for package in ("mlxbuild", "backends", "mlx_runtime"):
         shutil.copytree(REPO / package, root / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return root

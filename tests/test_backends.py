@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import delegate
-from delegate import capabilities
+import backends
+from backends import capabilities
 from mlxbuild.errors import ManifestError
 from mlxbuild.manifest import parse_manifest
 
@@ -37,11 +37,11 @@ def parse(backend: str, options: str):
 
 def test_new_backends_are_registered():
     for name in ("coreml", "vulkan", "cuda"):
-        module = delegate.backend(name)
+        module = backends.backend(name)
         assert module.NAME == name and module.VERIFY == "structural"
         assert module.FLAVOUR in ("plain", "et-llm-ops")
         assert name in capabilities.SUPPORTED_BACKENDS
-        assert delegate.flavour(module.FLAVOUR).FLAVOUR == module.FLAVOUR
+        assert backends.flavour(module.FLAVOUR).FLAVOUR == module.FLAVOUR
 
 
 @pytest.mark.parametrize("backend,options,expected", [
@@ -88,7 +88,7 @@ def test_bad_options_are_one_line_errors(backend, options, message):
 
 
 def test_vulkan_skip_ops_name_edge_ops():
-    from delegate import vulkan
+    from backends import vulkan
     from mlxbuild.errors import BuildError
 
     assert "embedding" in str(vulkan._edge_op("aten.embedding.default"))
@@ -103,11 +103,11 @@ CUDA_HOST = bool(torch.version.cuda) and torch.cuda.is_available() and importlib
 
 @pytest.mark.skipif(CUDA_HOST, reason="this host can lower for CUDA")
 def test_cuda_preflight_names_what_is_missing():
-    from delegate import cuda
+    from backends import cuda
     from mlxbuild.errors import BuildError
 
     with pytest.raises(BuildError) as info:
-        delegate.preflight("cuda")
+        backends.preflight("cuda")
     text = str(info.value)
     assert text.startswith("backend 'cuda' cannot lower on this host: ")
     assert "\n" not in text
@@ -137,7 +137,7 @@ def test_cuda_build_fails_before_any_step(tmp_path, subprocess_env):
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS hosts can compile Core ML models")
 def test_coreml_compiled_model_needs_macos():
-    from delegate import coreml
+    from backends import coreml
     from mlxbuild.errors import BuildError
 
     with pytest.raises(BuildError, match="compiled_model' needs macOS"):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import mlxbuild
 from buildlog import KINDS, STEP_LINE, doit_command
 
 from mlxbuild.plan import VERIFY_DECODE_STEPS, VERIFY_PROMPT
@@ -228,7 +230,10 @@ def test_cold_build_record(cold, target):
     versions = rec["tool_versions"]
     for tool in ("torch", "executorch", "torchao", "transformers"):
         assert versions[tool] == metadata.version(tool), tool
-    assert re.fullmatch(r"\d+\.\d+\.\d+\S*\+[0-9a-f]{12}", versions["mlxbuild"]), versions
+    assert versions["mlxbuild"] == mlxbuild.__version__, versions
+    # Our code is recorded per step, as the code hash each key covers.
+    assert set(rec["code"]) == {"weights", "quantize", "export", "reference", "lower", "verify", "package"}
+    assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in rec["code"].values()), rec["code"]
 
     # Content keys of every step that made it, each a complete cache entry.
     assert set(rec["keys"]) == {"weights", "quantize", "export", "lower", "verify"}

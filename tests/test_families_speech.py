@@ -60,7 +60,7 @@ def artifact(root: Path, target: str) -> tuple[Path, dict]:
 def eager_model(root: Path, record: dict):
     """The eager transformers model from the build's weights, quantized like the target."""
     from mlxbuild.cache import Cache
-    from mlxbuild.llm import load_model
+    from mlxbuild.families.hf import load_model
     from mlxbuild.stages import quantize
 
     cache = Cache(root / "cache")
@@ -106,15 +106,16 @@ def test_pte_has_both_methods_and_runner_constants(built):
 def test_transcription_matches_transformers_generate(built, target):
     import torch
 
-    from mlxbuild import speech
-    from mlxbuild.task_kinds import speech_to_text, whisper
-    from mlxbuild.task_kinds.common import as_numpy, open_program
+    from mlxbuild.families import whisper_modules
+    from mlxbuild.families import speech_to_text, whisper
+    from backends import open_program
+    from mlxbuild.families.common import as_numpy
 
     pte, record = artifact(built, target)
     model = eager_model(built, record)
     program = open_program(pte)
     for seed in (1, 2):  # not the verify step's seed-0 input
-        feats = speech.synthetic_features(model.config, seed)
+        feats = whisper_modules.synthetic_features(model.config, seed)
         got = speech_to_text.transcribe(program, feats.numpy(), max_new_tokens=10)
         with torch.no_grad():
             want = model.generate(feats, max_new_tokens=10, do_sample=False, num_beams=1)[0].tolist()
@@ -158,7 +159,7 @@ def test_run_inputs_audio_features_and_backends(built, tmp_path, capsys):
     same log-mel; the portable artifact runs on ExecuTorch's runtime with the same loop."""
     import wave
 
-    from mlxbuild.speech import log_mel
+    from mlxbuild.families.whisper_modules import log_mel
 
     mlx, portable = artifact(built, "mlx-4w")[0], artifact(built, "portable-fp32")[0]
     t = np.arange(8000) / 8000
@@ -310,8 +311,8 @@ def test_parakeet_builds_with_the_transducer_runner_methods(parakeet_built):
 
 
 def test_parakeet_transcription_matches_eager(parakeet_built):
-    from mlxbuild.task_kinds import parakeet, speech_to_text
-    from mlxbuild.task_kinds.common import open_program
+    from mlxbuild.families import parakeet, speech_to_text
+    from backends import open_program
 
     pte, record, root = parakeet_built
     model = eager_model(root, record)
@@ -329,11 +330,19 @@ def test_parakeet_transcription_matches_eager(parakeet_built):
 
 def test_parakeet_refuses_non_mlx_flavours():
     from mlxbuild.errors import BuildError
-    from mlxbuild.task_kinds import parakeet
+    from mlxbuild.families import parakeet
+
+    import backends
+
+    class Config:
+        model_type = "parakeet_tdt"
+
+    class Model:
+        config = Config()
 
     for flavour in ("plain", "et-llm-ops"):
         with pytest.raises(BuildError, match="only mlx"):
-            parakeet.export(None, {"dtype": "fp32"}, flavour)
+            parakeet.export(Model(), {"dtype": "fp32"}, backends.flavour(flavour))
 
 
 def test_parakeet_run_from_audio(parakeet_built, tmp_path, capsys):

@@ -4,7 +4,7 @@ One `doit build -n 2` (module fixture, run as a subprocess like a user would) bu
 the three shipped tiny manifests with their targets trimmed to the cheap ones that
 still cover every path: MLX (4-bit for Llama and the MoE's gather_qmm, fp32 for
 Gemma) and XNNPACK fp32. The checks then go beyond the build's own verification:
-artifacts are run here (MLX through `delegate.mlx_runtime`, XNNPACK through
+artifacts are run here (MLX through `mlx_runtime`, XNNPACK through
 `executorch.runtime`) and compared with transformers' own, untransformed model
 (fused MoE experts with its routing loop; Gemma's sliding-window masks), over a
 prompt plus decode that runs far past Gemma's 8-token window.
@@ -97,11 +97,11 @@ def hf_model(weights: Path, **config_overrides):
 
 def eager_quantized(built: Built, name: str, target: str):
     """The eager model quantized by the target's scheme, as mlxbuild's quantize step left it."""
-    from mlxbuild import llm
+    from mlxbuild.families import hf
     from mlxbuild.stages import quantize
 
     record = built.record(name, target)
-    model = llm.load_model(built.weights(name, target), record["dtype"])
+    model = hf.load_model(built.weights(name, target), record["dtype"])
     quantize.load_into(model, built.entry("quantize", record["keys"]["quantize"]))
     return model
 
@@ -117,7 +117,7 @@ def run_artifact(pte: Path, tokens: np.ndarray, prefill: int) -> np.ndarray:
     """Prefill `prefill` tokens, then feed the rest one by one (teacher forcing);
     every position's logits. MLX programs run on our runtime, the rest on ExecuTorch's."""
     if "-mlx-" in pte.name:
-        from delegate import mlx_runtime
+        import mlx_runtime
 
         program = mlx_runtime.load(pte)
         execute = lambda inputs: program.run("forward", inputs)  # noqa: E731
@@ -143,7 +143,7 @@ def sequence(vocab: int, n: int, seed: int = 1) -> np.ndarray:
 
 
 def mlx_nodes(pte: Path) -> Counter:
-    from delegate import mlx_runtime
+    import mlx_runtime
 
     counts = Counter()
     for runner in mlx_runtime.load(pte).method("forward").delegates:
@@ -176,12 +176,13 @@ def test_llama3_rope_scaling_reaches_the_model(built):
 
 
 def test_llama3_mlx_greedy_tokens_match_eager(built):
-    from delegate import mlx_runtime
+    import mlx_runtime
+    from mlxbuild.families import decoding
 
     prompt = sequence(512, 6, seed=3)[0].tolist()
     model = eager_quantized(built, "llama3-tiny", "mlx-4w")
     want = hf_greedy(model, prompt, 20)
-    got = mlx_runtime.generate(mlx_runtime.load(built.pte("llama3-tiny", "mlx-4w")), prompt, 20,
+    got = decoding.generate(mlx_runtime.load(built.pte("llama3-tiny", "mlx-4w")), prompt, 20,
                                stop_at_eos=False)["tokens"]
     assert got == want
 
@@ -224,11 +225,12 @@ def test_gemma3_decodes_past_the_window(built, gemma_reference, target):
 
 
 def test_gemma3_mlx_greedy_tokens_match_transformers(built):
-    from delegate import mlx_runtime
+    import mlx_runtime
+    from mlxbuild.families import decoding
 
     prompt = sequence(512, WINDOW, seed=5)[0].tolist()
     want = hf_greedy(hf_model(built.weights("gemma3-tiny", "mlx-fp32")), prompt, CONTEXT - WINDOW)
-    got = mlx_runtime.generate(mlx_runtime.load(built.pte("gemma3-tiny", "mlx-fp32")), prompt,
+    got = decoding.generate(mlx_runtime.load(built.pte("gemma3-tiny", "mlx-fp32")), prompt,
                                CONTEXT - WINDOW, stop_at_eos=False)["tokens"]
     assert got == want
 
@@ -263,7 +265,7 @@ def test_checkpoint_window_is_checked_at_export():
     from transformers import AutoConfig
 
     from mlxbuild.errors import BuildError
-    from mlxbuild.llm import check_prefill_chunk, sliding_layers
+    from mlxbuild.families.hf import check_prefill_chunk, sliding_layers
 
     config = AutoConfig.for_model("gemma3_text", sliding_window=16, num_hidden_layers=6)
     assert sliding_layers(config) == {0, 1, 2, 3, 4}
@@ -297,17 +299,18 @@ def test_moe_experts_are_quantized_by_the_linear_rule(built):
 
 
 def test_moe_mlx_greedy_tokens_match_eager(built):
-    from delegate import mlx_runtime
+    import mlx_runtime
+    from mlxbuild.families import decoding
 
     prompt = sequence(512, 10, seed=7)[0].tolist()
     want = hf_greedy(eager_quantized(built, "qwen3-moe-tiny", "mlx-4w"), prompt, 20)
-    got = mlx_runtime.generate(mlx_runtime.load(built.pte("qwen3-moe-tiny", "mlx-4w")), prompt, 20,
+    got = decoding.generate(mlx_runtime.load(built.pte("qwen3-moe-tiny", "mlx-4w")), prompt, 20,
                                stop_at_eos=False)["tokens"]
     assert got == want
 
 
 def test_moe_xnnpack_matches_transformers_routing(built):
-    """Against transformers' fused experts and its own routing loop (no mlxbuild.moe)."""
+    """Against transformers' fused experts and its own routing loop (no mlxbuild.families.moe)."""
     weights = built.weights("qwen3-moe-tiny", "xnnpack-fp32")
     model = hf_model(weights)
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
@@ -321,7 +324,7 @@ def test_moe_xnnpack_matches_transformers_routing(built):
 def test_unfused_experts_compute_what_transformers_does():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mlxbuild.moe import ExpertLinears, unfuse_experts
+    from mlxbuild.families.moe import ExpertLinears, unfuse_experts
 
     config = AutoConfig.for_model("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
                                   moe_intermediate_size=16, num_experts=5, num_experts_per_tok=2,

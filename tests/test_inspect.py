@@ -26,7 +26,7 @@ def _inspect(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_inspect_mlx_text(released, capsys):
-    from delegate import mlx_runtime
+    import mlx_runtime
 
     pte = released.pte("mlx-4w")
     record = json.loads(pte.with_suffix(".json").read_text())

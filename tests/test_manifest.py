@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from delegate import capabilities
+from backends import capabilities
 from mlxbuild.errors import BuildError, ManifestError, MlxbuildError, VerificationError
 from mlxbuild.manifest import (
     SCHEMA_PATH,
@@ -241,7 +241,7 @@ def test_no_torch_imported():
     import subprocess  # other tests may import torch in this process; check a fresh one
 
     code = (
-        "import sys, mlxbuild.manifest, delegate.capabilities; "
+        "import sys, mlxbuild.manifest, backends.capabilities; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     root = Path(__file__).resolve().parent.parent

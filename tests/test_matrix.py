@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 from buildlog import doit_command
+
+import backends
 import yaml
 
-from delegate import capabilities
+from backends import capabilities
 from mlxbuild.errors import ManifestError
 from mlxbuild.manifest import parse_manifest
 
@@ -151,9 +153,9 @@ def check_artifacts(artifacts: Path, dtype: str, pairs) -> None:
 
 
 def delegate_module(name: str):
-    import delegate
+    import backends
 
-    return delegate.backend(name)
+    return backends.backend(name)
 
 
 @pytest.fixture(scope="module")
@@ -210,16 +212,16 @@ def test_structural_check_finds_a_missing_delegate(fp32_matrix):
     out = artifacts / "matrix-fp32" / "0.1.0"
     vulkan = inspect_pte(out / "matrix-fp32-vulkan-none.pte")
     coreml = inspect_pte(out / "matrix-fp32-coreml-none.pte")
-    result = delegate_module("coreml").check_structure(vulkan)
+    result = backends.check_structure("coreml", vulkan)
     assert not result["passed"] and not result["executed"]
     assert "CoreMLBackend delegate missing" in result["reason"]
-    assert "VulkanBackend delegate missing" in delegate_module("vulkan").check_structure(coreml)["reason"]
-    assert delegate_module("coreml").check_structure(coreml)["passed"]
+    assert "VulkanBackend delegate missing" in backends.check_structure("vulkan", coreml)["reason"]
+    assert backends.check_structure("coreml", coreml)["passed"]
 
 
 def test_payload_checks_reject_garbage():
-    assert delegate_module("coreml")._payload_problem(b"\0" * 64)
-    assert delegate_module("vulkan")._payload_problem(b"\0" * 64)
+    assert delegate_module("coreml").payload_problem(b"\0" * 64)
+    assert delegate_module("vulkan").payload_problem(b"\0" * 64)
 
 
 # --------------------------------------------------------------------------- refusals

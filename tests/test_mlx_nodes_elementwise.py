@@ -2,7 +2,7 @@
 
 Each group is one small module using several ATen ops; it is exported (dynamic batch
 where the ops allow), lowered with ExecuTorch's MLXPartitioner, serialized to a .pte
-and run through ``delegate.mlx_runtime``. Every check names the payload node it
+and run through ``mlx_runtime``. Every check names the payload node it
 covers: the test asserts the node really is in the payload (so an op decomposed into
 something else cannot pass by accident), then compares that output, dtype included,
 with the module's eager output. Lowered programs and runs are cached per group and
@@ -439,7 +439,7 @@ def _workdir() -> Path:
 @functools.lru_cache(maxsize=None)
 def _lowered(group: str, dt: str):
     """(pte path, node type counts) for one group in one dtype."""
-    from delegate.mlx import lower
+    from backends.mlx import lower
 
     cls = GROUPS[group]
     module = cls().eval()
@@ -456,7 +456,7 @@ def _payload_nodes(pte: bytes) -> dict[str, int]:
     the runtime's own payload reader."""
     from executorch.backends.mlx.pte_inspector import extract_delegate_payload
 
-    from delegate.mlx_runtime import fb
+    from mlx_runtime import fb
 
     names, counts, k = fb.node_type_names(), {}, 0
     while True:
@@ -488,7 +488,7 @@ def _to_torch(x) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _program(group: str, dt: str, precision: str):
-    from delegate.mlx_runtime import load
+    from mlx_runtime import load
 
     path, _ = _lowered(group, dt)
     program = load(str(path), precision=precision)
@@ -546,7 +546,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _schema():
-    from delegate.mlx_schema import ensure_mlx_schema
+    from backends.mlx_schema import ensure_mlx_schema
 
     ensure_mlx_schema()
 
@@ -606,7 +606,7 @@ class _Frame:
         return self.values[x.vid.idx] if x.is_vid else float(x.literal)
 
     def dtype(self, code):
-        from delegate.mlx_runtime.graph import mx_dtype
+        from mlx_runtime.graph import mx_dtype
 
         return mx_dtype(code)
 
@@ -616,8 +616,8 @@ def _t(name):
 
 
 def _run_node(node_type, frame, **fields):
-    from delegate.mlx_runtime import nodes  # noqa: F401 - registers the handlers
-    from delegate.mlx_runtime.registry import HANDLERS
+    from mlx_runtime import nodes  # noqa: F401 - registers the handlers
+    from mlx_runtime.registry import HANDLERS
 
     fields = {k: (_t(v) if isinstance(v, str) else v) for k, v in fields.items()}
     fields.setdefault("out", _t("out"))

@@ -3,7 +3,7 @@
 Each case builds a tiny module from the ATen op (or MLX custom op) that lowers to
 the node under test, exports it (dynamic dims where the op allows), lowers it with
 ExecuTorch's MLXPartitioner, serializes a .pte, runs it through
-``delegate.mlx_runtime.load`` and compares with eager. Every case also asserts
+``mlx_runtime.load`` and compares with eager. Every case also asserts
 the delegate payload holds the node it is about. Lowered programs are cached per
 module, and ops are batched into few modules, to keep the file fast.
 
@@ -28,7 +28,7 @@ FP = (torch.float32, torch.float16, torch.bfloat16)
 
 @pytest.fixture(scope="module", autouse=True)
 def _schema():
-    from delegate.mlx_schema import ensure_mlx_schema
+    from backends.mlx_schema import ensure_mlx_schema
 
     ensure_mlx_schema()
     import executorch.backends.mlx.custom_ops  # noqa: F401  (mlx:: ops)
@@ -41,8 +41,8 @@ def payload_nodes(path) -> Counter:
     """Node type -> count over every MLX delegate payload (every chain) of a .pte."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    from delegate.mlx_runtime import fb
-    from delegate.mlx_runtime.nodes.shape import attr
+    from mlx_runtime import fb
+    from mlx_runtime.nodes.shape import attr
 
     program = deserialize_pte_binary(open(path, "rb").read()).program  # segments moved inline
     names = fb.node_type_names()
@@ -62,7 +62,7 @@ def payload_nodes(path) -> Counter:
 def lowered(tmp_path_factory):
     """``lowered(key, build)``: the .pte for ``build() -> (module, args, dynamic_shapes)``,
     exported and lowered once per key; returns (path, payload node counts)."""
-    from delegate.mlx import lower
+    from backends.mlx import lower
 
     root = tmp_path_factory.mktemp("mlx_nodes")
     cache: dict = {}
@@ -83,7 +83,7 @@ def lowered(tmp_path_factory):
 
 
 def run(path):
-    from delegate.mlx_runtime import load
+    from mlx_runtime import load
 
     return load(str(path))
 
@@ -263,7 +263,7 @@ class _Frame:
         return self.values[vid.idx]
 
     def int_(self, x):
-        from delegate.mlx_runtime.nodes.shape import attr
+        from mlx_runtime.nodes.shape import attr
 
         return self.values[x.vid.idx] if attr(x, "is_vid") else x.literal
 
@@ -277,7 +277,7 @@ def _table(name, **fields):
     """An object-API table (``TriNodeT``...) with fields given by their schema names."""
     import importlib
 
-    from delegate.mlx_runtime import fb
+    from mlx_runtime import fb
 
     fb.bindings()
     obj = getattr(importlib.import_module(f"{fb.PACKAGE}.{name}"), f"{name}T")()
@@ -307,9 +307,9 @@ def _int(literal=None, vid=None):
                                              (5, 2, -1, 3, torch.int32), (0, 3, 0, 6, torch.float32)])
 def test_tri_and_noop_handlers(n, m, k, st, dtype):
     # TriNode and NoopNode are in the schema but no ATen lowering emits them.
-    from delegate.mlx_runtime.registry import HANDLERS
+    from mlx_runtime.registry import HANDLERS
 
-    import delegate.mlx_runtime.nodes  # noqa: F401
+    import mlx_runtime.nodes  # noqa: F401
 
     frame = _Frame()
     frame.values[0] = m
@@ -662,7 +662,7 @@ def test_random_bits_matches_mlx_key_stream():
     # byte count is a multiple of 8 -- the property the handler relies on.
     import mlx.core as mx
 
-    from delegate.mlx_runtime.nodes.control import random_bits
+    from mlx_runtime.nodes.control import random_bits
 
     key = mx.random.key(1234)
     words = np.array(mx.random.split(key, 6)).reshape(-1)
@@ -704,7 +704,7 @@ def test_metal_kernel_refused_without_metal(lowered):
 
     import executorch.backends.mlx.custom_kernel_ops.gated_delta_rule  # noqa: F401
 
-    from delegate.mlx_runtime.registry import NodeUnsupported
+    from mlx_runtime.registry import NodeUnsupported
 
     if mx.metal.is_available():
         pytest.skip("this host has Metal")

@@ -1,4 +1,4 @@
-"""The MLX-delegate runtime (delegate/mlx_runtime) on whole models and on bad input.
+"""The MLX-delegate runtime (backends/mlx_runtime) on whole models and on bad input.
 
 One session build (a `doit build` subprocess) makes the tiny Qwen3 as MLX
 artifacts: fp32 and 4-bit from an fp32 model, and 4-bit from a bf16 model; each runs
@@ -21,9 +21,10 @@ import yaml
 
 pytest.importorskip("mlx.core")
 
-from delegate import mlx_runtime  # noqa: E402
-from delegate.mlx_runtime import fb  # noqa: E402
-from delegate.mlx_runtime.registry import HANDLERS  # noqa: E402
+import mlx_runtime  # noqa: E402
+from mlxbuild.families import decoding  # noqa: E402
+from mlx_runtime import fb  # noqa: E402
+from mlx_runtime.registry import HANDLERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NAME, VERSION = "qwen3-tiny", "0.1.0"
@@ -91,7 +92,7 @@ def _generate(prog, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("key", [*TARGETS, BF16])
 def test_prefill_and_greedy_decode_match_eager(built, references, key):
-    from mlxbuild.stages.verify import compare
+    from mlxbuild.families.common import compare
     from mlxbuild.tolerance import tolerance
 
     pte, record = _artifact(built, key)
@@ -209,7 +210,7 @@ def test_truncated_payload_and_file(built, tmp_path):
 
 
 def test_unknown_node_is_named(built, monkeypatch):
-    import delegate.mlx_runtime.nodes  # noqa: F401 - handlers registered before we remove one
+    import mlx_runtime.nodes  # noqa: F401 - handlers registered before we remove one
 
     pte, _ = _artifact(built, "fp32")
     monkeypatch.delitem(HANDLERS, "RMSNormNode")
@@ -271,7 +272,7 @@ def test_generate_and_cli_run(built, references, capsys):
     pte, _ = _artifact(built, "4w")
     tokens, _ = references["4w"]
     prog = mlx_runtime.load(pte)
-    result = mlx_runtime.generate(prog, tokens[0, :PROMPT], DECODE, stop_at_eos=False)
+    result = decoding.generate(prog, tokens[0, :PROMPT], DECODE, stop_at_eos=False)
     assert result["tokens"] == tokens[0, PROMPT:].tolist()
     assert result["stopped"] == "max_new_tokens" and result["decode_tokens_per_s"] > 0
 

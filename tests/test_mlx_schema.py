@@ -65,7 +65,7 @@ def test_partitioner_importable_fresh_interpreter_without_writing_site_packages(
         """
         import json, sys, time
         assert "executorch.backends.mlx" not in sys.modules
-        from delegate.mlx_schema import ensure_mlx_schema
+        from backends.mlx_schema import ensure_mlx_schema
         p = ensure_mlx_schema()
         t = time.perf_counter(); p2 = ensure_mlx_schema(); again = time.perf_counter() - t
         from executorch.backends.mlx import MLXPartitioner
@@ -110,7 +110,7 @@ def test_partitioner_importable_fresh_interpreter_without_writing_site_packages(
 def test_concurrent_processes_share_one_cache_entry(tmp_path):
     code = """
         import json
-        from delegate.mlx_schema import ensure_mlx_schema
+        from backends.mlx_schema import ensure_mlx_schema
         p = ensure_mlx_schema()
         from executorch.backends.mlx.serialization import mlx_graph_schema
         print(json.dumps({"path": str(p), "schema_file": mlx_graph_schema.__file__}))

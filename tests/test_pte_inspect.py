@@ -104,7 +104,7 @@ def test_xnnpack(built):
 
 
 def test_mlx(tmp_path):
-    from delegate.mlx_schema import ensure_mlx_schema
+    from backends.mlx_schema import ensure_mlx_schema
 
     ensure_mlx_schema()
     from executorch.backends.mlx import MLXPartitioner

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from delegate import capabilities
+from backends import capabilities
 from mlxbuild.errors import BuildError, ManifestError
 from mlxbuild.manifest import load_manifest, parse_manifest
 from mlxbuild.tolerance import tolerance
@@ -143,7 +143,7 @@ BAD = [
      "21:57: quantization.x8da.rules[0].activations: int8_dynamic activations require format "
      "'affine' with bits 4 or 8"),
     # Backend support is checked per rule and reported at the rule's own field. The reason
-    # after the colon is the capability table's wording (delegate/capabilities.py).
+    # after the colon is the capability table's wording (backends/capabilities.py).
     ("rule-8da-on-mlx", sub("{blocks: [0, -1], bits: 8}", "{blocks: [0, -1], bits: 8, activations: int8_dynamic}"),
      "15:36: quantization.mixed.rules[1].activations: not supported by backend 'mlx' of "
      "targets[0] ('mlx') for linear layers: "
@@ -424,7 +424,7 @@ def _allowed(dtype: str) -> list[dict]:
 
 @pytest.mark.parametrize("dtype", capabilities.DTYPES)
 def test_every_format_quantizes_at_every_dtype(dtype):
-    from mlxbuild.llm import DTYPES
+    from mlxbuild.families.hf import DTYPES
 
     # The table never allows what this test does not cover.
     assert all(q in [f for f, _, _ in FORMATS] for q in _allowed(dtype))
@@ -522,7 +522,7 @@ def _build(root: Path, targets: list[str], env) -> dict:
 
 
 def _mlx_quant_nodes(pte: Path) -> Counter:
-    from delegate import mlx_runtime
+    import mlx_runtime
 
     program = mlx_runtime.load(pte)
     found: Counter = Counter()

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from delegate import capabilities
+from backends import capabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -160,8 +160,8 @@ def test_mlx_cache_takes_the_kwargs_form():
     import torch
     from transformers import Qwen3Config
 
-    from delegate import mlx
-    from delegate.mlx_schema import ensure_mlx_schema
+    from backends.flavours import mlx
+    from backends.mlx_schema import ensure_mlx_schema
 
     ensure_mlx_schema()
     from executorch.backends.mlx.llm.cache import HFStaticCache

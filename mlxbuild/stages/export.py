@@ -1,7 +1,9 @@
 """torch.export one (scheme, flavour) and save it: every lowering starts from these files.
 
-The task kind (``mlxbuild.task_kinds``) decides the methods and their example inputs;
-each method's program is saved as ``<method>.pt2``.
+Here a family meets a backend: the export flavour's ops are registered, the quantized
+model is loaded (with the flavour's attention where the task kind uses it) and handed
+to the task kind with the flavour, which decides the methods and their example
+inputs; each method's program is saved as ``<method>.pt2``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from pathlib import Path
 
 import torch
 
-import delegate
-from mlxbuild import task_kinds
+import backends
+from mlxbuild import families, progress
+from mlxbuild.stages.quantize import quantized_model
 
 
 def run(params: dict, cache, out: Path) -> dict:
-    kind = task_kinds.get(params.get("task"))
-    programs, info = kind.export(params, cache, params["flavour"])
+    kind = families.get(params.get("task"))
+    flavour = backends.flavour(params["flavour"])
+    attn = flavour.attention_implementation()
+    progress.note("loading quantized model")
+    model = quantized_model(cache, params, attn if kind.USES_FLAVOUR_ATTENTION else None)
+    programs, info = kind.export(model, params, flavour)
     for name, program in programs.items():
         torch.export.save(program, out / f"{name}.pt2")
     info = {"flavour": params["flavour"], "task": params.get("task", "text-generation"),
@@ -31,6 +38,6 @@ def load_programs(entry: Path, flavour_name: str) -> dict:
     """Reload the saved programs by method; the flavour's custom ops must be registered first."""
     import torchao  # noqa: F401
 
-    delegate.flavour(flavour_name).attention_implementation()
+    backends.flavour(flavour_name).attention_implementation()
     methods = json.loads((entry / "export.json").read_text())["methods"]
     return {name: torch.export.load(entry / f"{name}.pt2") for name in methods}

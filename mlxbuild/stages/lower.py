@@ -1,4 +1,5 @@
-"""Lower one target from its saved programs (one per method) and serialize the .pte (and .ptd)."""
+"""Lower one target from its saved programs (one per method) and serialize the .pte (and
+.ptd): the backend lowers, the task kind names the constant methods its runners read."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import delegate
-from mlxbuild import progress, task_kinds
+import backends
+from mlxbuild import families, progress
 from mlxbuild.stages import export
 
 
 def constant_methods(params: dict, info: dict) -> dict:
     """The task kind's constant methods (what its runners read), then the manifest's own on top."""
-    methods = task_kinds.get(params.get("task")).constant_methods(params, info)
+    methods = families.get(params.get("task")).constant_methods(params, info)
     methods.update(params.get("constant_methods") or {})
     return methods
 
@@ -31,13 +32,13 @@ def delegation_summary(edge) -> dict:
                 if node.target.__name__ != "getitem":
                     outside[_op_name(node.target)] += 1
         inside = Counter()
-        backends = []
+        delegate_ids = []
         for _, lowered, _ in get_lowered_submodules(gm):
-            backends.append(lowered.backend_id)
+            delegate_ids.append(lowered.backend_id)
             for node in lowered.original_module.graph.nodes:
                 if node.op == "call_function" and node.target.__name__ != "getitem":
                     inside[_op_name(node.target)] += 1
-        summary[method] = {"delegates": backends, "delegated_ops": dict(sorted(inside.items())),
+        summary[method] = {"delegates": delegate_ids, "delegated_ops": dict(sorted(inside.items())),
                            "portable_ops": dict(sorted(outside.items()))}
     return summary
 
@@ -48,7 +49,7 @@ def _op_name(target) -> str:
 
 
 def run(params: dict, cache, out: Path) -> dict:
-    backend = delegate.backend(params["backend"])
+    backend = backends.backend(params["backend"])
     entry = cache.read("export", params["export"])
     info = json.loads((entry / "export.json").read_text())
     progress.note("loading saved program")

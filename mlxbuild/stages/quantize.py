@@ -17,7 +17,7 @@ import torch
 
 from mlxbuild import progress
 from mlxbuild.errors import BuildError
-from mlxbuild.llm import load_model
+from mlxbuild.families.hf import load_model
 from mlxbuild.quantize import apply_scheme, summarize
 
 
@@ -63,3 +63,11 @@ def load_into(model, entry: Path) -> None:
     # subclasses can't carry gradients, and export decomposition unwraps them.
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def quantized_model(cache, params: dict, attn_implementation: str | None = None):
+    """The model of ``params["weights"]`` with ``params["quantized"]``'s state loaded into it:
+    what export and the reference start from."""
+    model = load_model(cache.read("weights", params["weights"]), params["dtype"], attn_implementation)
+    load_into(model, cache.read("quantize", params["quantized"]))
+    return model

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlxbuild import task_kinds
-from mlxbuild.task_kinds.text_generation import prompt_tokens  # noqa: F401  (kept importable here)
+from mlxbuild import families
+from mlxbuild.stages.quantize import quantized_model
 
 
 def run(params: dict, cache, out: Path) -> dict:
-    return task_kinds.get(params.get("task")).reference(params, cache, out)
+    return families.get(params.get("task")).reference(quantized_model(cache, params), params, out)

@@ -2,8 +2,9 @@
 compare it with the reference. A failure raises VerificationError and leaves
 no cache entry, so the target is checked again on the next build.
 
-What is run and compared is the task kind's (``mlxbuild.task_kinds``); which runtime
-runs it, and what must hold of its structure, is the backend's.
+Here the artifact meets its runtime: the backend says which runtime runs its
+programs (``backends.open_program``) and what must hold of their structure; the task
+kind drives the opened program and compares its outputs.
 """
 
 from __future__ import annotations
@@ -11,28 +12,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import delegate
-from mlxbuild import task_kinds
+import backends
+from mlxbuild import families
 from mlxbuild.errors import VerificationError
-from mlxbuild.task_kinds.common import compare, native_stderr_captured  # noqa: F401  (kept importable here)
 
 
 def run(params: dict, cache, out: Path) -> dict:
-    backend = delegate.backend(params["backend"])
-    kind = task_kinds.get(params.get("task"))
+    backend = backends.backend(params["backend"])
+    kind = families.get(params.get("task"))
     lowered = cache.read("lower", params["lower"])
     if backend.VERIFY == "runtime":
         result = numerical(lowered / "model.pte", cache.read("reference", params["reference"]),
-                           params["tolerance"], backend, kind)
-        if result["passed"] and hasattr(backend, "check_structure"):
+                           params["tolerance"], params["backend"], kind)
+        if result["passed"] and hasattr(backend, "OUTSIDE_OPS"):
             # A runtime that runs any leftover op (the MLX one runs them with torch)
             # proves the numbers, not the partitioning: check that too.
-            shape = structural(lowered / "model.pte", backend, kind)
+            shape = structural(lowered / "model.pte", params["backend"], kind)
             result["structure"] = {k: shape[k] for k in ("passed", "reason", "delegates") if k in shape}
             if not shape["passed"]:
                 result.update(passed=False, reason=f"structure: {shape['reason']}")
     else:
-        result = structural(lowered / "model.pte", backend, kind)
+        result = structural(lowered / "model.pte", params["backend"], kind)
         result["coverage"] = coverage(lowered / "lower.json")
     # What was verified is these bytes: publishing and up-to-date checks compare them with
     # the lowered program they are about to trust (mlxbuild.tasks, mlxbuild.artifacts).
@@ -56,20 +56,26 @@ def coverage(lower_json: Path) -> dict:
             "portable": dict(sorted(outside.items()))}
 
 
-def numerical(pte: Path, reference: Path, tol: dict, backend=None, kind=None) -> dict:
-    return (kind or task_kinds.get(None)).verify(pte, reference, tol, backend)
+def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None, kind=None) -> dict:
+    """Open ``pte`` on its backend's runtime and let the task kind drive and compare it; a
+    runtime error is a verification failure (with the native runtime's last log lines)."""
+    from backends.et_runtime import native_stderr_captured
+    from mlxbuild.families.common import runtime_failure
+
+    kind = kind or families.get(None)
+    try:
+        with native_stderr_captured() as log:
+            program = backends.open_program(pte, backend)
+            return kind.verify(program, reference, tol)
+    except Exception as e:  # noqa: BLE001 - whatever the runtime raises fails the check
+        return runtime_failure(e, log)
 
 
-def structural(pte: Path, backend, kind=None) -> dict:
+def structural(pte: Path, backend: str, kind=None) -> dict:
     from mlxbuild.pte_inspect import inspect_pte
 
     try:
         info = inspect_pte(pte)
     except Exception as e:
         return {"passed": False, "executed": False, "reason": f"does not deserialize: {e}"}
-    import inspect
-
-    check = backend.check_structure
-    if "methods" in inspect.signature(check).parameters:  # backends written for forward-only programs lack it
-        return check(info, methods=(kind or task_kinds.get(None)).METHODS)
-    return check(info)
+    return backends.check_structure(backend, info, (kind or families.get(None)).METHODS)

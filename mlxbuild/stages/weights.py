@@ -7,11 +7,8 @@ from pathlib import Path
 
 import torch
 
-from mlxbuild.llm import DTYPES, build_module
+from mlxbuild.families.hf import DTYPES, build_module
 
-# transformers architecture names the synthetic source accepts, by manifest name.
-ARCHITECTURES = {"qwen3": "qwen3", "llama": "llama", "gemma3": "gemma3_text", "qwen3_moe": "qwen3_moe",
-                 "whisper": "whisper", "parakeet": "parakeet_tdt"}
 
 
 def run(params: dict, cache, out: Path) -> dict:
@@ -20,7 +17,7 @@ def run(params: dict, cache, out: Path) -> dict:
         model = _synthetic(load["synthetic"], dtype)
         model.save_pretrained(out)
     elif "path" in load:
-        from mlxbuild.llm import auto_model_class
+        from mlxbuild.families.hf import auto_model_class
 
         model = auto_model_class(load["path"]).from_pretrained(load["path"], dtype=dtype)
         model.save_pretrained(out)
@@ -39,9 +36,9 @@ def _synthetic(recipe: dict, dtype):
     import transformers
     from transformers import AutoConfig
 
-    from mlxbuild.task_kinds import auto_class_name
+    from mlxbuild.families import auto_class_name, model_type_of
 
-    config = AutoConfig.for_model(ARCHITECTURES[recipe["architecture"]], **recipe["config"])
+    config = AutoConfig.for_model(model_type_of(recipe["architecture"]), **recipe["config"])
     torch.manual_seed(recipe["seed"])
     auto = getattr(transformers, auto_class_name(config.model_type))
     model = auto.from_config(config, dtype=torch.float32)

@@ -5,7 +5,7 @@ Its Python bindings are generated once per schema with flatc's object API
 (``flatc --python --gen-object-api``; flatc ships in the executorch wheel) into a
 per-user cache, ``<mlxbuild cache>/mlx-runtime-fb/<executorch version>-<schema sha>/``,
 the same root and the same atomic temp-dir-then-rename recipe as
-``delegate.mlx_schema``. The generated modules import each other as
+``mlx_runtime.generated``. The generated modules import each other as
 ``mlx_delegate.*``; a meta-path finder maps exactly that package name to the cache
 entry, so nothing is added to ``sys.path`` and executorch's own
 ``executorch.backends.mlx.serialization._generated`` package is left alone.
@@ -54,13 +54,13 @@ class PayloadError(ValueError):
 
 
 def _schema_path() -> Path:
-    from delegate.mlx_schema import _shipped_mlx_dir
+    from .generated import shipped_mlx_dir as _shipped_mlx_dir
 
     return _shipped_mlx_dir() / "serialization" / "schema.fbs"
 
 
 def _cache_dir(schema: Path) -> Path:
-    from delegate.mlx_schema import _executorch_version, schema_cache_root
+    from .generated import executorch_version as _executorch_version, schema_cache_root
 
     digest = hashlib.sha256(schema.read_bytes()).hexdigest()[:16]
     version = "".join(c if c.isalnum() or c in ".+-_" else "_" for c in _executorch_version())
@@ -68,13 +68,13 @@ def _cache_dir(schema: Path) -> Path:
 
 
 def _generate(schema: Path, target: Path) -> Path:
-    from delegate.mlx_schema import install_entry
+    from .generated import install_entry
 
     return install_entry(target, _MARKER, lambda out: _run_flatc(schema, out))
 
 
 def _run_flatc(schema: Path, out: Path) -> None:
-    from delegate.mlx_schema import MLXSchemaError, _find_flatc
+    from .generated import GeneratedFilesError as MLXSchemaError, find_flatc as _find_flatc
 
     flatc = _find_flatc()
     with tempfile.TemporaryDirectory() as scratch:

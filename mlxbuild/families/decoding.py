@@ -1,40 +1,11 @@
-"""Run MLX-delegated .pte files on any host through the `mlx` package.
-
-ExecuTorch's own runtime has an MLXBackend only on Apple silicon; this package
-runs the same programs anywhere ``mlx.core`` runs (Linux CPU included)::
-
-    from delegate import mlx_runtime
-
-    prog = mlx_runtime.load("qwen3-tiny-mlx-4w.pte")
-    prog.method_names                  # ['forward']
-    prog.constant_methods              # {'get_max_seq_len': 128, ...}
-    logits, = prog.forward(tokens, positions)   # numpy in -> numpy out; torch in -> torch out
-
-Layers: ``fb`` (payload bindings and reader), ``graph`` (the MLX payload
-interpreter), ``program`` (the .pte loader and executor), ``nodes`` (node handlers,
-registered through ``registry``).
+"""Greedy loops over a loaded program, whichever runtime loaded it (our MLX runtime or
+ExecuTorch's, behind the same ``run(method, inputs)`` / ``reset`` / ``constant_methods``
+interface): what ``mlxbuild run`` and the speech families' transcription use.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
-
-from .program import Method, Program, ProgramError
-
-__all__ = ["load", "generate", "greedy_continue", "eos_set", "Program", "Method", "ProgramError"]
-
-
-def load(path: str | os.PathLike, data_files: Iterable[str | os.PathLike] = (), *,
-         precision: str = "auto") -> Program:
-    """Load a ``.pte`` (and its ``.ptd`` files: ``data_files``, else the ones beside it).
-
-    ``precision``: ``"native"`` computes in the dtypes the MLX graph declares;
-    ``"float32"`` runs fp16/bf16 arithmetic in float32 (outputs keep their declared
-    dtype); ``"auto"`` (default) is ``"float32"`` when mlx runs on the CPU, whose
-    half-precision kernels accumulate in half precision (see ``graph._promotes``).
-    """
-    return Program(path, data_files, precision=precision)
 
 
 def eos_set(constant_methods: dict) -> set[int]:
@@ -66,7 +37,7 @@ def greedy_continue(logits, step, pos: int, max_new_tokens: int, eos: set[int], 
     return out, "max_new_tokens"
 
 
-def generate(program: Program, prompt: "Iterable[int]", max_new_tokens: int = 32, *, method: str = "forward",
+def generate(program, prompt: "Iterable[int]", max_new_tokens: int = 32, *, method: str = "forward",
              stop_at_eos: bool = True) -> dict:
     """Greedy decoding with an LLM artifact (``forward(input_ids[1, T], cache_position[T])
     -> logits[1, T, V]`` with a KV cache): the prompt is prefilled in chunks of

@@ -1,4 +1,5 @@
-"""HF attention and KV cache that use ExecuTorch's own LLM custom ops.
+"""The ``et-llm-ops`` export flavour: HF attention and KV cache that use ExecuTorch's own
+LLM custom ops (what the XNNPACK and Vulkan backends lower from).
 
 `llama::update_cache` writes new keys/values into a BSHD cache in place and
 `llama::custom_sdpa` attends over the cache up to `start_pos + seq_len` with
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+NAME = "et-llm-ops"
 ATTENTION_NAME = "mlxbuild_et_sdpa"
 
 
@@ -121,20 +123,23 @@ def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: to
 
 def ring_slots(window: int, max_cache_len: int) -> int:
     """Slots of a sliding layer's ring: a write of up to `window` tokens (the prefill
-    chunk is bounded by the window, see mlxbuild.llm.check_prefill_chunk) must not
+    chunk is bounded by the window, see mlxbuild.families.hf.check_prefill_chunk) must not
     evict positions that its own first query still sees, so window + window - 1."""
     return min(2 * window - 1, max_cache_len)
 
 
-def install_cache(exportable, config, max_cache_len: int, dtype: torch.dtype) -> None:
-    """Swap the StaticCache layers of a transformers exportable for EtCacheLayer;
-    sliding-window layers get a ring of ``ring_slots`` entries instead of the context."""
-    from mlxbuild.llm import sliding_layers
+def attention_implementation() -> str:
+    return register_attention()
 
+
+def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype: torch.dtype, *,
+                  sliding: frozenset = frozenset(), experts=None) -> None:
+    """Swap the StaticCache layers of a transformers exportable for EtCacheLayer; the
+    ``sliding`` layers get a ring of ``ring_slots`` entries instead of the context.
+    (MoE experts stay the family's per-expert linears: these kernels have no gather.)"""
     _ensure_ops_loaded()
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    sliding = sliding_layers(config)
     cache = exportable.static_cache
     for i in range(len(cache.layers)):
         if i in sliding:
@@ -148,3 +153,20 @@ def install_cache(exportable, config, max_cache_len: int, dtype: torch.dtype) ->
         setattr(exportable, f"key_cache_{i}", layer.keys)
         setattr(exportable, f"value_cache_{i}", layer.values)
         setattr(exportable, f"cumulative_length_{i}", layer.cumulative_length)
+
+
+class DecoderCache(torch.nn.Module):
+    """Self-attention KV cache for a family's own decoder modules (Whisper's): ExecuTorch's
+    LLM custom ops over a BSHD cache, as the text models of this flavour use."""
+
+    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
+        super().__init__()
+        _ensure_ops_loaded()
+        self.register_buffer("k", torch.zeros(1, max_len, heads, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, max_len, heads, head_dim, dtype=dtype), persistent=False)
+
+    def attend(self, q, k, v, start, positions):
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
+        out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, None, 0.0, True, 1.0)
+        return out.transpose(1, 2)

@@ -12,9 +12,9 @@ expert on every token and weights it by its routing weight (zero when not chosen
 That is exact, exportable and lowers anywhere; it costs num_experts / top_k times
 the routed compute, which is what XNNPACK and portable targets pay. MLX targets
 repack the same (quantized) linears into ``mlx::gather_qmm`` / ``mlx::gather_mm``
-(``delegate.mlx.gather_experts``), which compute only the chosen experts.
+(``backends.flavours.mlx.gather_experts``, handed this class by the text family), which compute only the chosen experts.
 
-The swap happens when a model is loaded (``mlxbuild.llm.load_model``), so the
+The swap happens when a model is loaded (``mlxbuild.families.hf.load_model``), so the
 quantize, export and reference steps all see the same module names.
 """
 

@@ -31,6 +31,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from mlx_runtime.generated import (GeneratedFilesError, executorch_version as _executorch_version,
+                                   find_flatc as _find_flatc, install_entry, schema_cache_root,
+                                   shipped_mlx_dir as _shipped_mlx_dir)
+
 __all__ = ["ensure_mlx_schema", "schema_cache_root", "MLXSchemaError"]
 
 SERIALIZATION_PKG = "executorch.backends.mlx.serialization"
@@ -48,64 +52,18 @@ _resolved: Path | None = None
 _via_finder = False
 
 
-class MLXSchemaError(RuntimeError):
+class MLXSchemaError(GeneratedFilesError):
     """The MLX serialization modules could not be generated."""
-
-
-def schema_cache_root() -> Path:
-    """Directory holding generated schema copies: ``<base>/mlx-schema``.
-
-    ``<base>`` is ``$MLXBUILD_HOME``, else ``$XDG_CACHE_HOME/mlxbuild``, else
-    ``~/.cache/mlxbuild``.
-    """
-    home = os.environ.get("MLXBUILD_HOME")
-    if home:
-        base = Path(home)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "mlxbuild"
-    return base.expanduser() / "mlx-schema"
-
-
-def _shipped_mlx_dir() -> Path:
-    """Directory of the installed ``executorch.backends.mlx`` package (not imported)."""
-    spec = importlib.util.find_spec("executorch.backends.mlx")
-    if spec is None or not spec.submodule_search_locations:
-        raise MLXSchemaError("executorch.backends.mlx is not installed (executorch too old?)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _has_generated(ser_dir: Path) -> bool:
     return all((ser_dir / f).is_file() for f in _GENERATED_FILES)
 
 
-def _executorch_version() -> str:
-    try:
-        return importlib.metadata.version("executorch")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _cache_key(shipped_ser: Path) -> str:
     digest = hashlib.sha256((shipped_ser / "schema.fbs").read_bytes()).hexdigest()[:16]
     version = "".join(c if c.isalnum() or c in ".+-_" else "_" for c in _executorch_version())
     return f"{version}-{digest}-v{_LAYOUT_VERSION}"
-
-
-def _find_flatc() -> str:
-    env = os.environ.get("FLATC_EXECUTABLE")
-    if env:
-        return env
-    spec = importlib.util.find_spec("executorch.data.bin")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            cand = Path(loc) / "flatc"
-            if cand.is_file():
-                return str(cand)
-    which = shutil.which("flatc")
-    if which:
-        return which
-    raise MLXSchemaError("flatc not found (expected executorch/data/bin/flatc from the executorch wheel)")
 
 
 # Stand-ins for the C++ loader templates generate.py fills in.  The wheel does not
@@ -162,43 +120,6 @@ def _generate_into(shipped_ser: Path, dest: Path) -> None:
             indent=1,
         )
     )
-
-
-def install_entry(target: Path, marker: str, build) -> Path:
-    """Make ``target`` a complete generated entry, filled by ``build(dir)``.
-
-    The entry is built in a private temp dir and renamed into place, so a concurrent
-    process sees either nothing or a complete entry (one holding ``marker``); if
-    another process wins the rename its entry is kept and ours discarded. An
-    incomplete leftover (not made by this function) is moved aside first.
-    """
-    if (target / marker).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)
-        for _attempt in range(3):
-            try:
-                os.rename(tmp, target)
-                return target
-            except OSError:
-                if (target / marker).is_file():
-                    return target
-                if target.exists():
-                    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-                    try:
-                        os.rename(target, trash / "entry")
-                    except OSError:
-                        pass
-                    shutil.rmtree(trash, ignore_errors=True)
-        if (target / marker).is_file():
-            return target
-        raise MLXSchemaError(f"could not install generated files at {target}")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _materialize(shipped_ser: Path) -> Path:
@@ -276,5 +197,5 @@ def ensure_mlx_schema() -> Path:
         return _resolved
 
 
-if __name__ == "__main__":  # pragma: no cover - manual use: python -m delegate.mlx_schema
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m backends.mlx_schema
     print(ensure_mlx_schema())

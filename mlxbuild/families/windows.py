@@ -2,7 +2,7 @@
 
 Only synthetic sources carry their config in the manifest; for hub and local
 checkpoints the same rule is enforced at export time against the real config
-(``mlxbuild.llm.check_prefill_chunk``).
+(``mlxbuild.families.hf.check_prefill_chunk``).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ families whose programs differ, each in its own module:
   transducer runner's methods; greedy token-and-duration decoding.
 
 The family is chosen by the checkpoint's ``model_type`` when building, and by the
-program's method names when running. A family module provides ``MODEL_TYPES``,
-``METHODS``, ``export(model, params, flavour)``, ``constant_methods(params, speech_config)``,
-``reference(model, params, out)``, ``verify(pte, reference_dir, tol, backend)``,
+program's method names when running. A family module provides ``NAME`` (its name
+in ``mlxbuild.families.ARCHITECTURES``), ``METHODS``, ``export(model, params, flavour)``,
+``constant_methods(params, speech_config)``,
+``reference(model, params, out)``, ``verify(program, reference_dir, tol)``,
 ``features(program, args)``, ``transcribe(program, features, max_new_tokens, stop_at_eos)``
 and ``describe(result)``.
 """
@@ -19,13 +20,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxbuild.task_kinds import parakeet, whisper
+from mlxbuild.families import model_types_of, parakeet, whisper
 
 NAME = "speech-to-text"
 FAMILIES = (whisper, parakeet)
 # What every speech program has (the structural check asks for these; the family's own
 # methods are checked by its verification).
 METHODS = ("encoder",)
+# Encoders keep transformers' own attention; a decoder's self-attention uses the
+# flavour's cache (its DecoderCache), installed by the family.
+USES_FLAVOUR_ATTENTION = False
 
 VERIFY_PROMPT = 4
 VERIFY_DECODE_STEPS = 8
@@ -41,9 +45,9 @@ def family(model_type: str):
     from mlxbuild.errors import BuildError
 
     for fam in FAMILIES:
-        if model_type in fam.MODEL_TYPES:
+        if model_type in model_types_of(fam.NAME):
             return fam
-    known = ", ".join(t for fam in FAMILIES for t in fam.MODEL_TYPES)
+    known = ", ".join(t for fam in FAMILIES for t in model_types_of(fam.NAME))
     raise BuildError(f"speech-to-text: model_type {model_type!r} is not supported (supported: {known})")
 
 
@@ -55,25 +59,8 @@ def family_of_program(method_names):
     raise ValueError(f"no speech-to-text family has the methods {sorted(names)}")
 
 
-def _quantized_model(params: dict, cache):
-    from mlxbuild import llm
-    from mlxbuild.stages import quantize
-
-    model = llm.load_model(cache.read("weights", params["weights"]), params["dtype"])
-    quantize.load_into(model, cache.read("quantize", params["quantized"]))
-    return model
-
-
-def export(params: dict, cache, flavour_name: str):
-    import delegate
-    from mlxbuild import progress
-
-    # Registers the flavour's custom ops (and the MLX schema); encoders keep transformers'
-    # own attention, a decoder's self-attention uses the flavour's cache.
-    delegate.flavour(flavour_name).attention_implementation()
-    progress.note("loading quantized model")
-    model = _quantized_model(params, cache)
-    programs, sc = family(model.config.model_type).export(model, params, flavour_name)
+def export(model, params: dict, flavour):
+    programs, sc = family(model.config.model_type).export(model, params, flavour)
     return programs, {"speech_config": sc}
 
 
@@ -82,14 +69,13 @@ def constant_methods(params: dict, info: dict) -> dict:
     return family(sc["model_type"]).constant_methods(params, sc)
 
 
-def reference(params: dict, cache, out: Path) -> dict:
-    model = _quantized_model(params, cache)
+def reference(model, params: dict, out: Path) -> dict:
     return family(model.config.model_type).reference(model, params, out)
 
 
-def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
+def verify(program, reference_dir: Path, tol: dict) -> dict:
     model_type = json.loads((Path(reference_dir) / "reference.json").read_text())["model_type"]
-    return family(model_type).verify(pte, reference_dir, tol, backend)
+    return family(model_type).verify(program, reference_dir, tol)
 
 
 def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = True) -> dict:

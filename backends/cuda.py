@@ -21,6 +21,7 @@ NAME = "cuda"
 FLAVOUR = "plain"
 VERIFY = "structural"
 BACKEND_ID = "CudaBackend"
+TITLE = "CUDA"
 
 
 def missing() -> list[str]:
@@ -42,24 +43,22 @@ def missing() -> list[str]:
 def preflight() -> None:
     problems = missing()
     if problems:
-        from mlxbuild.errors import BuildError
+        from backends.errors import BackendError
 
-        raise BuildError(
+        raise BackendError(
             "backend 'cuda' cannot lower on this host: " + ", ".join(problems)
             + " (AOTInductor compiles the CUDA kernels at lowering time: build on a machine with "
             "a CUDA GPU, a CUDA build of torch and triton)")
 
 
-# The export runs the flavour's own hooks (delegate.flavour); plain is portable's.
-from delegate.portable import attention_implementation, install_cache  # noqa: E402,F401
-
+# The export runs the flavour's own hooks (backends.flavour); plain is portable's.
 
 def partitioners(options: dict, methods) -> dict:
     from executorch.backends.cuda.cuda_backend import CudaBackend
     from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
     from executorch.exir.backend.compile_spec_schema import CompileSpec
 
-    from delegate.capabilities import CudaOptions
+    from backends.capabilities import CudaOptions
 
     opts = CudaOptions.model_validate(options)
 
@@ -92,10 +91,3 @@ def lower(programs: dict, options: dict, constant_methods: dict):
     return edge, prog
 
 
-def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
-    from pathlib import Path
-
-    from delegate import structural
-
-    return structural.check(Path(info["path"]), info, BACKEND_ID, "no CUDA runtime on this host",
-                            expected=tuple(methods))

@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-MODEL_TYPES = ("whisper",)
+NAME = "whisper"
 METHODS = ("encoder", "text_decoder")
 
 
@@ -47,13 +47,13 @@ def decoder_start_ids(model) -> list[int]:
 
 
 def speech_config(model) -> dict:
-    from mlxbuild import speech
+    from mlxbuild.families import whisper_modules
 
     cfg = model.config
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else cfg.eos_token_id
     return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "num_mel_bins": cfg.num_mel_bins,
-            "frames": speech.frames(cfg), "encoder_seq_len": cfg.max_source_positions,
+            "frames": whisper_modules.frames(cfg), "encoder_seq_len": cfg.max_source_positions,
             "d_model": cfg.d_model, "max_target_positions": cfg.max_target_positions,
             "decoder_start_ids": decoder_start_ids(model),
             "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos]}
@@ -68,16 +68,17 @@ def _check_supported(model, params: dict) -> None:
                          f"the decoder's max_target_positions ({cfg.max_target_positions})")
 
 
-def export(model, params: dict, flavour_name: str):
+def export(model, params: dict, flavour):
     import torch
 
-    from mlxbuild import llm, progress, speech
+    from mlxbuild import progress
+    from mlxbuild.families import hf, whisper_modules
 
     _check_supported(model, params)
-    dtype = llm.DTYPES[params["dtype"]]
-    modules = {"encoder": speech.WhisperEncoder(model).eval(),
-               "text_decoder": speech.WhisperTextDecoder(model, flavour_name, params["max_context_length"]).eval()}
-    examples = speech.example_inputs(model.config, dtype, params["max_prefill_chunk"])
+    dtype = hf.DTYPES[params["dtype"]]
+    modules = {"encoder": whisper_modules.WhisperEncoder(model).eval(),
+               "text_decoder": whisper_modules.WhisperTextDecoder(model, flavour.DecoderCache, params["max_context_length"]).eval()}
+    examples = whisper_modules.example_inputs(model.config, dtype, params["max_prefill_chunk"])
     programs = {}
     with torch.no_grad():
         for name in METHODS:
@@ -88,7 +89,7 @@ def export(model, params: dict, flavour_name: str):
 
 
 def constant_methods(params: dict, sc: dict) -> dict:
-    from mlxbuild.task_kinds.common import kv_cache_methods  # numpy: not on the planning path
+    from mlxbuild.families.common import kv_cache_methods  # numpy: not on the planning path
 
     methods = {
         **kv_cache_methods(params),
@@ -119,10 +120,10 @@ def reference(model, params: dict, out: Path) -> dict:
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
-    from mlxbuild import llm, speech
+    from mlxbuild.families import hf, whisper_modules
 
-    dtype = llm.DTYPES[params["dtype"]]
-    feats = speech.synthetic_features(model.config, params["seed"], dtype)
+    dtype = hf.DTYPES[params["dtype"]]
+    feats = whisper_modules.synthetic_features(model.config, params["seed"], dtype)
     sc = speech_config(model)
     tokens = _prompt(sc["decoder_start_ids"], params["prompt"], sc["vocab_size"], params["seed"])
     with torch.no_grad():
@@ -148,7 +149,7 @@ def decode_rows(program, hidden, tokens, prompt: int):
     import numpy as np
     import torch
 
-    from mlxbuild.task_kinds.common import as_numpy
+    from mlxbuild.families.common import as_numpy
 
     chunk = int(program.constant_methods.get("get_prefill_chunk_size") or prompt)
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(1, -1)
@@ -160,27 +161,20 @@ def decode_rows(program, hidden, tokens, prompt: int):
     return np.concatenate(rows)
 
 
-def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
+def verify(program, reference_dir: Path, tol: dict) -> dict:
     import numpy as np
     import torch
 
-    from mlxbuild.task_kinds.common import (as_numpy, compare, compare_tensor, native_stderr_captured,
-                                            open_program, runtime_failure)
+    from mlxbuild.families.common import as_numpy, compare, compare_tensor
 
     feats = np.load(reference_dir / "features.npy")
     ref_hidden = np.load(reference_dir / "encoder.npy")
     tokens = np.load(reference_dir / "tokens.npy")[0]
     ref = np.load(reference_dir / "logits.npy")
     prompt = json.loads((reference_dir / "reference.json").read_text())["prompt"]
-    try:
-        with native_stderr_captured() as log:
-            program = open_program(pte, backend)
-            dtype = input_dtype(program)
-            hidden = program.run("encoder", [torch.from_numpy(feats).to(dtype)])[0]
-            enc = compare_tensor(as_numpy(hidden)[0].astype(np.float32), ref_hidden, tol)
-            got = decode_rows(program, hidden, tokens, prompt)
-    except Exception as e:  # a runtime error is a verification failure, not a crash
-        return runtime_failure(e, log)
+    hidden = program.run("encoder", [torch.from_numpy(feats).to(input_dtype(program))])[0]
+    enc = compare_tensor(as_numpy(hidden)[0].astype(np.float32), ref_hidden, tol)
+    got = decode_rows(program, hidden, tokens, prompt)
     result = compare(got, ref, tol)
     result["encoder"] = enc
     if not enc["passed"]:
@@ -190,15 +184,10 @@ def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
 
 
 def input_dtype(program):
-    """The encoder input's dtype, from the program's own method metadata."""
+    """The encoder input's dtype, as the program declares it."""
     import torch
 
-    from mlxbuild.pte_inspect import inspect_pte
-
-    path = getattr(program, "path", None)
-    if path is None:
-        return torch.float32
-    name = inspect_pte(path)["methods"]["encoder"]["inputs"][0].get("dtype")
+    name = program.input_dtype("encoder", 0)
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
 
 
@@ -208,7 +197,7 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
     import numpy as np
     import torch
 
-    from delegate.mlx_runtime import eos_set, greedy_continue
+    from mlxbuild.families.decoding import eos_set, greedy_continue
 
     meta = program.constant_methods
     start = meta.get("get_decoder_start_ids") or [meta.get("decoder_start_token_id", 0)]
@@ -244,14 +233,14 @@ def features(program, args) -> "np.ndarray":
     WhisperFeatureExtractor), or a seeded synthetic log-mel input of the encoder's shape."""
     import numpy as np
 
-    from mlxbuild import speech
+    from mlxbuild.families import whisper_modules
 
     meta = program.constant_methods
     n_mels, frames = int(meta.get("get_num_mel_bins", 80)), int(meta.get("get_num_frames", 3000))
     if getattr(args, "features", None) is not None:
         feats = np.load(args.features)
     elif getattr(args, "audio", None):
-        feats = speech.log_mel(args.audio, n_mels, frames)
+        feats = whisper_modules.log_mel(args.audio, n_mels, frames)
     else:
         rng = np.random.default_rng(args.seed)
         feats = rng.uniform(-1.0, 1.5, (1, n_mels, frames)).astype(np.float32)

@@ -15,16 +15,15 @@ NAME = "vulkan"
 FLAVOUR = "et-llm-ops"
 VERIFY = "structural"
 BACKEND_ID = "VulkanBackend"
+TITLE = "Vulkan"
 
 
-# The export runs the flavour's own hooks (delegate.flavour); et-llm-ops is XNNPACK's.
-from delegate.xnnpack import attention_implementation, install_cache  # noqa: E402,F401
-
+# The export runs the flavour's own hooks (backends.flavour); et-llm-ops is XNNPACK's.
 
 def partitioner(options: dict):
     from executorch.backends.vulkan import VulkanPartitioner
 
-    from delegate.capabilities import VulkanOptions
+    from backends.capabilities import VulkanOptions
 
     opts = VulkanOptions.model_validate(options)
     compile_options = {"force_fp16": opts.force_fp16, "small_texture_limits": opts.small_texture_limits,
@@ -41,33 +40,26 @@ def _edge_op(name: str):
     """``aten.embedding.default`` -> the edge-dialect op the partitioner compares with."""
     from executorch.exir.dialects._ops import ops as exir_ops
 
-    from mlxbuild.errors import BuildError
+    from backends.errors import BackendError
 
     target = exir_ops.edge
     try:
         for part in name.split("."):
             target = getattr(target, part)
     except (AttributeError, RuntimeError):
-        raise BuildError(f"vulkan skip_ops: no edge op named {name!r} (e.g. aten.embedding.default)") from None
+        raise BackendError(f"vulkan skip_ops: no edge op named {name!r} (e.g. aten.embedding.default)") from None
     return target
 
 
 def lower(programs: dict, options: dict, constant_methods: dict):
-    from delegate.lowering import to_executorch
+    from backends.lowering import to_executorch
 
     return to_executorch(programs, [partitioner(options)], constant_methods, cpu_kernels=True)
 
 
-def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
-    from pathlib import Path
-
-    from delegate import structural
-
-    return structural.check(Path(info["path"]), info, BACKEND_ID, "no Vulkan runtime on this host",
-                            payload_check=_payload_problem, expected=tuple(methods))
 
 
-def _payload_problem(blob: bytes) -> str:
+def payload_problem(blob: bytes) -> str:
     """"" when ``blob`` is a serialized Vulkan graph with at least one op."""
     from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
         extract_vk_flatbuffer, flatbuffer_to_vk_graph)

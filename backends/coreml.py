@@ -23,6 +23,7 @@ NAME = "coreml"
 FLAVOUR = "plain"
 VERIFY = "structural"
 BACKEND_ID = "CoreMLBackend"
+TITLE = "Core ML"
 
 
 # The StaticCache writes (index_copy_ on the cache buffers, index_put in the edge
@@ -31,16 +32,14 @@ BACKEND_ID = "CoreMLBackend"
 KEEP_OUT = ("aten.index_put.default", "aten.index_copy.default")
 
 
-# The export runs the flavour's own hooks (delegate.flavour); plain is portable's.
-from delegate.portable import attention_implementation, install_cache  # noqa: E402,F401
-
+# The export runs the flavour's own hooks (backends.flavour); plain is portable's.
 
 def partitioner(options: dict):
     import coremltools as ct
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
-    from delegate.capabilities import CoremlOptions
+    from backends.capabilities import CoremlOptions
 
     opts = CoremlOptions.model_validate(options)
     units = {"cpu_only": ct.ComputeUnit.CPU_ONLY, "cpu_and_gpu": ct.ComputeUnit.CPU_AND_GPU,
@@ -85,9 +84,9 @@ def size_per_user(graph_module):
 
 
 def lower(programs: dict, options: dict, constant_methods: dict):
-    from delegate.lowering import to_executorch
+    from backends.lowering import to_executorch
 
-    from delegate.capabilities import CoremlOptions
+    from backends.capabilities import CoremlOptions
 
     if CoremlOptions.model_validate(options).model_type == "compiled_model":
         _needs_macos()
@@ -100,9 +99,9 @@ def _needs_macos() -> None:
     import platform
 
     if platform.system() != "Darwin":
-        from mlxbuild.errors import BuildError
+        from backends.errors import BackendError
 
-        raise BuildError("coreml model_type 'compiled_model' needs macOS (Core ML's model "
+        raise BackendError("coreml model_type 'compiled_model' needs macOS (Core ML's model "
                          "compiler exists only there); use model_type: model on this host")
 
 
@@ -177,7 +176,7 @@ def _canonical_spec(path) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-def _payload_problem(blob: bytes) -> str:
+def payload_problem(blob: bytes) -> str:
     """"" when ``blob`` unpacks to a Core ML model coremltools can read, else what is wrong."""
     import json
     import tempfile
@@ -217,10 +216,3 @@ def _payload_problem(blob: bytes) -> str:
     return ""
 
 
-def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
-    from pathlib import Path
-
-    from delegate import structural
-
-    return structural.check(Path(info["path"]), info, BACKEND_ID, "no Core ML runtime on this host",
-                            payload_check=_payload_problem, expected=tuple(methods))

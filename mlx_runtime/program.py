@@ -1,7 +1,7 @@
 """An ExecuTorch ``.pte`` loader and execution-plan executor in Python.
 
 The program flatbuffer is read with ExecuTorch's own deserializer (through
-``mlxbuild.pte_inspect``); the file itself is memory-mapped, so segments (delegate
+``mlx_runtime.pte``); the file itself is memory-mapped, so segments (delegate
 payloads, constants, named data) are only touched when used. A method's value
 table holds ExecuTorch's EValues as Python objects (tensors as ``torch.Tensor``,
 Int/Double/Bool/String as Python scalars, lists resolved on use), and its
@@ -451,7 +451,7 @@ class Program:
                  precision: str = "auto") -> None:
         from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
 
-        from mlxbuild.pte_inspect import PTEInspectError, _is_constant_method, _read_program_bytes
+        from .pte import PteError, is_constant_method, read_program_bytes
 
         from .graph import _promotes
 
@@ -459,8 +459,8 @@ class Program:
         self.path = Path(path)
         self.precision = precision
         try:
-            data, _size, eh = _read_program_bytes(self.path)
-        except PTEInspectError as e:
+            data, _size, eh = read_program_bytes(self.path)
+        except PteError as e:
             raise ProgramError(str(e)) from None
         try:
             self.program = _flatbuffer_to_program(data)
@@ -470,7 +470,7 @@ class Program:
         self._mv = memoryview(self._buf)
         self._segment_base = eh.segment_base_offset if eh is not None else 0
         self.plans = {p.name: p for p in self.program.execution_plan}
-        self.constant_method_names = [n for n, p in self.plans.items() if _is_constant_method(p)]
+        self.constant_method_names = [n for n, p in self.plans.items() if is_constant_method(p)]
         self.method_names = [n for n in self.plans if n not in self.constant_method_names]
         self.data_files = [Path(p) for p in data_files] or _sibling_data_files(self.path)
         self.named_data: dict[str, memoryview] = {}
@@ -548,15 +548,21 @@ class Program:
     @property
     def constant_methods(self) -> dict[str, Any]:
         if self._constant_methods is None:
-            from mlxbuild.pte_inspect import _unflatten
+            from .pte import unflatten
 
             out = {}
             for name in self.constant_method_names:
                 m = self.method(name)
                 leaves = [_plain(v) for v in (m.read(i) for i in m.plan.outputs)]
-                out[name] = _unflatten(leaves, m.plan.container_meta_type.encoded_out_str)
+                out[name] = unflatten(leaves, m.plan.container_meta_type.encoded_out_str)
             self._constant_methods = out
         return dict(self._constant_methods)
+
+    def input_dtype(self, method: str, index: int = 0) -> str | None:
+        """The torch dtype name a method's tensor input is declared with."""
+        from .pte import input_dtype
+
+        return input_dtype(self.program, method, index)
 
     def reset(self, method: str | None = None) -> None:
         """Forget loaded methods (all, or one): their state (KV cache, buffers) starts over."""

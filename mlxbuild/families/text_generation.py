@@ -12,6 +12,7 @@ from pathlib import Path
 
 NAME = "text-generation"
 METHODS = ("forward",)
+USES_FLAVOUR_ATTENTION = True
 
 # The prompt each verification feeds: a prefill then single-token decode steps.
 VERIFY_PROMPT = 8
@@ -24,46 +25,32 @@ def verify_spec(max_context_length: int, max_prefill_chunk: int) -> dict:
             "seed": 0}
 
 
-def _quantized_model(params: dict, cache, attn: str | None = None):
-    from mlxbuild import llm
-    from mlxbuild.stages import quantize
-
-    model = llm.load_model(cache.read("weights", params["weights"]), params["dtype"], attn)
-    quantize.load_into(model, cache.read("quantize", params["quantized"]))
-    return model
-
-
-def build_exportable(params: dict, cache, flavour_name: str):
-    import delegate
-    from mlxbuild import llm
-
-    flavour = delegate.flavour(flavour_name)
-    model = _quantized_model(params, cache, flavour.attention_implementation())
-    exportable = llm.make_exportable(model, params["max_context_length"])
-    if llm.is_hf(model):
-        flavour.install_cache(exportable, model.config, params["max_context_length"],
-                              params["max_prefill_chunk"], llm.DTYPES[params["dtype"]])
-    return model, exportable.eval()
-
-
-def export(params: dict, cache, flavour_name: str):
+def export(model, params: dict, flavour):
+    """``forward`` over the flavour's static KV cache, traced with a dynamic length."""
     import torch
 
-    from mlxbuild import llm, progress
+    from mlxbuild import progress
+    from mlxbuild.families import hf
+    from mlxbuild.families.moe import ExpertLinears
 
-    progress.note("loading quantized model")
-    model, exportable = build_exportable(params, cache, flavour_name)
-    kwargs, dynamic = llm.example_inputs(params["max_prefill_chunk"])
+    exportable = hf.make_exportable(model, params["max_context_length"])
+    if hf.is_hf(model):
+        hf.check_prefill_chunk(model.config, params["max_prefill_chunk"])
+        flavour.install_cache(exportable, model.config, params["max_context_length"],
+                              params["max_prefill_chunk"], hf.DTYPES[params["dtype"]],
+                              sliding=frozenset(hf.sliding_layers(model.config)), experts=ExpertLinears)
+    exportable.eval()
+    kwargs, dynamic = hf.example_inputs(params["max_prefill_chunk"])
     progress.note("torch.export")
     with torch.no_grad():
         program = torch.export.export(exportable, (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return {"forward": program}, {"text_config": llm.text_config(model)}
+    return {"forward": program}, {"text_config": hf.text_config(model)}
 
 
 def constant_methods(params: dict, info: dict) -> dict:
     """What ExecuTorch's LLM runners read (the manifest's own entries go on top)."""
     text = info.get("text_config", {})
-    from mlxbuild.task_kinds.common import kv_cache_methods  # numpy: not on the planning path
+    from mlxbuild.families.common import kv_cache_methods  # numpy: not on the planning path
 
     methods = kv_cache_methods(params)
     if "vocab_size" in text:
@@ -83,16 +70,15 @@ def prompt_tokens(vocab_size: int, n: int, seed: int):
     return torch.randint(0, vocab_size, (1, n), generator=g)
 
 
-def reference(params: dict, cache, out: Path) -> dict:
+def reference(model, params: dict, out: Path) -> dict:
     """Eager logits: one prefill chunk, then greedy single-token steps through a static cache."""
     import numpy as np
     import torch
 
-    from mlxbuild import llm
+    from mlxbuild.families import hf
 
-    model = _quantized_model(params, cache)
-    exportable = llm.make_exportable(model, params["max_context_length"]).eval()
-    vocab = llm.text_config(model).get("vocab_size") or params.get("vocab_size", 2)
+    exportable = hf.make_exportable(model, params["max_context_length"]).eval()
+    vocab = hf.text_config(model).get("vocab_size") or params.get("vocab_size", 2)
     tokens = prompt_tokens(vocab, params["prompt"], params["seed"])
     logits, fed = [], [tokens]
     with torch.no_grad():
@@ -112,48 +98,33 @@ def reference(params: dict, cache, out: Path) -> dict:
     return {"positions": int(sum(x.shape[0] for x in logits))}
 
 
-def run_pte(pte: Path, tokens, prompt: int, backend=None):
-    """Prefill `prompt` tokens, then decode the rest one by one; stack every logit row.
-
-    Runs on the backend's own host runtime when it has one (``backend.load_method``,
-    e.g. MLX through mlx.core), else on ExecuTorch's runtime."""
+def run_pte(program, tokens, prompt: int):
+    """Prefill `prompt` tokens, then decode the rest one by one; stack every logit row."""
     import torch
 
-    from mlxbuild.task_kinds.common import EtProgram
-
-    if backend is not None and hasattr(backend, "load_method"):
-        execute = backend.load_method(pte, "forward")
-    else:
-        program = EtProgram(pte)
-        execute = lambda inputs: program.run("forward", inputs)  # noqa: E731
     ids = torch.from_numpy(tokens)
-    rows = [execute([ids[:, :prompt], torch.arange(prompt)])[0][0]]
+    rows = [program.run("forward", [ids[:, :prompt], torch.arange(prompt)])[0][0]]
     for pos in range(prompt, ids.shape[1]):
-        rows.append(execute([ids[:, pos:pos + 1], torch.tensor([pos])])[0][0])
+        rows.append(program.run("forward", [ids[:, pos:pos + 1], torch.tensor([pos])])[0][0])
     return torch.cat(rows).float().numpy()
 
 
-def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
+def verify(program, reference_dir: Path, tol: dict) -> dict:
     import numpy as np
 
-    from mlxbuild.task_kinds.common import compare, native_stderr_captured, runtime_failure
+    from mlxbuild.families.common import compare
 
     tokens = np.load(reference_dir / "tokens.npy")
     ref = np.load(reference_dir / "logits.npy")
     prompt = json.loads((reference_dir / "reference.json").read_text())["prompt"]
-    try:
-        with native_stderr_captured() as log:
-            got = run_pte(pte, tokens, prompt, backend)
-    except Exception as e:  # a runtime error is a verification failure, not a crash
-        return runtime_failure(e, log)
-    return compare(got, ref, tol)
+    return compare(run_pte(program, tokens, prompt), ref, tol)
 
 
 def run(program, args) -> dict:
-    """Greedy decoding from ``args.prompt_ids`` (see ``delegate.mlx_runtime.generate``)."""
-    from delegate import mlx_runtime
+    """Greedy decoding from ``args.prompt_ids`` (see ``decoding.generate``)."""
+    from mlxbuild.families import decoding
 
-    return mlx_runtime.generate(program, args.prompt_ids, args.max_new_tokens,
+    return decoding.generate(program, args.prompt_ids, args.max_new_tokens,
                                 method=getattr(args, "method", None) or "forward", stop_at_eos=not args.no_eos)
 
 

@@ -11,12 +11,8 @@ output on every call, so the decoder needs nothing but what the runner passes it
 
 The decoder is rebuilt here from the transformers modules' weights rather than
 traced through ``WhisperDecoder.forward``: its cache objects and mask helpers do not
-export with the backends' own cache ops. One self-attention cache per flavour:
-
-- ``mlx``: ``mlx::kv_cache_update`` + ``mlx::custom_sdpa`` (BHSD), lowered into the MLX delegate;
-- ``et-llm-ops``: ``llama::update_cache`` + ``llama::custom_sdpa`` (BSHD), ExecuTorch's
-  CPU custom kernels (what XNNPACK programs use);
-- ``plain``: ``index_copy_`` into a buffer and a masked ``scaled_dot_product_attention``.
+export with the backends' own cache ops. The self-attention cache is the export
+flavour's ``DecoderCache`` (``backends.flavours``), which the export stage hands in.
 
 Imports torch.
 """
@@ -27,57 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-class PlainCache(nn.Module):
-    """BHSD buffers written with index_copy_; attention masks what is not yet written."""
-
-    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(1, heads, max_len, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(1, heads, max_len, head_dim, dtype=dtype), persistent=False)
-
-    def attend(self, q, k, v, start, positions):
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        slots = torch.arange(self.k.shape[2], device=q.device)
-        mask = slots.view(1, -1) <= positions.view(-1, 1)  # [T, L]: causal over the cache
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, scale=1.0)
-
-
-class MlxCache(nn.Module):
-    """The MLX delegate's cache update and cache-aware SDPA (BHSD)."""
-
-    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
-        super().__init__()
-        from executorch.backends.mlx.llm.cache import KVCache
-
-        self.cache = KVCache(max_batch_size=1, max_context_length=max_len, n_heads=heads,
-                             head_dim=head_dim, enable_dynamic_shape=True, dtype=dtype)
-
-    def attend(self, q, k, v, start, positions):
-        keys, values = self.cache.update(start, k, v)
-        return torch.ops.mlx.custom_sdpa(q, keys, values, start_pos=start, is_causal=True, scale=1.0)
-
-
-class EtLlmCache(nn.Module):
-    """ExecuTorch's LLM custom ops (BSHD cache), as the XNNPACK text flavour uses."""
-
-    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
-        super().__init__()
-        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  registers torch.ops.llama.*
-
-        self.register_buffer("k", torch.zeros(1, max_len, heads, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(1, max_len, heads, head_dim, dtype=dtype), persistent=False)
-
-    def attend(self, q, k, v, start, positions):
-        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
-        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
-        out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, None, 0.0, True, 1.0)
-        return out.transpose(1, 2)
-
-
-CACHES = {"mlx": MlxCache, "et-llm-ops": EtLlmCache, "plain": PlainCache}
 
 
 def _split_heads(x, heads: int):
@@ -126,7 +71,7 @@ class WhisperEncoder(nn.Module):
 
 
 class WhisperTextDecoder(nn.Module):
-    def __init__(self, model, flavour: str, max_len: int):
+    def __init__(self, model, cache, max_len: int):
         super().__init__()
         decoder = model.get_decoder()
         dtype = decoder.embed_tokens.weight.dtype
@@ -134,7 +79,6 @@ class WhisperTextDecoder(nn.Module):
         self.max_len = max_len
         self.embed_tokens, self.embed_positions = decoder.embed_tokens, decoder.embed_positions
         self.layer_norm, self.proj_out = decoder.layer_norm, model.proj_out
-        cache = CACHES[flavour]
         self.layers = nn.ModuleList(
             DecoderLayer(layer, cache(layer.self_attn.num_heads, head_dim, max_len, dtype))
             for layer in decoder.layers)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-MODEL_TYPES = ("parakeet_tdt",)
+NAME = "parakeet"
 METHODS = ("encoder", "decoder_step", "joint")
-FLAVOURS = ("mlx",)
 # Input frames of the verification input (80 ms per encoder frame at subsampling 8).
 VERIFY_FRAMES = 160
 
@@ -77,16 +76,17 @@ def _state(sc: dict, dtype):
     return torch.zeros(sc["num_rnn_layers"], 1, sc["pred_hidden"], dtype=dtype)
 
 
-def export(model, params: dict, flavour_name: str):
+def export(model, params: dict, flavour):
     import torch
 
-    from mlxbuild import llm, progress
+    from mlxbuild import progress
     from mlxbuild.errors import BuildError
+    from mlxbuild.families import flavours_of_model_type, hf
 
-    if flavour_name not in FLAVOURS:
-        raise BuildError(f"parakeet: the {flavour_name!r} export flavour is not supported (only mlx): the "
+    if flavour.NAME not in flavours_of_model_type(model.config.model_type):
+        raise BuildError(f"parakeet: the {flavour.NAME!r} export flavour is not supported (only mlx): the "
                          "portable/XNNPACK lowering of the dynamic-length encoder fails in ExecuTorch 1.5.1")
-    dtype, sc = llm.DTYPES[params["dtype"]], speech_config(model)
+    dtype, sc = hf.DTYPES[params["dtype"]], speech_config(model)
     mods, hidden = _modules(model), model.config.decoder_hidden_size
     feats = torch.zeros(1, VERIFY_FRAMES, sc["num_mel_bins"], dtype=dtype)
     programs = {}
@@ -129,9 +129,9 @@ def reference(model, params: dict, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from mlxbuild import llm
+    from mlxbuild.families import hf
 
-    sc, dtype = speech_config(model), llm.DTYPES[params["dtype"]]
+    sc, dtype = speech_config(model), hf.DTYPES[params["dtype"]]
     feats = synthetic_features(sc["num_mel_bins"], VERIFY_FRAMES, params["seed"]).to(dtype)
     g = torch.Generator().manual_seed(params["seed"])
     tokens = [sc["blank_id"]] + torch.randint(0, sc["blank_id"], (params["decode_steps"],), generator=g).tolist()
@@ -164,36 +164,30 @@ def _argmax_agreement(got, logits, tol: dict) -> dict:
             "agreement_decisive": float(agree[decisive].mean()) if decisive.any() else 1.0}
 
 
-def verify(pte: Path, reference_dir: Path, tol: dict, backend=None) -> dict:
+def verify(program, reference_dir: Path, tol: dict) -> dict:
     import numpy as np
     import torch
 
-    from mlxbuild.task_kinds.common import (as_numpy, compare_tensor, native_stderr_captured, open_program,
-                                            runtime_failure)
+    from mlxbuild.families.common import as_numpy, compare_tensor
 
     ref = {k: np.load(reference_dir / f"{k}.npy") for k in ("features", "encoder", "tokens", "decoder", "joint")}
     vocab = json.loads((reference_dir / "reference.json").read_text())["vocab_size"]
-    try:
-        with native_stderr_captured() as log:
-            program = open_program(pte, backend)
-            meta = program.constant_methods
-            feats = torch.from_numpy(ref["features"])
-            f, n = program.run("encoder", [feats, torch.tensor([feats.shape[1]])])
-            h = c = torch.zeros(meta["num_rnn_layers"], 1, meta["pred_hidden"])
-            gs = []
-            for tok in ref["tokens"]:
-                g, h, c = program.run("decoder_step", [torch.tensor([[int(tok)]]), h, c])
-                gs.append(as_numpy(g)[0, 0])
-            tokens, durations = [], []
-            f_t = torch.as_tensor(f)
-            for t in range(f_t.shape[1]):
-                row_k, row_d = [], []
-                for s in range(len(gs)):
-                    k, d = program.run("joint", [f_t[:, t:t + 1], torch.from_numpy(gs[s][None, None])])
-                    row_k.append(int(as_numpy(k))), row_d.append(int(as_numpy(d)))
-                tokens.append(row_k), durations.append(row_d)
-    except Exception as e:  # a runtime error is a verification failure, not a crash
-        return runtime_failure(e, log)
+    meta = program.constant_methods
+    feats = torch.from_numpy(ref["features"])
+    f, n = program.run("encoder", [feats, torch.tensor([feats.shape[1]])])
+    h = c = torch.zeros(meta["num_rnn_layers"], 1, meta["pred_hidden"])
+    gs = []
+    for tok in ref["tokens"]:
+        g, h, c = program.run("decoder_step", [torch.tensor([[int(tok)]]), h, c])
+        gs.append(as_numpy(g)[0, 0])
+    tokens, durations = [], []
+    f_t = torch.as_tensor(f)
+    for t in range(f_t.shape[1]):
+        row_k, row_d = [], []
+        for s in range(len(gs)):
+            k, d = program.run("joint", [f_t[:, t:t + 1], torch.from_numpy(gs[s][None, None])])
+            row_k.append(int(as_numpy(k))), row_d.append(int(as_numpy(d)))
+        tokens.append(row_k), durations.append(row_d)
     enc = compare_tensor(as_numpy(f)[0].astype(np.float32), ref["encoder"], tol)
     dec = compare_tensor(np.stack(gs).astype(np.float32), ref["decoder"], tol)
     tok = _argmax_agreement(np.array(tokens), ref["joint"][..., :vocab], tol)
@@ -224,7 +218,7 @@ def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = 
     import numpy as np
     import torch
 
-    from mlxbuild.task_kinds.common import as_numpy
+    from mlxbuild.families.common import as_numpy
 
     meta = program.constant_methods
     blank, durations = int(meta["blank_id"]), [int(d) for d in meta["get_durations"]]
@@ -273,10 +267,10 @@ def features(program, args):
     if getattr(args, "audio", None):
         from transformers import ParakeetFeatureExtractor
 
-        from mlxbuild import speech
+        from mlxbuild.families import whisper_modules
 
         fe = ParakeetFeatureExtractor(feature_size=n_mels)
-        feats = fe(speech.read_wav(args.audio), sampling_rate=speech.SAMPLE_RATE,
+        feats = fe(whisper_modules.read_wav(args.audio), sampling_rate=whisper_modules.SAMPLE_RATE,
                    return_tensors="np").input_features
     elif getattr(args, "features", None) is not None:
         feats = np.asarray(np.load(args.features), dtype=np.float32)

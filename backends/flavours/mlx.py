@@ -1,30 +1,18 @@
-"""MLX: Apple-GPU delegate through MLX. The export uses the MLX delegate's own attention
-(``mlx::custom_sdpa``) and KV cache (``mlx::kv_cache_update``), so attention and cache
-updates lower into the delegate instead of falling back to portable kernels.
-
-ExecuTorch's Linux runtime has no MLXBackend, so MLX programs are verified by running
-them through ``delegate.mlx_runtime`` (the MLX payload interpreted with ``mlx.core``,
-which runs on Linux CPU too; see ``load_method``), and checked structurally as well:
-every method calls the MLX delegate and leaves no compute to portable kernels.
+"""The ``mlx`` export flavour: the MLX delegate's attention (``mlx::custom_sdpa``), KV cache
+(``mlx::kv_cache_update``, a ring for sliding-window layers) and MoE gather
+(``mlx::gather_qmm``), installed on a family's exportable before torch.export so
+they lower into the delegate. What the MLX backend lowers from (``backends.mlx``).
 """
 
+from __future__ import annotations
+
+import torch
+
 NAME = "mlx"
-FLAVOUR = "mlx"
-VERIFY = "runtime"
-
-
-def load_method(pte, method: str = "forward"):
-    """``execute(inputs) -> outputs`` for ``method`` of an MLX ``.pte``, run on this host
-    through ``mlx.core`` (torch tensors in, torch tensors out; the KV cache persists
-    across calls as with ExecuTorch's ``Method.execute``)."""
-    from delegate import mlx_runtime
-
-    program = mlx_runtime.load(pte)
-    return lambda inputs: program.run(method, list(inputs))
 
 
 def _ready() -> None:
-    from delegate.mlx_schema import ensure_mlx_schema
+    from backends.mlx_schema import ensure_mlx_schema
 
     ensure_mlx_schema()
 
@@ -40,7 +28,8 @@ def attention_implementation() -> str | None:
 SLIDING_ATTENTION = "mlxbuild_mlx_sliding"
 
 
-def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype) -> None:
+def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype, *,
+                  sliding: frozenset = frozenset(), experts=None) -> None:
     """The MLX flavour's source transforms on a transformers exportable: MoE experts
     onto gather_(q)mm, the KV cache onto mlx::kv_cache_update (a ring of window +
     chunk - 1 slots for sliding-window layers), and the sliding layers' attention
@@ -48,15 +37,13 @@ def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dt
     _ready()
     from executorch.backends.mlx.llm.exportable import install_mlx_cache
 
-    from mlxbuild.llm import check_prefill_chunk, sliding_layers
-
-    check_prefill_chunk(config, prefill_chunk)
-    gather_experts(exportable.model)
+    if experts is not None:
+        gather_experts(exportable.model, experts)
     install_mlx_cache(exportable, config=config, max_batch_size=1, max_cache_len=max_cache_len,
                       dtype=dtype, prefill_chunk_size=prefill_chunk)
     _positions_from_cache_position(exportable.static_cache)
     _accept_call_kwargs(exportable.static_cache)
-    if sliding_layers(config):
+    if sliding:
         _use_sliding_attention(exportable)
 
 
@@ -109,16 +96,16 @@ def _use_sliding_attention(exportable) -> None:
     exportable.model.config._attn_implementation = SLIDING_ATTENTION
 
 
-def gather_experts(model) -> int:
-    """Replace each ``mlxbuild.moe.ExpertLinears`` by ExecuTorch's SwitchMLP over the same
+def gather_experts(model, experts_type) -> int:
+    """Replace each ``experts_type`` module (the family's per-expert linears, with
+    ``num_experts``, ``hidden``, ``intermediate``, ``act_fn`` and ``gate_proj``/``up_proj``/
+    ``down_proj`` lists; ``mlxbuild.families.moe.ExpertLinears``) by ExecuTorch's SwitchMLP over the same
     (already quantized) per-expert linears, packed into [E, out, in] stacks, so routing
     lowers to mlx::gather_qmm (quantized) / mlx::gather_mm and computes only the chosen
     experts. Returns how many blocks were replaced."""
-    import torch
     from executorch.backends.mlx.llm.switch import SwitchMLP
 
-    from mlxbuild.errors import BuildError
-    from mlxbuild.moe import ExpertLinears
+    from backends.errors import BackendError
 
     class GatherExperts(torch.nn.Module):
         def __init__(self, mlp):
@@ -129,7 +116,7 @@ def gather_experts(model) -> int:
             top_k = top_k_index.shape[-1]
             return self.mlp(hidden_states, top_k_weights.to(hidden_states.dtype), top_k_index, top_k)
 
-    names = [n for n, m in model.named_modules() if isinstance(m, ExpertLinears)]
+    names = [n for n, m in model.named_modules() if isinstance(m, experts_type)]
     for name in names:
         experts = model.get_submodule(name)
         with torch.device("meta"):  # SwitchLinear builds throwaway experts; ours replace them
@@ -141,47 +128,25 @@ def gather_experts(model) -> int:
             try:
                 switch.pack()
             except TypeError as e:
-                raise BuildError(f"{name}.{proj}: MoE experts cannot use MLX gather_qmm: {e}; "
+                raise BackendError(f"{name}.{proj}: MoE experts cannot use MLX gather_qmm: {e}; "
                                  "use an affine weight-only scheme for MLX targets") from None
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, GatherExperts(mlp))
     return len(names)
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
-    _ready()
-    from executorch.backends.mlx import MLXPartitioner
-    from executorch.backends.mlx.passes import get_default_passes
+class DecoderCache(torch.nn.Module):
+    """Self-attention KV cache for a family's own decoder modules (Whisper's): the MLX
+    delegate's cache update and cache-aware SDPA (BHSD)."""
 
-    from delegate.lowering import to_executorch
+    def __init__(self, heads: int, head_dim: int, max_len: int, dtype):
+        super().__init__()
+        _ready()
+        from executorch.backends.mlx.llm.cache import KVCache
 
-    # Settings from ExecuTorch's MLX LLM export: the MLX graph builder needs the
-    # default passes and contiguous dim order; graph inputs are planned memory.
-    return to_executorch(programs, [MLXPartitioner()], constant_methods,
-                         transform_passes=get_default_passes(), skip_dim_order=True,
-                         alloc_graph_input=True)
+        self.cache = KVCache(max_batch_size=1, max_context_length=max_len, n_heads=heads,
+                             head_dim=head_dim, enable_dynamic_shape=True, dtype=dtype)
 
-
-# Kernels the partitioner leaves outside by design: writing mutable buffers back
-# (the cache position the transformers wrapper stores) is not compute.
-BOOKKEEPING_OPS = {"aten::copy_"}
-
-
-def check_structure(info: dict, methods: tuple = ("forward",)) -> dict:
-    """The structural check used where no MLX runtime exists: the program
-    deserialized (``info`` exists), has the task's ``methods``, every method calls the
-    MLX delegate, and no compute is left to portable kernels."""
-    problems, expected, methods = [], methods, info.get("methods", {})
-    for name in expected:
-        if name not in methods:
-            problems.append(f"no {name} method")
-    for name, method in methods.items():
-        backends = {d["backend_id"] for d in method.get("delegates", [])}
-        if "MLXBackend" not in backends:
-            problems.append(f"{name}: MLX delegate missing (delegates: {sorted(backends) or 'none'})")
-        left = [op for op in method.get("operators", []) if op.split(".")[0] not in BOOKKEEPING_OPS]
-        if left:
-            problems.append(f"{name}: ops outside the delegate: {', '.join(left)}")
-    return {"passed": not problems, "executed": False, "reason": "; ".join(problems),
-            "check": "structural (no MLX runtime on this host)",
-            "delegates": sorted({d["backend_id"] for m in methods.values() for d in m.get("delegates", [])})}
+    def attend(self, q, k, v, start, positions):
+        keys, values = self.cache.update(start, k, v)
+        return torch.ops.mlx.custom_sdpa(q, keys, values, start_pos=start, is_causal=True, scale=1.0)

@@ -1,7 +1,8 @@
 """Text-generation models as ExecuTorch wants them: a static KV cache and a
 ``forward(input_ids[1, T], cache_position[T]) -> logits[1, T, V]`` signature.
 
-Used by the export, reference and verification stages; imports torch.
+The Hugging Face side of every family: loading a materialized weights folder (MoE
+experts unfused), the static-cache wrapper, example inputs. Imports torch.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
             # transducer); the quantizer reads None as "no tied output head".
             setattr(model, accessor, lambda: None)
     # Fused 3-D experts become per-expert nn.Linear, so the scheme's linear rule
-    # quantizes them and export can trace them (mlxbuild.moe).
-    from mlxbuild.moe import unfuse_experts
+    # quantizes them and export can trace them (mlxbuild.families.moe).
+    from mlxbuild.families.moe import unfuse_experts
 
     unfuse_experts(model)
     for module in model.modules():
@@ -56,7 +57,7 @@ def auto_model_class(folder: Path):
     speech models have their own (Whisper seq2seq, Parakeet TDT), everything else is a causal LM."""
     import transformers
 
-    from mlxbuild.task_kinds import auto_class_name
+    from mlxbuild.families import auto_class_name
 
     config = Path(folder) / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
@@ -124,12 +125,12 @@ def sliding_layers(config) -> set[int]:
 
 
 def check_prefill_chunk(config, max_prefill_chunk: int) -> None:
-    """The manifest check of ``mlxbuild.families`` against a loaded config (hub and local
+    """The manifest check of ``mlxbuild.families.windows`` against a loaded config (hub and local
     checkpoints only show their sliding window here)."""
-    from mlxbuild import families
     from mlxbuild.errors import BuildError
+    from mlxbuild.families import windows
 
     window = config.get_text_config().sliding_window if sliding_layers(config) else None
-    problem = families.prefill_chunk_problem(window, max_prefill_chunk)
+    problem = windows.prefill_chunk_problem(window, max_prefill_chunk)
     if problem:
         raise BuildError(f"export.max_prefill_chunk: {problem}")

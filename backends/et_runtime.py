@@ -1,0 +1,76 @@
+"""ExecuTorch's own runtime (``executorch.runtime``) behind the small interface our MLX
+runtime has (``method_names``, ``constant_methods``, ``run(method, inputs)``,
+``reset(method)``, ``input_dtype``), so one loop drives either runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from mlx_runtime import pte as _pte
+
+
+class EtProgram:
+    def __init__(self, path: str | os.PathLike, data_files=()):
+        # The LLM artifacts call kernels outside the core library: custom SDPA / KV cache
+        # (llama::*) and the quantized embedding (quantized_decomposed::*).
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+        import executorch.kernels.quantized  # noqa: F401
+        from executorch.runtime import Runtime
+
+        self.path = str(path)
+        self._container, _, _ = _pte.load(path)
+        self.constant_methods = _pte.constant_methods(self._container)
+        self.method_names = [p.name for p in self._container.execution_plan
+                             if p.name not in self.constant_methods]
+        self._runtime = Runtime.get()
+        data = [str(p) for p in data_files]
+        self._program = self._runtime.load_program(self.path, data_path=data[0] if data else None)
+        self._methods: dict = {}
+
+    def method(self, name: str):
+        if name not in self._methods:
+            self._methods[name] = self._program.load_method(name)
+        return self._methods[name]
+
+    def run(self, name: str, inputs: list) -> list:
+        import torch
+
+        return list(self.method(name).execute([x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+                                               for x in inputs]))
+
+    def input_dtype(self, method: str, index: int = 0) -> str | None:
+        return _pte.input_dtype(self._container, method, index)
+
+    def reset(self, name: str | None = None) -> None:
+        # Mutable state (the KV cache) lives in the loaded method: a fresh load is a reset.
+        if name is None:
+            self._methods.clear()
+        else:
+            self._methods.pop(name, None)
+
+
+def load(path: str | os.PathLike, data_files=()) -> EtProgram:
+    return EtProgram(path, data_files)
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """The ExecuTorch runtime logs from C++ straight to fd 2 (CPU probing and the like);
+    keep it, and show it only when running the program fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        log = {"text": ""}
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            log["text"] = sink.read().decode(errors="replace")

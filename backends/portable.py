@@ -1,0 +1,16 @@
+"""Portable: no delegate. Every op runs as an ExecuTorch portable (or quantized) kernel.
+
+It lowers from the ``plain`` flavour (``backends.flavours.plain``): the transformers
+graph with its StaticCache.
+"""
+
+NAME = "portable"
+FLAVOUR = "plain"
+VERIFY = "runtime"
+RUNTIME = "backends.et_runtime"
+
+
+def lower(programs: dict, options: dict, constant_methods: dict):
+    from backends.lowering import to_executorch
+
+    return to_executorch(programs, [], constant_methods, cpu_kernels=True)
