@@ -121,8 +121,12 @@ OUR_PACKAGES = ("mlxbuild", "backends", "mlx_runtime")
 DISPATCH_TABLES = frozenset({"mlxbuild.families", "backends", "backends.flavours"})
 
 
+@lru_cache(maxsize=None)
 def _package_root(name: str) -> Path:
-    return Path(__import__(name).__file__).parent
+    # Found, not imported: hashing the runtime's source must not load the runtime.
+    import importlib.util
+
+    return Path(importlib.util.find_spec(name).origin).parent
 
 
 def _module_file(dotted: str) -> Path | None:

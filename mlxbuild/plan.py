@@ -112,8 +112,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         # a flavour (vulkan and xnnpack, coreml and portable) share one export.
         export_key = stable_hash("export", quant.key, flavour, export_spec,
                                  _versions("torch", "executorch", "transformers",
-                                           code=("mlxbuild.stages.export",
-                                                 backends.flavour(flavour).__name__)))
+                                           code=step_code("export", task=task, flavour=flavour)))
         export = plan.add(Step(
             kind="export", name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
             deps=[quant.name],
@@ -121,7 +120,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                     "dtype": dtype, **export_spec},
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
-        verify_spec = families.get(manifest.model.task).verify_spec(exp.max_context_length,
+        verify_spec = families.get(task).verify_spec(exp.max_context_length,
                                                                        exp.max_prefill_chunk)
         ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
                               _versions("torch", "transformers", "executorch",
