@@ -8,6 +8,11 @@ one, never a partial file.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlxbuild.steps import PackageParams
+
 import json
 import os
 import shutil
@@ -71,47 +76,47 @@ def unpublish(out_dir: Path, stem: str) -> list[str]:
     return files
 
 
-def publish(params: dict, cache, package_key: str) -> dict:
-    from mlxbuild.pte_inspect import inspect_pte
-
+def publish(params: PackageParams, cache, package_key: str) -> dict:
     from mlxbuild.cache import CorruptEntry
+    from mlxbuild.pte_inspect import inspect_pte
+    from mlxbuild.steps import LowerResult, VerifyResult
 
-    lowered = cache.read("lower", params["lower"])
-    verified = json.loads((cache.read("verify", params["verify"]) / "verify.json").read_text())
-    program_sha = cache.files("lower", params["lower"])["model.pte"]["sha256"]
-    if verified.get("artifact_sha256") != program_sha:
+    lowered = cache.read("lower", params.lower)
+    verified = VerifyResult.read(cache.read("verify", params.verify))
+    program_sha = cache.files("lower", params.lower)["model.pte"]["sha256"]
+    if verified.artifact_sha256 != program_sha:
         # The lowered program was rebuilt since it was verified: verify these bytes first.
-        raise CorruptEntry("verify", params["verify"], "verify.json",
-                           f"verified {str(verified.get('artifact_sha256'))[:12]}, but the lowered "
+        raise CorruptEntry("verify", params.verify, "verify.json",
+                           f"verified {str(verified.artifact_sha256)[:12]}, but the lowered "
                            f"program is {program_sha[:12]}")
-    lower_info = json.loads((lowered / "lower.json").read_text())
-    out_dir, stem = Path(params["out_dir"]), params["stem"]
+    lower_info = LowerResult.read(lowered)
+    out_dir, stem = Path(params.out_dir), params.stem
     sources = [(lowered / "model.pte", f"{stem}.pte")]
     sources += [(lowered / name, f"{stem}-{name}" if name != "model.ptd" else f"{stem}.ptd")
-                for name in lower_info.get("ptd", [])]
+                for name in lower_info.ptd]
 
     files = {dest: {"sha256": sha256_file(src), "size": src.stat().st_size} for src, dest in sources}
     _say_if_tampered(out_dir, stem)
     # A released target rebuilt after its files were deleted must come out as the same bytes.
-    lock.check_rebuilt(out_dir, stem, f"{params['record']['name']}/{params['record']['target']}", files)
+    lock.check_rebuilt(out_dir, stem, f"{params.record['name']}/{params.record['target']}", files)
     pte_info = inspect_pte(lowered / "model.pte")
     from backends.requirements import runtime_requirements
 
     record = {
-        **params["record"],
+        **params.record,
         "package_key": package_key,
         "files": files,
         "sha256": files[f"{stem}.pte"]["sha256"],
         "size": files[f"{stem}.pte"]["size"],
         "methods": pte_info["methods"],
         "constant_methods": pte_info["constant_methods"],
-        "delegation": lower_info["delegation"],
+        "delegation": lower_info.delegation,
         # Read from the program: what a runtime must link, import or register to load it.
         "runtime_requirements": runtime_requirements(pte_info["methods"], [d for _, d in sources[1:]]),
-        "verification": verified,
+        "verification": verified.model_dump(mode="json"),
     }
-    if params.get("quantize"):
-        quantized = cache.read("quantize", params["quantize"])
+    if params.quantize:
+        quantized = cache.read("quantize", params.quantize)
         record["layer_quantization"] = {
             "summary": json.loads((quantized / "summary.json").read_text()),
             "layers": json.loads((quantized / "layers.json").read_text())}

@@ -75,7 +75,7 @@ def settings(plan, package) -> dict:
     todo = list(package.deps)
     while todo:
         step = plan.steps[todo.pop()]
-        steps.setdefault(step.kind, step.params)
+        steps.setdefault(step.kind, step.params.plain())
         todo.extend(step.deps)
     export, lower = steps.get("export", {}), steps.get("lower", {})
     verify, reference = steps.get("verify", {}), steps.get("reference", {})
@@ -89,8 +89,8 @@ def settings(plan, package) -> dict:
 
 def target_inputs(plan, package) -> dict:
     """What the lock keeps of a planned package step to compare later builds with."""
-    return {"package_key": package.key, "stem": package.params["stem"],
-            "inputs": package.params["record"], "settings": settings(plan, package)}
+    return {"package_key": package.key, "stem": package.params.stem,
+            "inputs": package.params.record, "settings": settings(plan, package)}
 
 
 # --------------------------------------------------------------------------- planning-time check
@@ -103,7 +103,7 @@ def check_plan(plan) -> None:
         packages = [plan.steps[n] for n in package_names]
         by_dir: dict[str, list] = {}
         for step in packages:
-            by_dir.setdefault(step.params["out_dir"], []).append(step)
+            by_dir.setdefault(step.params.out_dir, []).append(step)
         for out_dir, steps in by_dir.items():
             lock = read_lock(Path(out_dir))
             if lock is None:
@@ -111,16 +111,16 @@ def check_plan(plan) -> None:
             changes = []
             locked = lock["targets"]
             for step in steps:
-                target = step.params["record"]["target"]
+                target = step.params.record["target"]
                 entry = locked.get(target)
                 if entry is None:
                     changes.append(f"target {target} added")
                 elif entry.get("package_key") != step.key:
                     fields = diff_fields({"inputs": entry.get("inputs", {}), "settings": entry.get("settings", {})},
-                                         {"inputs": step.params["record"], "settings": settings(plan, step)})
+                                         {"inputs": step.params.record, "settings": settings(plan, step)})
                     changes.append(f"target {target}: {fields}")
             if changes:
-                rec = steps[0].params["record"]
+                rec = steps[0].params.record
                 problems.append(
                     f"{manifest_path}: {rec['name']} {rec['version']} is released ({lock_path(Path(out_dir))}) "
                     f"and its inputs changed: {'; '.join(changes)}; bump `version` in the manifest to build them")

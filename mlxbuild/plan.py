@@ -20,18 +20,26 @@ from mlxbuild.errors import BuildError
 from mlxbuild import __version__
 from mlxbuild.fingerprint import FileHasher, code_hash, stable_hash, tool_versions
 from mlxbuild.families.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT  # noqa: F401  (tests read them here)
+from mlxbuild.steps import PARAMS, Params, StepKind
 from mlxbuild.tolerance import tolerance
 
 
 @dataclass
 class Step:
-    kind: str  # weights | quantize | export | reference | lower | verify | package
+    kind: StepKind
     name: str  # the doit task name
     key: str
     deps: list[str]
-    params: dict
+    params: Params  # the kind's model (mlxbuild.steps.PARAMS[kind])
     label: str
     dependents: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.kind = StepKind(self.kind)
+        if isinstance(self.params, dict):
+            self.params = PARAMS[self.kind](**self.params)
+        if type(self.params) is not PARAMS[self.kind]:
+            raise TypeError(f"{self.kind} step with {type(self.params).__name__} params")
 
 
 @dataclass
@@ -60,12 +68,13 @@ def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
     return {**{n: v[n] for n in names}, "mlxbuild": __version__, "code": code_hash(*code)}
 
 
-def step_code(kind: str, *, task: str | None = None, flavour: str | None = None,
+def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | None = None,
               backend: str | None = None) -> tuple[str, ...]:
     """The modules whose code decides a step's bytes (``mlxbuild.fingerprint``'s rule): the
     stage, and what it combines: the task's family modules, the export flavour, the
     backend and, for verification, the backend's runtime and the structural check."""
-    roots = [f"mlxbuild.stages.{kind}"]
+    kind = StepKind(kind)
+    roots = [f"mlxbuild.stages.{kind.value}"]
     if kind in ("export", "reference", "lower", "verify"):
         roots += families.modules_of(task)
     if kind in ("export", "lower"):
@@ -90,7 +99,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                    "max_prefill_chunk": exp.max_prefill_chunk, "task": task}
 
     weights = plan.add(Step(
-        kind="weights", name=f"weights:{_short(stable_hash(src['identity'], dtype))}",
+        kind=StepKind.WEIGHTS, name=f"weights:{_short(stable_hash(src['identity'], dtype))}",
         key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers", code=step_code("weights"))),
         deps=[], params={"load": src["load"], "dtype": dtype}, label=f"{manifest.name} ({dtype})"))
 
@@ -101,7 +110,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         scheme = manifest.scheme_for(target).model_dump(mode="json")
 
         quant = plan.add(Step(
-            kind="quantize",
+            kind=StepKind.QUANTIZE,
             name=f"quantize:{scheme_name}.{_short(stable_hash(weights.key, scheme))}",
             key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao", code=step_code("quantize"))),
             deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": dtype},
@@ -114,7 +123,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                                  _versions("torch", "executorch", "transformers",
                                            code=step_code("export", task=task, flavour=flavour)))
         export = plan.add(Step(
-            kind="export", name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
+            kind=StepKind.EXPORT, name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
             deps=[quant.name],
             params={"weights": weights.key, "quantized": quant.key, "flavour": flavour,
                     "dtype": dtype, **export_spec},
@@ -126,7 +135,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                               _versions("torch", "transformers", "executorch",
                                         code=step_code("reference", task=task)))
         reference = plan.add(Step(
-            kind="reference", name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
+            kind=StepKind.REFERENCE, name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
             deps=[quant.name],
             params={"weights": weights.key, "quantized": quant.key, "dtype": dtype,
                     **export_spec, **verify_spec},
@@ -137,14 +146,14 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                         "options": target.options, "constant_methods": exp.constant_methods,
                         **export_spec}
         lower = plan.add(Step(
-            kind="lower", name=f"lower:{tname}",
+            kind=StepKind.LOWER, name=f"lower:{tname}",
             key=stable_hash("lower", export.key, lower_params,
                             _versions("executorch", code=step_code("lower", task=task, backend=target.backend))),
             deps=[export.name], params=lower_params, label=tname))
 
         tol = tolerance(dtype, scheme)
         verify = plan.add(Step(
-            kind="verify", name=f"verify:{tname}",
+            kind=StepKind.VERIFY, name=f"verify:{tname}",
             key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY,
                             _versions("executorch", code=step_code("verify", task=task, backend=target.backend))),
             deps=[lower.name, reference.name],
@@ -173,7 +182,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                      "package": code_hash(*step_code("package"))},
         }
         package = plan.add(Step(
-            kind="package", name=f"package:{tname}",
+            kind=StepKind.PACKAGE, name=f"package:{tname}",
             key=stable_hash("package", record),
             # publish reads the lowered program, the verification and the quantize entry's
             # layers.json: all three are inputs (so none is skipped as not needed).

@@ -74,7 +74,7 @@ def release_manifests(paths, roots) -> list[dict]:
 def release_one(manifest, plan, packages) -> dict:
     from mlxbuild import bundle, model_card
 
-    out_dir = Path(packages[0].params["out_dir"])
+    out_dir = Path(packages[0].params.out_dir)
     lock = read_lock(out_dir)
     if lock is not None and sorted(lock["targets"]) != sorted(manifest.target_names):
         raise BuildError(f"{manifest.name} {manifest.version} is released with targets "
@@ -124,7 +124,7 @@ def make_lock(manifest, plan, packages, out_dir: Path) -> dict:
 def _published_record(out_dir: Path, step) -> dict:
     from mlxbuild.artifacts import record_path
 
-    path = record_path(out_dir, step.params["stem"])
+    path = record_path(out_dir, step.params.stem)
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -168,7 +168,7 @@ def build_report(plan, outcomes: dict[str, Outcome], code: int, *, error: dict |
     manifests = []
     for path, packages in (plan.groups.items() if plan is not None else ()):
         targets = [_target(plan, plan.steps[p], outcomes) for p in packages]
-        first = plan.steps[packages[0]].params["record"] if packages else {}
+        first = plan.steps[packages[0]].params.record if packages else {}
         manifests.append({"path": str(path), "name": first.get("name"), "version": first.get("version"),
                           "targets": targets})
     counts = {s: 0 for s in ("built", "up-to-date", "failed", "not-run")}
@@ -200,7 +200,7 @@ def _chain(plan, step) -> list:
 
 
 def _target(plan, package, outcomes) -> dict:
-    rec = package.params["record"]
+    rec = package.params.record
     chain = _chain(plan, package)
     steps = []
     for s in chain:
@@ -219,7 +219,7 @@ def _target(plan, package, outcomes) -> dict:
     else:
         status = "not-run"
 
-    out_dir, stem = Path(package.params["out_dir"]), package.params["stem"]
+    out_dir, stem = Path(package.params.out_dir), package.params.stem
     entry = {
         "target": rec["target"], "name": f"{rec['name']}/{rec['target']}", "status": status,
         "backend": rec["backend"], "scheme": rec["scheme"], "dtype": rec["dtype"],

@@ -28,12 +28,13 @@ from mlxbuild import artifacts
 from mlxbuild.cache import Cache, CorruptEntry
 from mlxbuild.errors import REPORTED, MlxbuildError, VerificationError
 from mlxbuild.plan import Plan, Step
+from mlxbuild.steps import StepKind
 from mlxbuild.settings import Roots
 
 
 def is_done(plan: Plan, step: Step, cache: Cache, _seen=None) -> bool:
-    if step.kind == "package":
-        return artifacts.is_published(Path(step.params["out_dir"]), step.params["stem"], step.key,
+    if step.kind is StepKind.PACKAGE:
+        return artifacts.is_published(Path(step.params.out_dir), step.params.stem, step.key,
                                       _published_hashes(cache))
     if cache.has(step.kind, step.key):
         return _current(step, cache)
@@ -58,18 +59,18 @@ def _published_hashes(cache: Cache):
 def _current(step: Step, cache: Cache) -> bool:
     """An existing entry still stands for its inputs. A verification stands for the bytes it
     checked: once the lowered program is rebuilt with other bytes, it is stale."""
-    if step.kind != "verify" or not cache.has("lower", step.params["lower"]):
+    if step.kind is not StepKind.VERIFY or not cache.has("lower", step.params.lower):
         return True
     try:
         verified = json.loads((cache.path("verify", step.key) / "verify.json").read_text())
-        program = cache.files("lower", step.params["lower"])["model.pte"]["sha256"]
+        program = cache.files("lower", step.params.lower)["model.pte"]["sha256"]
     except (OSError, ValueError, KeyError, MlxbuildError):
         return False
     return verified.get("artifact_sha256") == program
 
 
 def _fetchable(step: Step, cache: Cache) -> bool:
-    return step.kind != "package" and cache.remote_has(step.kind, step.key)
+    return step.kind is not StepKind.PACKAGE and cache.remote_has(step.kind, step.key)
 
 
 class StepFailed(TaskFailed):
@@ -117,7 +118,7 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
         return StepFailed(str(e))
     except OSError as e:
         if e.errno in RESOURCE_ERRNOS:  # a full disk is not a crash: one line, where and what
-            where = e.filename or (step.params["out_dir"] if step.kind == "package" else roots.cache)
+            where = e.filename or (step.params.out_dir if step.kind is StepKind.PACKAGE else roots.cache)
             return StepFailed(f"{step.kind} {step.label}: {os.strerror(e.errno)}: {where}")
         return crashed(step, roots, e)
     except Exception as e:  # a crash in a step (e.g. a model factory raising) is a build failure
@@ -136,8 +137,8 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache) -> None:
 
     # One builder per step across processes: a second build waits, then reuses the entry.
     with cache.lock(step.kind, step.key, on_wait=waiting):
-        if step.kind == "package":
-            if not artifacts.is_published(Path(step.params["out_dir"]), step.params["stem"], step.key):
+        if step.kind is StepKind.PACKAGE:
+            if not artifacts.is_published(Path(step.params.out_dir), step.params.stem, step.key):
                 artifacts.publish(step.params, cache, step.key)
             return
         if cache.has(step.kind, step.key) and not _current(step, cache):
@@ -156,7 +157,7 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache) -> None:
         _make_inputs(plan, step, roots, cache)
         with cache.writing(step.kind, step.key) as out:
             try:
-                stage(step.kind).run({**step.params, "label": step.label}, cache, out)
+                stage(step.kind).run(step.params.model_copy(update={"label": step.label}), cache, out)
             except VerificationError as e:
                 # The figures are in the entry about to be discarded: keep them for the report.
                 raise _WithFigures(e, _read_json(out / "verify.json")) from None
@@ -235,7 +236,7 @@ def _make_inputs(plan: Plan | None, step: Step, roots: Roots, cache: Cache) -> N
     from mlxbuild import progress
 
     for dep in [plan.steps[n] for n in step.deps] if plan else []:
-        if dep.kind != "package" and not cache.has(dep.kind, dep.key):
+        if dep.kind is not StepKind.PACKAGE and not cache.has(dep.kind, dep.key):
             result = run_step(dep, roots, plan)
             progress.begin(step.kind, step.label)
             if result is not True:
@@ -261,10 +262,10 @@ def task_dicts(plan: Plan, roots: Roots):
             "task_dep": list(step.deps),
             "uptodate": [_Check(f"{step.kind} output present", is_done, plan, step, cache)],
         }
-        if step.kind == "package":
-            out = Path(step.params["out_dir"])
-            task["targets"] = [str(out / f"{step.params['stem']}.pte"),
-                               str(artifacts.record_path(out, step.params["stem"]))]
+        if step.kind is StepKind.PACKAGE:
+            out = Path(step.params.out_dir)
+            task["targets"] = [str(out / f"{step.params.stem}.pte"),
+                               str(artifacts.record_path(out, step.params.stem))]
             task["clean"] = True
         else:
             task["clean"] = [(_clean_entry, [step, roots])]
@@ -297,5 +298,5 @@ def _all_done(plan, steps, cache):
 
 def _unpublish(steps):
     for step in steps:
-        artifacts.unpublish(Path(step.params["out_dir"]), step.params["stem"])
+        artifacts.unpublish(Path(step.params.out_dir), step.params.stem)
 

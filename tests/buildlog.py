@@ -6,7 +6,9 @@ import re
 import sys
 from pathlib import Path
 
-KINDS = ("weights", "quantize", "export", "reference", "lower", "verify", "package")
+from mlxbuild.steps import StepKind
+
+KINDS = tuple(k.value for k in StepKind)
 # The reporter's step lines: '.  ' started, 'ok ' finished (with its time), '-- ' up to date.
 STEP_LINE = re.compile(r"^(\.  |ok |-- )(" + "|".join(KINDS) + r") (.+?)(?: \(\d+(?:\.\d+)? s\))?$")
 

@@ -488,10 +488,10 @@ def test_plan_hands_the_quantize_entry_to_package(tmp_path):
     for name in packages:
         step = plan.steps[name]
         quant = plan.steps[next(d for d in step.deps if d.startswith("quantize:"))]
-        assert step.params["quantize"] == quant.key == step.params["record"]["keys"]["quantize"]
-        assert step.params["record"]["quantization"]["rules"]
+        assert step.params.quantize == quant.key == step.params.record["keys"]["quantize"]
+        assert step.params.record["quantization"]["rules"]
         verify = plan.steps[next(d for d in step.deps if d.startswith("verify:"))]
-        scheme = step.params["record"]["quantization"]
+        scheme = step.params.record["quantization"]
         assert verify.params["tolerance"] == tolerance(m.model.dtype, scheme)
 
 

@@ -147,9 +147,8 @@ def reference(model, params: dict, out: Path) -> dict:
     np.save(out / "tokens.npy", np.array(tokens, dtype=np.int64))
     np.save(out / "decoder.npy", gs[0].float().numpy())
     np.save(out / "joint.npy", joint[0].float().numpy())
-    (out / "reference.json").write_text(json.dumps({"model_type": sc["model_type"], "frames": VERIFY_FRAMES,
-                                                    "vocab_size": sc["vocab_size"]}))
-    return {"positions": int(joint.shape[1] * joint.shape[2])}
+    return {"model_type": sc["model_type"], "frames": VERIFY_FRAMES, "vocab_size": sc["vocab_size"],
+            "positions": int(joint.shape[1] * joint.shape[2])}
 
 
 def _argmax_agreement(got, logits, tol: dict) -> dict:
@@ -164,14 +163,14 @@ def _argmax_agreement(got, logits, tol: dict) -> dict:
             "agreement_decisive": float(agree[decisive].mean()) if decisive.any() else 1.0}
 
 
-def verify(program, reference_dir: Path, tol: dict) -> dict:
+def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
     import numpy as np
     import torch
 
     from mlxbuild.families.common import as_numpy, compare_tensor
 
     ref = {k: np.load(reference_dir / f"{k}.npy") for k in ("features", "encoder", "tokens", "decoder", "joint")}
-    vocab = json.loads((reference_dir / "reference.json").read_text())["vocab_size"]
+    vocab = info["vocab_size"]
     meta = program.constant_methods
     feats = torch.from_numpy(ref["features"])
     f, n = program.run("encoder", [feats, torch.tensor([feats.shape[1]])])

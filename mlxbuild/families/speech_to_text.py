@@ -10,7 +10,7 @@ The family is chosen by the checkpoint's ``model_type`` when building, and by th
 program's method names when running. A family module provides ``NAME`` (its name
 in ``mlxbuild.families.ARCHITECTURES``), ``METHODS``, ``export(model, params, flavour)``,
 ``constant_methods(params, speech_config)``,
-``reference(model, params, out)``, ``verify(program, reference_dir, tol)``,
+``reference(model, params, out)``, ``verify(program, reference_dir, info, tol)``,
 ``features(program, args)``, ``transcribe(program, features, max_new_tokens, stop_at_eos)``
 and ``describe(result)``.
 """
@@ -73,9 +73,8 @@ def reference(model, params: dict, out: Path) -> dict:
     return family(model.config.model_type).reference(model, params, out)
 
 
-def verify(program, reference_dir: Path, tol: dict) -> dict:
-    model_type = json.loads((Path(reference_dir) / "reference.json").read_text())["model_type"]
-    return family(model_type).verify(program, reference_dir, tol)
+def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
+    return family(info["model_type"]).verify(program, reference_dir, info, tol)
 
 
 def transcribe(program, features, max_new_tokens: int = 64, stop_at_eos: bool = True) -> dict:

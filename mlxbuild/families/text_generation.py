@@ -93,9 +93,8 @@ def reference(model, params: dict, out: Path) -> dict:
             pos += 1
     np.save(out / "tokens.npy", torch.cat(fed, dim=1).numpy())
     np.save(out / "logits.npy", torch.cat(logits, dim=0).numpy())
-    (out / "reference.json").write_text(json.dumps({"prompt": params["prompt"],
-                                                    "decode_steps": params["decode_steps"]}))
-    return {"positions": int(sum(x.shape[0] for x in logits))}
+    return {"prompt": params["prompt"], "decode_steps": params["decode_steps"],
+            "positions": int(sum(x.shape[0] for x in logits))}
 
 
 def run_pte(program, tokens, prompt: int):
@@ -109,15 +108,14 @@ def run_pte(program, tokens, prompt: int):
     return torch.cat(rows).float().numpy()
 
 
-def verify(program, reference_dir: Path, tol: dict) -> dict:
+def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
     import numpy as np
 
     from mlxbuild.families.common import compare
 
     tokens = np.load(reference_dir / "tokens.npy")
     ref = np.load(reference_dir / "logits.npy")
-    prompt = json.loads((reference_dir / "reference.json").read_text())["prompt"]
-    return compare(run_pte(program, tokens, prompt), ref, tol)
+    return compare(run_pte(program, tokens, info["prompt"]), ref, tol)
 
 
 def run(program, args) -> dict:

@@ -138,9 +138,8 @@ def reference(model, params: dict, out: Path) -> dict:
     np.save(out / "tokens.npy", np.array([tokens], dtype=np.int64))
     np.save(out / "logits.npy", logits[0].float().numpy())
     prompt = max(params["prompt"], len(sc["decoder_start_ids"]))
-    (out / "reference.json").write_text(json.dumps({"model_type": "whisper", "prompt": prompt,
-                                                    "decode_steps": params["decode_steps"]}))
-    return {"positions": len(tokens)}
+    return {"model_type": "whisper", "prompt": prompt, "decode_steps": params["decode_steps"],
+            "positions": len(tokens)}
 
 
 def decode_rows(program, hidden, tokens, prompt: int):
@@ -161,7 +160,7 @@ def decode_rows(program, hidden, tokens, prompt: int):
     return np.concatenate(rows)
 
 
-def verify(program, reference_dir: Path, tol: dict) -> dict:
+def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
     import numpy as np
     import torch
 
@@ -171,7 +170,7 @@ def verify(program, reference_dir: Path, tol: dict) -> dict:
     ref_hidden = np.load(reference_dir / "encoder.npy")
     tokens = np.load(reference_dir / "tokens.npy")[0]
     ref = np.load(reference_dir / "logits.npy")
-    prompt = json.loads((reference_dir / "reference.json").read_text())["prompt"]
+    prompt = info["prompt"]
     hidden = program.run("encoder", [torch.from_numpy(feats).to(input_dtype(program))])[0]
     enc = compare_tensor(as_numpy(hidden)[0].astype(np.float32), ref_hidden, tol)
     got = decode_rows(program, hidden, tokens, prompt)

@@ -1,18 +1,26 @@
-"""The build's stages. Each has ``run(params, cache, out)`` that reads upstream cache
-entries named in ``params`` and writes its outputs into ``out`` (a scratch
-directory that becomes the step's cache entry only if ``run`` returns).
+"""The build's stages, one module per ``StepKind`` (``mlxbuild.steps``). Each has
+``run(params, cache, out)``: it reads the upstream cache entries its typed params name
+and writes its outputs into ``out`` (a scratch directory that becomes the step's cache
+entry only if ``run`` returns). The package step publishes instead
+(``mlxbuild.artifacts``).
 
-Stages import torch; nothing on the planning path imports this package.
+The stages are the one place where a model family meets a backend. They import torch;
+nothing on the planning path imports this package's modules.
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
-KINDS = ("weights", "quantize", "export", "reference", "lower", "verify")
+from mlxbuild.steps import StepKind
+
+CACHED = (StepKind.WEIGHTS, StepKind.QUANTIZE, StepKind.EXPORT, StepKind.REFERENCE, StepKind.LOWER,
+          StepKind.VERIFY)
 
 
-def stage(kind: str):
-    if kind not in KINDS:
-        raise ValueError(f"unknown stage {kind!r}")
-    return importlib.import_module(f"mlxbuild.stages.{kind}")
+def stage(kind: StepKind | str) -> ModuleType:
+    kind = StepKind(kind)
+    if kind not in CACHED:
+        raise ValueError(f"{kind} is not a cached stage")
+    return importlib.import_module(f"mlxbuild.stages.{kind.value}")

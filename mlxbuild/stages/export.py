@@ -8,7 +8,6 @@ inputs; each method's program is saved as ``<method>.pt2``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,28 +15,29 @@ import torch
 import backends
 from mlxbuild import families, progress
 from mlxbuild.stages.quantize import quantized_model
+from mlxbuild.steps import ExportParams, ExportResult
 
 
-def run(params: dict, cache, out: Path) -> dict:
-    kind = families.get(params.get("task"))
-    flavour = backends.flavour(params["flavour"])
+def run(params: ExportParams, cache, out: Path) -> ExportResult:
+    kind = families.get(params.task)
+    flavour = backends.flavour(params.flavour)
     attn = flavour.attention_implementation()
     progress.note("loading quantized model")
     model = quantized_model(cache, params, attn if kind.USES_FLAVOUR_ATTENTION else None)
-    programs, info = kind.export(model, params, flavour)
+    programs, info = kind.export(model, params.plain(), flavour)
     for name, program in programs.items():
         torch.export.save(program, out / f"{name}.pt2")
-    info = {"flavour": params["flavour"], "task": params.get("task", "text-generation"),
-            "methods": list(programs), **info,
-            "graph_nodes": {name: len(p.graph.nodes) for name, p in programs.items()}}
-    (out / "export.json").write_text(json.dumps(info, indent=1))
-    return info
+    result = ExportResult(flavour=params.flavour, task=params.task, methods=list(programs), **info,
+                          graph_nodes={name: len(p.graph.nodes) for name, p in programs.items()})
+    result.write(out)
+    return result
 
 
-def load_programs(entry: Path, flavour_name: str) -> dict:
-    """Reload the saved programs by method; the flavour's custom ops must be registered first."""
+def load_programs(entry: Path, flavour_name: str) -> tuple[dict, ExportResult]:
+    """Reload the saved programs by method (the flavour's custom ops registered first), with
+    the export's result."""
     import torchao  # noqa: F401
 
     backends.flavour(flavour_name).attention_implementation()
-    methods = json.loads((entry / "export.json").read_text())["methods"]
-    return {name: torch.export.load(entry / f"{name}.pt2") for name in methods}
+    info = ExportResult.read(entry)
+    return {name: torch.export.load(entry / f"{name}.pt2") for name in info.methods}, info

@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import backends
 from mlxbuild import families, progress
 from mlxbuild.stages import export
+from mlxbuild.steps import ExportResult, LowerParams, LowerResult
 
 
-def constant_methods(params: dict, info: dict) -> dict:
+def constant_methods(params: LowerParams, info: ExportResult) -> dict:
     """The task kind's constant methods (what its runners read), then the manifest's own on top."""
-    methods = families.get(params.get("task")).constant_methods(params, info)
-    methods.update(params.get("constant_methods") or {})
+    methods = families.get(params.task).constant_methods(params.plain(), info.model_dump(mode="json"))
+    methods.update(params.constant_methods or {})
     return methods
 
 
@@ -48,20 +48,19 @@ def _op_name(target) -> str:
     return name.removeprefix("aten.")
 
 
-def run(params: dict, cache, out: Path) -> dict:
-    backend = backends.backend(params["backend"])
-    entry = cache.read("export", params["export"])
-    info = json.loads((entry / "export.json").read_text())
+def run(params: LowerParams, cache, out: Path) -> LowerResult:
+    backend = backends.backend(params.backend)
+    entry = cache.read("export", params.export)
     progress.note("loading saved program")
-    programs = export.load_programs(entry, backend.FLAVOUR)
+    programs, info = export.load_programs(entry, backend.FLAVOUR)
     methods = constant_methods(params, info)
     progress.note(f"lowering {', '.join(programs)} to {backend.NAME} and serializing")
-    edge, prog = backend.lower(programs, params.get("options") or {}, methods)
+    edge, prog = backend.lower(programs, params.options or {}, methods)
     progress.note(f"{len(prog.buffer) / 1e6:.1f} MB program")
     (out / "model.pte").write_bytes(prog.buffer)
     if getattr(prog, "_tensor_data", None):
         prog.write_tensor_data_to_file(str(out))
-    result = {"constant_methods": methods, "delegation": delegation_summary(edge),
-              "ptd": sorted(p.name for p in out.glob("*.ptd"))}
-    (out / "lower.json").write_text(json.dumps(result, indent=1, default=str))
-    return {"bytes": len(prog.buffer)}
+    result = LowerResult(constant_methods=methods, delegation=delegation_summary(edge),
+                         ptd=sorted(p.name for p in out.glob("*.ptd")))
+    result.write(out)
+    return result

@@ -19,16 +19,17 @@ from mlxbuild import progress
 from mlxbuild.errors import BuildError
 from mlxbuild.families.hf import load_model
 from mlxbuild.quantize import apply_scheme, summarize
+from mlxbuild.steps import QuantizeParams
 
 
-def run(params: dict, cache, out: Path) -> dict:
-    model = load_model(cache.read("weights", params["weights"]), params["dtype"])
+def run(params: QuantizeParams, cache, out: Path) -> dict:
+    model = load_model(cache.read("weights", params.weights), params.dtype)
     progress.note("quantizing")
     with torch.no_grad():
         try:
-            layers = apply_scheme(model, params["scheme"])
+            layers = apply_scheme(model, params.scheme)
         except BuildError as e:
-            raise BuildError(f"{params.get('label', 'quantize')}: {e}") from None
+            raise BuildError(f"{params.label or 'quantize'}: {e}") from None
     save(model, layers, out)
     summary = summarize(layers)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -65,9 +66,9 @@ def load_into(model, entry: Path) -> None:
         p.requires_grad_(False)
 
 
-def quantized_model(cache, params: dict, attn_implementation: str | None = None):
-    """The model of ``params["weights"]`` with ``params["quantized"]``'s state loaded into it:
+def quantized_model(cache, params, attn_implementation: str | None = None):
+    """The model of ``params.weights`` with ``params.quantized``'s state loaded into it:
     what export and the reference start from."""
-    model = load_model(cache.read("weights", params["weights"]), params["dtype"], attn_implementation)
-    load_into(model, cache.read("quantize", params["quantized"]))
+    model = load_model(cache.read("weights", params.weights), params.dtype, attn_implementation)
+    load_into(model, cache.read("quantize", params.quantized))
     return model

@@ -9,44 +9,45 @@ kind drives the opened program and compares its outputs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import backends
 from mlxbuild import families
 from mlxbuild.errors import VerificationError
+from mlxbuild.steps import LowerResult, ReferenceResult, VerifyParams, VerifyResult
 
 
-def run(params: dict, cache, out: Path) -> dict:
-    backend = backends.backend(params["backend"])
-    kind = families.get(params.get("task"))
-    lowered = cache.read("lower", params["lower"])
+def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
+    backend = backends.backend(params.backend)
+    kind = families.get(params.task)
+    lowered = cache.read("lower", params.lower)
     if backend.VERIFY == "runtime":
-        result = numerical(lowered / "model.pte", cache.read("reference", params["reference"]),
-                           params["tolerance"], params["backend"], kind)
+        result = numerical(lowered / "model.pte", cache.read("reference", params.reference),
+                           params.tolerance, params.backend, kind)
         if result["passed"] and hasattr(backend, "OUTSIDE_OPS"):
             # A runtime that runs any leftover op (the MLX one runs them with torch)
             # proves the numbers, not the partitioning: check that too.
-            shape = structural(lowered / "model.pte", params["backend"], kind)
+            shape = structural(lowered / "model.pte", params.backend, kind)
             result["structure"] = {k: shape[k] for k in ("passed", "reason", "delegates") if k in shape}
             if not shape["passed"]:
                 result.update(passed=False, reason=f"structure: {shape['reason']}")
     else:
-        result = structural(lowered / "model.pte", params["backend"], kind)
-        result["coverage"] = coverage(lowered / "lower.json")
+        result = structural(lowered / "model.pte", params.backend, kind)
+        result["coverage"] = coverage(LowerResult.read(lowered))
     # What was verified is these bytes: publishing and up-to-date checks compare them with
     # the lowered program they are about to trust (mlxbuild.tasks, mlxbuild.artifacts).
-    result["artifact_sha256"] = cache.files("lower", params["lower"])["model.pte"]["sha256"]
-    (out / "verify.json").write_text(json.dumps(result, indent=1))
-    if not result["passed"]:
-        raise VerificationError(f"{params['label']}: verification failed: {result['reason']}")
-    return result
+    result["artifact_sha256"] = cache.files("lower", params.lower)["model.pte"]["sha256"]
+    verified = VerifyResult(**result)
+    verified.write(out)
+    if not verified.passed:
+        raise VerificationError(f"{params.label}: verification failed: {verified.reason}")
+    return verified
 
 
-def coverage(lower_json: Path) -> dict:
+def coverage(lowered: LowerResult) -> dict:
     """How much of the program the delegate took (op counts from the lowering's
     delegation summary): what a structural check can say in place of numbers."""
-    summary = json.loads(lower_json.read_text()).get("delegation", {})
+    summary = lowered.delegation
     inside = sum(n for m in summary.values() for n in m.get("delegated_ops", {}).values())
     outside = {op: n for m in summary.values() for op, n in m.get("portable_ops", {}).items()
                if op != "alloc"}  # memory planning's buffers, not compute
@@ -63,10 +64,11 @@ def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None,
     from mlxbuild.families.common import runtime_failure
 
     kind = kind or families.get(None)
+    info = ReferenceResult.read(reference).model_dump(mode="json")
     try:
         with native_stderr_captured() as log:
             program = backends.open_program(pte, backend)
-            return kind.verify(program, reference, tol)
+            return kind.verify(program, reference, info, tol)
     except Exception as e:  # noqa: BLE001 - whatever the runtime raises fails the check
         return runtime_failure(e, log)
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from mlxbuild.families.hf import DTYPES, build_module
+from mlxbuild.steps import WeightsParams
 
 
 
-def run(params: dict, cache, out: Path) -> dict:
-    load, dtype = params["load"], DTYPES[params["dtype"]]
+def run(params: WeightsParams, cache, out: Path) -> dict:
+    load, dtype = params.load, DTYPES[params.dtype]
     if "synthetic" in load:
         model = _synthetic(load["synthetic"], dtype)
         model.save_pretrained(out)
@@ -28,7 +29,7 @@ def run(params: dict, cache, out: Path) -> dict:
         torch.manual_seed(0)
         model = build_module(load).to(dtype)
         save_model(model, str(out / "model.safetensors"))
-    (out / "source.json").write_text(json.dumps({"load": load, "dtype": params["dtype"]}))
+    (out / "source.json").write_text(json.dumps({"load": load, "dtype": params.dtype}))
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 

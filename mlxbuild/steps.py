@@ -1,0 +1,154 @@
+"""The contract between the plan and the stages: a ``StepKind`` per stage (as ExecuTorch's
+``executorch/export/types.py`` has ``StageType``), one typed params model per kind (what
+the plan hands the stage) and the typed results the stages write as their sidecar JSON
+files (``export.json``, ``lower.json``, ``reference.json``, ``verify.json``), read back by
+the steps after them through the same models.
+
+Torch-free: the planner builds these on every no-op build.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StepKind(StrEnum):
+    WEIGHTS = "weights"
+    QUANTIZE = "quantize"
+    EXPORT = "export"
+    REFERENCE = "reference"
+    LOWER = "lower"
+    VERIFY = "verify"
+    PACKAGE = "package"
+
+
+Dtype = Literal["fp32", "fp16", "bf16"]
+
+
+class Params(BaseModel):
+    """What a step's stage reads. ``label`` names the step in messages; it is not an input
+    (keys are computed by the plan from the inputs, not from this model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str = ""
+
+    def plain(self) -> dict:
+        """As a plain dict, for the family functions that take one."""
+        return self.model_dump(mode="json")
+
+
+class ExportSpec(Params):
+    max_context_length: int
+    max_prefill_chunk: int
+    task: str
+
+
+class WeightsParams(Params):
+    load: dict[str, Any]  # one of {"synthetic": ...}, {"path": ...} (+ hub identity), {"module": ...}
+    dtype: Dtype
+
+
+class QuantizeParams(Params):
+    weights: str
+    scheme: dict[str, Any]
+    dtype: Dtype
+
+
+class ExportParams(ExportSpec):
+    weights: str
+    quantized: str
+    flavour: str
+    dtype: Dtype
+
+
+class ReferenceParams(ExportSpec):
+    weights: str
+    quantized: str
+    dtype: Dtype
+    prompt: int
+    decode_steps: int
+    seed: int
+
+
+class LowerParams(ExportSpec):
+    export: str
+    weights: str
+    backend: str
+    options: dict[str, Any] | None = None
+    constant_methods: dict[str, Any] | None = None
+
+
+class VerifyParams(Params):
+    lower: str
+    reference: str
+    backend: str
+    tolerance: dict[str, float]
+    task: str
+
+
+class PackageParams(Params):
+    lower: str
+    verify: str
+    quantize: str
+    out_dir: str
+    stem: str
+    record: dict[str, Any]
+
+
+PARAMS: dict[StepKind, type[Params]] = {
+    StepKind.WEIGHTS: WeightsParams, StepKind.QUANTIZE: QuantizeParams, StepKind.EXPORT: ExportParams,
+    StepKind.REFERENCE: ReferenceParams, StepKind.LOWER: LowerParams, StepKind.VERIFY: VerifyParams,
+    StepKind.PACKAGE: PackageParams,
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+class Result(BaseModel):
+    """A stage's sidecar file. Task kinds add their own figures (a speech family's encoder
+    comparison, a text model's config), so fields beyond the declared ones are kept."""
+
+    model_config = ConfigDict(extra="allow")
+    FILE: ClassVar[str] = ""
+
+    def write(self, entry: Path) -> None:
+        (Path(entry) / self.FILE).write_text(json.dumps(self.model_dump(mode="json"), indent=1, default=str))
+
+    @classmethod
+    def read(cls, entry: Path):
+        return cls.model_validate_json((Path(entry) / cls.FILE).read_text())
+
+
+class ExportResult(Result):
+    FILE: ClassVar[str] = "export.json"
+    flavour: str
+    task: str
+    methods: list[str]
+    graph_nodes: dict[str, int]
+
+
+class LowerResult(Result):
+    FILE: ClassVar[str] = "lower.json"
+    constant_methods: dict[str, Any]
+    delegation: dict[str, Any]
+    ptd: list[str]
+
+
+class ReferenceResult(Result):
+    FILE: ClassVar[str] = "reference.json"
+    prompt: int | None = None
+    decode_steps: int | None = None
+
+
+class VerifyResult(Result):
+    FILE: ClassVar[str] = "verify.json"
+    passed: bool
+    reason: str = ""
+    executed: bool = False
+    artifact_sha256: str | None = None
