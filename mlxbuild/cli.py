@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _doit(args: list[str]) -> int:
@@ -43,6 +44,37 @@ def _validate(paths: list[str]) -> int:
         else:
             print(f"ok: {path}: {m.name} {m.version}, targets {', '.join(m.target_names)}")
     return status
+
+
+def _schema(write: str | None, markdown: bool) -> int:
+    from mlxbuild.manifest import SCHEMA_PATH, schema_text
+
+    if markdown:
+        from backends import capabilities
+
+        print(capabilities.render_markdown(), end="")
+    elif write is not None:
+        out = Path(write) if write else SCHEMA_PATH
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(schema_text(), encoding="utf-8")
+        print(f"wrote {out}")
+    else:
+        print(schema_text())
+    return 0
+
+
+def manifest_main(argv: list[str] | None = None) -> int:
+    """``python -m mlxbuild.manifest --write-schema [PATH] | --markdown | FILE.yaml...``: the
+    older spelling of ``mlxbuild schema --write`` and ``mlxbuild validate``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--write-schema"]:
+        return _schema(argv[1] if len(argv) > 1 else "", False)
+    if argv[:1] == ["--markdown"]:
+        return _schema(None, True)
+    if not argv:
+        print(manifest_main.__doc__, file=sys.stderr)
+        return 2
+    return _validate(argv)
 
 
 def _plan(paths: list[str], as_json: bool) -> int:
@@ -153,7 +185,10 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     p = sub.add_parser("plan", help="show the planned steps without running anything")
     p.add_argument("manifests", nargs="+")
     p.add_argument("--json", action="store_true")
-    sub.add_parser("schema", help="print the manifest JSON Schema")
+    sc = sub.add_parser("schema", help="print the manifest JSON Schema (--write: into schema/)")
+    sc.add_argument("--write", nargs="?", const="", metavar="PATH",
+                    help="write it (default: the committed schema/manifest.schema.json)")
+    sc.add_argument("--markdown", action="store_true", help="print the backend capability table instead")
     ck = sub.add_parser("check", help="every published artifact against its record and release lock "
                         "(exit 4 on a mismatch)")
     ck.add_argument("dirs", nargs="*", metavar="ARTIFACTS_DIR", help="default: $MLXBUILD_ARTIFACTS or ./artifacts")
@@ -215,10 +250,7 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
 
         return doctor_main(as_json=args.json, lock=args.lock)
     if args.cmd == "schema":
-        from mlxbuild.manifest import schema_text
-
-        print(schema_text())
-        return 0
+        return _schema(args.write, args.markdown)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

@@ -1,13 +1,7 @@
-"""The build manifest: YAML -> validated pydantic models.
-
-Public API::
-
-    load_manifest(path) -> Manifest          # raises ManifestError (one line, file:line:col)
-    parse_manifest(text, file="<string>") -> Manifest
-    json_schema() -> dict                    # the JSON schema committed in schema/
-
-Every validation problem is reported as a single :class:`~mlxbuild.errors.ManifestError`
-pointing at the offending YAML node. This module must not import torch.
+"""The manifest's models: what a manifest may say, validated by pydantic, with the JSON
+schema they generate (committed as ``schema/manifest.schema.json``). The vocabulary of
+families, tasks and backends comes from their own tables (``mlxbuild.families``,
+``backends.capabilities``). Torch-free.
 """
 
 from __future__ import annotations
@@ -40,8 +34,11 @@ from pydantic import (
 )
 
 from backends import capabilities
+from mlxbuild import families
 from mlxbuild.errors import ManifestError
+from mlxbuild.manifest.errors import _describe, _Issue, _show, _translate
 from mlxbuild.remote import URL_PATTERN as REMOTE_URL_PATTERN, parse_url
+
 
 __all__ = [
     "ARCHITECTURES",
@@ -59,18 +56,17 @@ __all__ = [
     "SyntheticSource",
     "Target",
     "json_schema",
-    "load_manifest",
-    "parse_manifest",
+    "schema_text",
 ]
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema" / "manifest.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent.parent / "schema" / "manifest.schema.json"
 
-ARCHITECTURES: tuple[str, ...] = ("qwen3", "llama", "gemma3", "qwen3_moe", "whisper", "parakeet")
+ARCHITECTURES: tuple[str, ...] = tuple(families.ARCHITECTURES)
 BACKENDS: tuple[str, ...] = capabilities.ALL_BACKENDS
 DTYPES: tuple[str, ...] = capabilities.DTYPES
-TASKS: tuple[str, ...] = ("text-generation", "speech-to-text")
+TASKS: tuple[str, ...] = tuple(families.TASKS)
 # The task each synthetic architecture performs (default: text-generation).
-ARCHITECTURE_TASKS: dict[str, str] = {"whisper": "speech-to-text", "parakeet": "speech-to-text"}
+ARCHITECTURE_TASKS: dict[str, str] = {a.name: a.task for a in families.ARCHITECTURES.values()}
 SOURCE_KINDS: tuple[str, ...] = ("path", "hf", "synthetic", "module")
 QUANT_FORMATS: tuple[str, ...] = ("affine", "nvfp4", "none")
 QUANT_BITS: tuple[int, ...] = (2, 4, 8)
@@ -96,39 +92,6 @@ _MODULE_RE = re.compile(MODULE_PATTERN)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _Issue(ValueError):
-    """Raised inside validators: ``sub`` is a path relative to the validated value."""
-
-    def __init__(self, sub: tuple, message: str) -> None:
-        super().__init__(message)
-        self.sub = tuple(sub)
-        self.message = message
-
-
-def _describe(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return f"a boolean ({str(v).lower()})"
-    if isinstance(v, int):
-        return f"an integer ({v})"
-    if isinstance(v, float):
-        return f"a number ({v})"
-    if isinstance(v, str):
-        return f"a string ({v!r})"
-    if isinstance(v, dict):
-        return "a mapping"
-    if isinstance(v, list):
-        return "a list"
-    return f"a {type(v).__name__}"
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, (str, int, float)) or v is None:
-        return repr(v)
-    return _describe(v)
 
 
 def _choice(*values: Any):
@@ -367,7 +330,7 @@ class ModelSpec(_Model):
     def check_task(self) -> "ModelSpec":
         synthetic = self.source.synthetic
         if synthetic is not None:
-            fits = ARCHITECTURE_TASKS.get(synthetic.architecture, "text-generation")
+            fits = ARCHITECTURE_TASKS[synthetic.architecture]
             if fits != self.task:
                 raise _Issue(("task",), f"{self.task!r} does not fit architecture "
                              f"{synthetic.architecture!r}, which is {fits!r}")
@@ -886,326 +849,3 @@ def json_schema() -> dict[str, Any]:
 
 def schema_text() -> str:
     return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-_MAX_NODES = 100_000  # guards against alias bombs
-
-Positions = dict[tuple, tuple[int, int]]
-
-
-def _pos(mark: yaml.Mark | None) -> tuple[int, int]:
-    if mark is None:
-        return (1, 1)
-    return (mark.line + 1, mark.column + 1)
-
-
-def _display(path: tuple, data: Any = None) -> str:
-    """``('targets', 1, 'backend')`` -> ``targets[1].backend``."""
-    out = ""
-    cur = data
-    for el in path:
-        if isinstance(el, int) and not isinstance(el, bool) and not isinstance(cur, dict):
-            out += f"[{el}]"
-        else:
-            out += ("." if out else "") + str(el)
-        if isinstance(cur, dict):
-            cur = cur.get(el)
-        elif isinstance(cur, list) and isinstance(el, int) and 0 <= el < len(cur):
-            cur = cur[el]
-        else:
-            cur = None
-    return out
-
-
-class _Composer:
-    def __init__(self, loader: yaml.SafeLoader, file: str) -> None:
-        self.loader = loader
-        self.file = file
-        self.positions: Positions = {}
-        self._active: set[int] = set()
-        self._count = 0
-
-    def fail(self, node: yaml.Node, path: tuple, message: str) -> ManifestError:
-        line, col = _pos(node.start_mark)
-        return ManifestError(self.file, line, col, _display(path) or None, message)
-
-    def build(self, node: yaml.Node, path: tuple) -> Any:
-        self._count += 1
-        if self._count > _MAX_NODES:
-            raise self.fail(node, path, f"manifest too large (more than {_MAX_NODES} YAML nodes)")
-        if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node, deep=True)
-        if id(node) in self._active:
-            raise self.fail(node, path, "recursive YAML aliases are not supported")
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                if node.tag != _SEQ_TAG:
-                    raise self.fail(node, path, f"unsupported YAML tag {node.tag!r}")
-                items = []
-                for i, child in enumerate(node.value):
-                    self.positions[(*path, i)] = _pos(child.start_mark)
-                    items.append(self.build(child, (*path, i)))
-                return items
-            if isinstance(node, yaml.MappingNode):
-                return self.build_mapping(node, path)
-            raise self.fail(node, path, f"unsupported YAML node {type(node).__name__}")
-        finally:
-            self._active.discard(id(node))
-
-    def build_mapping(self, node: yaml.MappingNode, path: tuple) -> dict:
-        if node.tag != _MAP_TAG:
-            raise self.fail(node, path, f"unsupported YAML tag {node.tag!r}")
-        first_seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:
-                continue
-            key = self.key(key_node, path)
-            if key in first_seen:
-                line = first_seen[key].start_mark.line + 1
-                raise self.fail(
-                    key_node, (*path, key), f"duplicate key {key!r} (first defined on line {line})"
-                )
-            first_seen[key] = key_node
-        if any(k.tag == _MERGE_TAG for k, _ in node.value):
-            self.loader.flatten_mapping(node)  # resolves `<<: *anchor` (own keys win)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = self.key(key_node, path)
-            self.positions[(*path, key)] = _pos(key_node.start_mark)
-            out.pop(key, None)  # keep file order for overridden merged keys
-            out[key] = self.build(value_node, (*path, key))
-        return out
-
-    def key(self, key_node: yaml.Node, path: tuple) -> Any:
-        if not isinstance(key_node, yaml.ScalarNode):
-            raise self.fail(key_node, path, "mapping keys must be plain scalars")
-        return self.loader.construct_object(key_node, deep=True)
-
-
-def _yaml_error(file: str, text: str, e: yaml.YAMLError) -> ManifestError:
-    if isinstance(e, yaml.MarkedYAMLError):
-        mark = e.problem_mark or e.context_mark
-        line, col = _pos(mark)
-        what = e.problem or e.context or "syntax error"
-        if what.startswith("but "):
-            what = what[4:]
-        if e.context and e.problem and e.context_mark is not None:
-            what = f"{what} ({e.context} on line {e.context_mark.line + 1})"
-        return ManifestError(file, line, col, None, f"invalid YAML: {what}")
-    if isinstance(e, yaml.reader.ReaderError):
-        before = text[: e.position]
-        line = before.count("\n") + 1
-        col = e.position - (before.rfind("\n") + 1) + 1
-        return ManifestError(file, line, col, None, f"invalid YAML: {e.reason}")
-    return ManifestError(file, 1, 1, None, f"invalid YAML: {e}")
-
-
-def _compose(text: str, file: str) -> tuple[Any, Positions]:
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise ManifestError(
-                file, 1, 1, None,
-                f"manifest is empty; expected a mapping with: {', '.join(Manifest.model_fields)}",
-            )
-        comp = _Composer(loader, file)
-        comp.positions[()] = _pos(node.start_mark)
-        data = comp.build(node, ())
-        return data, comp.positions
-    except yaml.YAMLError as e:
-        raise _yaml_error(file, text, e) from None
-    finally:
-        loader.dispose()
-
-
-# --------------------------------------------------------------------------- errors
-
-
-_TYPE_WORDS = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "bool_type": "a boolean",
-    "bool_parsing": "a boolean",
-    "string_type": "a string",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "list_type": "a list",
-}
-
-
-def _translate(err: dict) -> str:
-    """A short message for one pydantic error (without location)."""
-    t = err["type"]
-    ctx = err.get("ctx") or {}
-    inp = err.get("input")
-    exc = ctx.get("error")
-    if isinstance(exc, _Issue):
-        return exc.message
-    if t == "missing":
-        return "required field is missing"
-    if t in _TYPE_WORDS:
-        return f"expected {_TYPE_WORDS[t]}, got {_describe(inp)}"
-    if t == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}, got {inp!r}"
-    if t == "greater_than":
-        return f"must be > {ctx.get('gt')}, got {inp!r}"
-    if t == "less_than_equal":
-        return f"must be <= {ctx.get('le')}, got {inp!r}"
-    if t == "less_than":
-        return f"must be < {ctx.get('lt')}, got {inp!r}"
-    if t == "too_short":
-        n = ctx.get("min_length", 1)
-        return f"must not be empty (at least {n} item{'s' if n != 1 else ''} required)"
-    if t == "too_long":
-        return f"too many items (at most {ctx.get('max_length')})"
-    if t == "extra_forbidden":
-        return "unknown field"
-    if t == "literal_error":
-        return f"{_show(inp)} is not allowed; expected one of: {ctx.get('expected')}"
-    if t == "string_pattern_mismatch":
-        return f"{inp!r} does not match the pattern {ctx.get('pattern')}"
-    if exc is not None:
-        return str(exc)
-    return str(err.get("msg", "invalid value"))
-
-
-def _locate(err: dict, data: Any, positions: Positions) -> tuple[tuple[int, int], str]:
-    """(line, col) and dotted field for one pydantic error."""
-    loc = tuple(err["loc"])
-    exc = (err.get("ctx") or {}).get("error")
-    sub = exc.sub if isinstance(exc, _Issue) else ()
-    keep_tail = err["type"] == "missing"
-
-    path: list = []
-    cur = data
-    rest: tuple = ()
-    for i, el in enumerate(loc):
-        if isinstance(cur, dict) and _has_key(cur, el):
-            cur = cur[el]
-        elif (
-            isinstance(cur, list)
-            and isinstance(el, int)
-            and not isinstance(el, bool)
-            and 0 <= el < len(cur)
-        ):
-            cur = cur[el]
-        else:
-            rest = loc[i:] if keep_tail else ()  # drop '[key]', union tags, ...
-            break
-        path.append(el)
-    full = (*path, *rest, *sub)
-
-    # position: deepest prefix of `full` that exists in the file
-    pos = positions.get(())
-    for n in range(len(full), -1, -1):
-        if full[:n] in positions:
-            pos = positions[full[:n]]
-            break
-    return pos or (1, 1), _display(full, data)
-
-
-def _has_key(d: dict, key: Any) -> bool:
-    try:
-        return key in d
-    except TypeError:
-        return False
-
-
-def _first_error(e: ValidationError, data: Any, positions: Positions, file: str) -> ManifestError:
-    best = None
-    for idx, err in enumerate(e.errors()):
-        (line, col), field = _locate(err, data, positions)
-        key = (line, col, idx)
-        if best is None or key < best[0]:
-            best = (key, field, _translate(err))
-    assert best is not None
-    (line, col, _), field, message = best
-    return ManifestError(file, line, col, field or None, message)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def parse_manifest(text: str, file: str | os.PathLike = "<string>") -> Manifest:
-    """Parse and validate manifest YAML ``text``; ``file`` is used in errors and to resolve paths."""
-    fname = os.fspath(file)
-    data, positions = _compose(text, fname)
-    if not isinstance(data, dict):
-        line, col = positions.get((), (1, 1))
-        raise ManifestError(
-            fname, line, col, None,
-            f"the top level must be a mapping with: {', '.join(Manifest.model_fields)}; "
-            f"got {_describe(data)}",
-        )
-    try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as e:
-        raise _first_error(e, data, positions, fname) from None
-    if fname != "<string>":
-        manifest.manifest_path = fname
-    manifest._positions = positions
-    return manifest
-
-
-def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Read, parse and validate the manifest at ``path``.
-
-    Raises :class:`ManifestError` (one line: ``file:line:col: field: message``)
-    for any problem, including an unreadable file.
-    """
-    fname = os.fspath(path)
-    try:
-        raw = Path(fname).read_bytes()
-    except OSError as e:
-        raise ManifestError(fname, 1, 1, None, f"cannot read manifest: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        before = raw[: e.start]
-        line = before.count(b"\n") + 1
-        col = e.start - (before.rfind(b"\n") + 1) + 1
-        raise ManifestError(fname, line, col, None, "manifest is not valid UTF-8") from None
-    return parse_manifest(text, fname)
-
-
-def _main(argv: list[str]) -> int:
-    """``python -m mlxbuild.manifest --write-schema [PATH]`` or ``... FILE.yaml...`` to check."""
-    if argv and argv[0] == "--write-schema":
-        out = Path(argv[1]) if len(argv) > 1 else SCHEMA_PATH
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(schema_text(), encoding="utf-8")
-        print(f"wrote {out}")
-        return 0
-    if argv and argv[0] == "--markdown":
-        print(capabilities.render_markdown(), end="")
-        return 0
-    if not argv:
-        print(_main.__doc__, file=sys.stderr)
-        return 2
-    rc = 0
-    for f in argv:
-        try:
-            m = load_manifest(f)
-        except ManifestError as e:
-            print(e, file=sys.stderr)
-            rc = 1
-        else:
-            print(f"{f}: ok ({m.name} {m.version}, targets: {', '.join(m.target_names)})")
-    return rc
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main(sys.argv[1:]))
