@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["bindings", "read_payload", "node_type_names", "PayloadError", "HEADER_LENGTH", "MAGIC",
+__all__ = ["bindings", "read_payload", "node_type_names", "node_counts", "PayloadError", "HEADER_LENGTH", "MAGIC",
            "MAX_SUPPORTED_VERSION"]
 
 HEADER_LENGTH = 24
@@ -213,3 +213,14 @@ def read_payload(data) -> tuple[object, memoryview]:
             raise PayloadError(f"this .pte needs MLX runtime schema version {v}, but this runtime supports "
                                f"up to version {MAX_SUPPORTED_VERSION}; upgrade mlxbuild/executorch")
     return graph, mv[offset:offset + size]
+
+
+def node_counts(chains) -> dict[str, int]:
+    """{node type: count} over a graph's instruction chains (``MLXGraph.instructionChains``)."""
+    names = node_type_names()
+    counts: dict[str, int] = {}
+    for chain in chains or []:
+        for ins in chain.instructions or []:
+            name = names.get(int(ins.opType), str(ins.opType))
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))

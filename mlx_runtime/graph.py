@@ -415,9 +415,4 @@ class MLXGraphRunner:
         return outs
 
     def node_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for chain in self.chains:
-            for ins in chain.instructions or []:
-                name = self._names.get(int(ins.opType), str(ins.opType))
-                counts[name] = counts.get(name, 0) + 1
-        return counts
+        return fb.node_counts(self.chains)

@@ -221,13 +221,7 @@ def _mlx_nodes(payload: bytes) -> dict | None:
     except ImportError:  # mlx not installed: no payload reader on this host
         return None
     graph, _ = fb.read_payload(payload)
-    names = fb.node_type_names()
-    counts: dict[str, int] = {}
-    for chain in graph.instructionChains or []:
-        for ins in chain.instructions or []:
-            name = names.get(int(ins.opType), str(ins.opType))
-            counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items()))
+    return fb.node_counts(graph.instructionChains)
 
 
 def _xnnpack_nodes(payload: bytes) -> dict | None:

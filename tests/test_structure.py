@@ -156,3 +156,13 @@ def test_a_family_edit_reaches_its_manifests_from_export_on(source_copy, tmp_pat
     changed = _changed_by(source_copy, tmp_path, "mlxbuild/families/whisper.py", "whisper.yaml")
     kinds = {name.split(":", 1)[0] for name in changed}
     assert kinds == {"export", "reference", "lower", "verify", "package"}, changed
+
+
+def test_a_release_lock_names_the_step_whose_code_changed():
+    from mlxbuild.lock import diff_fields
+
+    old = {"inputs": {"code": {"lower": "a" * 16, "verify": "b" * 16}, "keys": {"lower": "1" * 64}}}
+    new = {"inputs": {"code": {"lower": "c" * 16, "verify": "b" * 16}, "keys": {"lower": "2" * 64}}}
+    said = diff_fields(old, new)
+    assert said.startswith("code.lower (mlxbuild's code of the lower step)"), said
+    assert "verify" not in said and "keys" not in said
