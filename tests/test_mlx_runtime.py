@@ -67,14 +67,16 @@ def references(built, tmp_path_factory):
     """Eager logits (prefill + 32 greedy steps) per scheme, from mlxbuild's reference stage."""
     from mlxbuild.cache import Cache
     from mlxbuild.stages import reference
+    from mlxbuild.steps import ReferenceParams
 
     cache, refs = Cache(built / "cache"), {}
     for key in [*TARGETS, BF16]:
         _, record = _artifact(built, key)
         out = tmp_path_factory.mktemp(f"ref-{key}")
-        reference.run({"weights": record["keys"]["weights"], "quantized": record["keys"]["quantize"],
-                       "dtype": record["dtype"], "max_context_length": 128, "prompt": PROMPT,
-                       "decode_steps": DECODE, "seed": 0}, cache, out)
+        reference.run(ReferenceParams(weights=record["keys"]["weights"], quantized=record["keys"]["quantize"],
+                                      dtype=record["dtype"], max_context_length=128, max_prefill_chunk=PROMPT,
+                                      task="text-generation", prompt=PROMPT, decode_steps=DECODE, seed=0),
+                      cache, out)
         refs[key] = (np.load(out / "tokens.npy"), np.load(out / "logits.npy"))
     return refs
 

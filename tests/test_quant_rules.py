@@ -456,15 +456,16 @@ def test_quantize_stage_writes_layers_and_summary(tmp_path):
     from mlxbuild.cache import Cache
     from mlxbuild.stages import quantize as stage
     from mlxbuild.stages import weights
+    from mlxbuild.steps import QuantizeParams, WeightsParams
 
     cache = Cache(tmp_path / "cache")
     load = {"synthetic": {"architecture": "qwen3", "seed": 0, "config": CONFIG}}
     with cache.writing("weights", "w" * 64) as out:
-        weights.run({"load": load, "dtype": "fp32"}, cache, out)
+        weights.run(WeightsParams(load=load, dtype="fp32"), cache, out)
     scheme = {"linear": affine(4), "embedding": affine(4),
               "rules": [rule(match="lm_head", bits=8, group_size="per_channel"), rule(blocks=[0], bits=8)]}
     with cache.writing("quantize", "q" * 64) as out:
-        stage.run({"weights": "w" * 64, "dtype": "fp32", "scheme": scheme, "label": "t mixed"}, cache, out)
+        stage.run(QuantizeParams(weights="w" * 64, dtype="fp32", scheme=scheme, label="t mixed"), cache, out)
     entry = cache.path("quantize", "q" * 64)
     layers = json.loads((entry / "layers.json").read_text())
     summary = json.loads((entry / "summary.json").read_text())
@@ -474,7 +475,7 @@ def test_quantize_stage_writes_layers_and_summary(tmp_path):
     bad = {**scheme, "rules": [rule(match="nothing", bits=8)]}
     with pytest.raises(BuildError, match=r"^t mixed: quantization rules\[0\] \(match 'nothing'\) matches no layer"):
         with cache.writing("quantize", "b" * 64) as out:
-            stage.run({"weights": "w" * 64, "dtype": "fp32", "scheme": bad, "label": "t mixed"}, cache, out)
+            stage.run(QuantizeParams(weights="w" * 64, dtype="fp32", scheme=bad, label="t mixed"), cache, out)
     assert not cache.has("quantize", "b" * 64)
 
 
@@ -492,7 +493,7 @@ def test_plan_hands_the_quantize_entry_to_package(tmp_path):
         assert step.params.record["quantization"]["rules"]
         verify = plan.steps[next(d for d in step.deps if d.startswith("verify:"))]
         scheme = step.params.record["quantization"]
-        assert verify.params["tolerance"] == tolerance(m.model.dtype, scheme)
+        assert verify.params.tolerance == tolerance(m.model.dtype, scheme)
 
 
 # --------------------------------------------------------------------------- end to end

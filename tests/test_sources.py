@@ -133,8 +133,8 @@ def plan_in_subprocess(manifest: Path, cache: Path, env: dict) -> dict:
             print(json.dumps({"error": type(e).__name__, "message": str(e)}))
         else:
             weights = next(s for s in plan.steps.values() if s.kind == "weights")
-            record = next(s for s in plan.steps.values() if s.kind == "package").params["record"]
-            print(json.dumps({"weights_key": weights.key, "load": weights.params["load"],
+            record = next(s for s in plan.steps.values() if s.kind == "package").params.record
+            print(json.dumps({"weights_key": weights.key, "load": weights.params.load,
                               "checkpoint": record["checkpoint_sha256"], "source": record["source"]}))
     """)
     out = subprocess.run([sys.executable, "-c", code, str(manifest), str(cache)],
@@ -151,7 +151,7 @@ def plan_weights(manifest: Path, cache: Path):
     plan = plan_manifests([str(manifest)], Roots(cache, cache / "artifacts"))
     weights = next(s for s in plan.steps.values() if s.kind == "weights")
     package = next(s for s in plan.steps.values() if s.kind == "package")
-    return weights.key, package.params["record"]
+    return weights.key, package.params.record
 
 
 def run_pte(pte: Path, tokens: torch.Tensor, prompt: int) -> np.ndarray:
