@@ -74,3 +74,29 @@ def native_stderr_captured():
             os.close(saved)
             sink.seek(0)
             log["text"] = sink.read().decode(errors="replace")
+
+
+def text_llm_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, prompt: str,
+                      data_file: str | os.PathLike | None = None) -> list[str]:
+    """Greedy generation by ExecuTorch's C++ ``TextLLMRunner`` (its Python binding), as an
+    app runs the artifact: the runner's own chunked prefill, its KV-cache budget
+    (``max_new_tokens=-1``: up to the context limit) and its EOS stop. Returns the pieces its
+    token callback received. The runner prints the text and its statistics from C++ to
+    fds 1 and 2; both are kept out of our output."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    pieces: list[str] = []
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            runner = TextLLMRunner(str(pte), str(tokenizer), None if data_file is None else str(data_file))
+            runner.generate(prompt, GenerationConfig(echo=False, temperature=0.0, max_new_tokens=-1),
+                            token_callback=pieces.append)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return pieces

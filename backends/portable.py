@@ -8,6 +8,8 @@ NAME = "portable"
 FLAVOUR = "plain"
 VERIFY = "runtime"
 RUNTIME = "backends.et_runtime"
+# ExecuTorch's TextLLMRunner (Python binding) loads these programs on this host.
+LLM_RUNNER = True
 
 
 def lower(programs: dict, options: dict, constant_methods: dict):

@@ -6,6 +6,8 @@ NAME = "xnnpack"
 FLAVOUR = "et-llm-ops"
 VERIFY = "runtime"
 RUNTIME = "backends.et_runtime"
+# ExecuTorch's TextLLMRunner (Python binding) loads these programs on this host.
+LLM_RUNNER = True
 
 
 def lower(programs: dict, options: dict, constant_methods: dict):

@@ -71,9 +71,17 @@ def unpublish(out_dir: Path, stem: str) -> list[str]:
     except (OSError, ValueError):
         files = [f"{stem}.pte"]
     rec.unlink(missing_ok=True)
+    # The tokenizer files are shared by the version's targets: keep those another lists.
+    shared = set()
+    for other in Path(out_dir).glob(f"*{RECORD_SUFFIX}"):
+        try:
+            shared |= set(json.loads(other.read_text()).get("files") or {})
+        except (OSError, ValueError, AttributeError):
+            continue
     for name in files:
-        (Path(out_dir) / name).unlink(missing_ok=True)
-    return files
+        if name not in shared:
+            (Path(out_dir) / name).unlink(missing_ok=True)
+    return [n for n in files if n not in shared]
 
 
 def publish(params: PackageParams, cache, package_key: str) -> dict:
@@ -94,6 +102,10 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
     sources = [(lowered / "model.pte", f"{stem}.pte")]
     sources += [(lowered / name, f"{stem}-{name}" if name != "model.ptd" else f"{stem}.ptd")
                 for name in lower_info.ptd]
+    if params.tokenizer:
+        # Shared by the manifest's targets, under the names a runner looks for in a folder.
+        tok_dir = cache.read("tokenizer", params.tokenizer)
+        sources += [(tok_dir / name, name) for name in params.record["tokenizer"]["files"]]
 
     files = {dest: {"sha256": sha256_file(src), "size": src.stat().st_size} for src, dest in sources}
     _say_if_tampered(out_dir, stem)
@@ -112,7 +124,8 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
         "constant_methods": pte_info["constant_methods"],
         "delegation": lower_info.delegation,
         # Read from the program: what a runtime must link, import or register to load it.
-        "runtime_requirements": runtime_requirements(pte_info["methods"], [d for _, d in sources[1:]]),
+        "runtime_requirements": runtime_requirements(pte_info["methods"],
+                                                     [d for _, d in sources[1:] if d.endswith(".ptd")]),
         "verification": verified.model_dump(mode="json"),
     }
     if params.quantize:

@@ -212,6 +212,14 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
             if hashes[name] != want.get("sha256"):
                 continue  # never execute bytes the lock does not vouch for
             backend = entry.get("backend")
+            tokenizer = _tokenizer_of(entry, files)
+            if tokenizer is not None:
+                from mlxbuild import tokenizer as tok
+
+                found = tok.check(tokenizer, info.get("constant_methods") or {})
+                problems += [f"{name}: tokenizer: {line}" for line in found]
+                if found:
+                    continue
             if not run:
                 notes.append(f"{name}: deserializes; not run (--no-run)")
                 continue
@@ -226,9 +234,38 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
                 continue
             if result:
                 problems.append(f"{name}: ran on {how} but {result}")
-            else:
-                notes.append(f"{name}: deserializes and runs ({how})")
+                continue
+            notes.append(f"{name}: deserializes and runs ({how})")
+            if tokenizer is not None and _llm_runner(backend) and "forward" in info["methods"]:
+                try:
+                    from backends.et_runtime import native_stderr_captured, text_llm_generate
+                    from mlxbuild import tokenizer as tok
+
+                    prompt, _ = tok.runner_prompt(tokenizer, 8)
+                    with native_stderr_captured():
+                        pieces = text_llm_generate(files[name], tokenizer, prompt)
+                    notes.append(f"{name}: TextLLMRunner with the bundle's tokenizer: {len(pieces)} "
+                                 f"tokens after an 8-token prompt")
+                except Exception as e:  # noqa: BLE001 - the runner's failure is this artifact's
+                    problems.append(f"{name}: TextLLMRunner with the bundle's tokenizer fails: {e}")
     return problems, notes
+
+
+def _tokenizer_of(entry: dict, files: dict) -> Path | None:
+    """The folder of the extracted bundle that holds the target's tokenizer; None when the
+    target lists none. A listed file that is missing is the lock check's problem."""
+    listed = (entry.get("tokenizer") or {}).get("files") or []
+    present = [files[n] for n in listed if n in files]
+    return present[0].parent if present and len(present) == len(listed) else None
+
+
+def _llm_runner(backend: str) -> bool:
+    import backends
+
+    try:
+        return bool(getattr(backends.backend(backend), "LLM_RUNNER", False))
+    except ValueError:
+        return False
 
 
 class _NoRuntime(Exception):

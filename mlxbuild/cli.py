@@ -102,15 +102,19 @@ def _plan(paths: list[str], as_json: bool) -> int:
 
 
 def _tokenizer(args):
-    """The tokenizer named by --tokenizer, else by the artifact's metadata record (the
-    manifest's `model.tokenizer`); a tokenizer.json file or a folder holding one."""
+    """The tokenizer named by --tokenizer, else the one published beside the artifact (its
+    record lists the files, relative to it); a tokenizer.json file or a folder holding one."""
     from pathlib import Path
 
     path = args.tokenizer
     if path is None:
         record = Path(args.pte).with_suffix(".json")
         if record.exists():
-            path = json.loads(record.read_text()).get("tokenizer")
+            listed = json.loads(record.read_text()).get("tokenizer")
+            if isinstance(listed, dict) and "tokenizer.json" in listed.get("files", []):
+                path = record.parent / "tokenizer.json"
+            elif isinstance(listed, str):  # records before tokenizers travelled: the build host's path
+                path = listed
     if path is None:
         return None
     path = Path(path)

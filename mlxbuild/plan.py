@@ -64,8 +64,11 @@ class Plan:
 
 
 def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
+    from importlib import metadata
+
     v = tool_versions()
-    return {**{n: v[n] for n in names}, "mlxbuild": __version__, "code": code_hash(*code)}
+    return {**{n: v[n] if n in v else metadata.version(n) for n in names}, "mlxbuild": __version__,
+            "code": code_hash(*code)}
 
 
 def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | None = None,
@@ -85,6 +88,8 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
         roots += ["backends.structural", *filter(None, [backends.runtime_module_name(backend)])]
     if kind == "package":
         roots = ["mlxbuild.artifacts"]
+    if kind == "tokenizer":
+        roots.append("mlxbuild.tokenizer")
     return tuple(roots)
 
 
@@ -102,6 +107,19 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         kind=StepKind.WEIGHTS, name=f"weights:{_short(stable_hash(src['identity'], dtype))}",
         key=stable_hash("weights", src["identity"], dtype, _versions("torch", "transformers", code=step_code("weights"))),
         deps=[], params={"load": src["load"], "dtype": dtype}, label=f"{manifest.name} ({dtype})"))
+
+    tok = sources.tokenizer_of(manifest, src, hasher)
+    tokenizer = None
+    if tok is not None:
+        # A copied tokenizer's bytes are its files'; a generated one's also depend on the
+        # tokenizers release that trains it.
+        tools = _versions("tokenizers", code=step_code("tokenizer")) if "synthetic" in tok["params"] \
+            else _versions(code=step_code("tokenizer"))
+        tok_key = stable_hash("tokenizer", tok["identity"], tools)
+        tokenizer = plan.add(Step(
+            kind=StepKind.TOKENIZER, name=f"tokenizer:{_short(tok_key)}", key=tok_key, deps=[],
+            params=tok["params"], label=f"{manifest.name} tokenizer"))
+    tok_files = sorted(tok["params"].get("files") or ["tokenizer.json", "tokenizer_config.json"]) if tok else []
 
     packages = []
     for target in manifest.targets:
@@ -129,14 +147,19 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                     "dtype": dtype, **export_spec},
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
-        verify_spec = families.get(task).verify_spec(exp.max_context_length,
-                                                                       exp.max_prefill_chunk)
+        verify_spec = families.get(task).verify_spec(exp.max_context_length, exp.max_prefill_chunk)
+        if tokenizer is not None and verify_spec.get("runner_prompt"):
+            # The runner check (ExecuTorch's TextLLMRunner on the artifact) needs the eager
+            # continuation of a prompt the tokenizer writes.
+            verify_spec["tokenizer"] = tokenizer.key
+        else:
+            verify_spec.pop("runner_prompt", None)
         ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
                               _versions("torch", "transformers", "executorch",
                                         code=step_code("reference", task=task)))
         reference = plan.add(Step(
             kind=StepKind.REFERENCE, name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
-            deps=[quant.name],
+            deps=[quant.name, *([tokenizer.name] if "tokenizer" in verify_spec else [])],
             params={"weights": weights.key, "quantized": quant.key, "dtype": dtype,
                     **export_spec, **verify_spec},
             label=f"{manifest.name} {scheme_name}"))
@@ -152,13 +175,16 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             deps=[export.name], params=lower_params, label=tname))
 
         tol = tolerance(dtype, scheme)
+        # Where ExecuTorch's own LLM runner runs the artifact here, verification drives it too.
+        runner = "tokenizer" in verify_spec and getattr(backend, "LLM_RUNNER", False)
         verify = plan.add(Step(
             kind=StepKind.VERIFY, name=f"verify:{tname}",
             key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY,
+                            tokenizer.key if runner else None,
                             _versions("executorch", code=step_code("verify", task=task, backend=target.backend))),
-            deps=[lower.name, reference.name],
+            deps=[lower.name, reference.name, *([tokenizer.name] if runner else [])],
             params={"lower": lower.key, "reference": reference.key, "backend": target.backend,
-                    "tolerance": tol, "task": task},
+                    "tolerance": tol, "task": task, "tokenizer": tokenizer.key if runner else None},
             label=tname))
 
         out_dir = artifacts_root / manifest.name / manifest.version
@@ -168,13 +194,16 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             "dtype": dtype, "source": src["identity"] if "synthetic" in src["identity"]
             else {k: v for k, v in src["load"].items() if k != "path"} or {"path": src["load"].get("path")},
             "checkpoint_sha256": src["checkpoint"], "tool_versions": tool_versions(),
-            "tokenizer": str(manifest.tokenizer_path) if manifest.model.tokenizer else None,
+            # Beside the artifact, relative to it: the files a runner loads as its tokenizer.
+            "tokenizer": {"files": tok_files} if tok else None,
             "keys": {"weights": weights.key, "quantize": quant.key, "export": export.key,
-                     "lower": lower.key, "verify": verify.key},
+                     "lower": lower.key, "verify": verify.key,
+                     **({"tokenizer": tokenizer.key} if tokenizer else {})},
             # Per step, the hash of the code that decides its bytes (the keys hold them too):
             # a release lock names the step whose code changed, and an upgrade that changes
             # none of them leaves a release rebuildable as it is.
             "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize")),
+                     **({"tokenizer": code_hash(*step_code("tokenizer"))} if tokenizer else {}),
                      "export": code_hash(*step_code("export", task=task, flavour=flavour)),
                      "reference": code_hash(*step_code("reference", task=task)),
                      "lower": code_hash(*step_code("lower", task=task, backend=target.backend)),
@@ -186,8 +215,9 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             key=stable_hash("package", record),
             # publish reads the lowered program, the verification and the quantize entry's
             # layers.json: all three are inputs (so none is skipped as not needed).
-            deps=[verify.name, quant.name, lower.name],
+            deps=[verify.name, quant.name, lower.name, *([tokenizer.name] if tokenizer else [])],
             params={"lower": lower.key, "verify": verify.key, "quantize": quant.key,
+                    "tokenizer": tokenizer.key if tokenizer else None,
                     "out_dir": str(out_dir),
                     "stem": f"{manifest.name}-{target.name}", "record": record},
             label=tname))

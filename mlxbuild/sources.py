@@ -34,7 +34,9 @@ def resolve_hf(repo_id: str, revision: str | None) -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    patterns = list(CHECKPOINT_GLOBS) + ["tokenizer*", "*.model"]
+    from mlxbuild.tokenizer import FILES
+
+    patterns = list(CHECKPOINT_GLOBS) + list(FILES)
     try:
         # Planning runs on every build, including no-ops: a snapshot already in the local
         # cache is used without asking the Hub. Pin `revision` to a commit to make the
@@ -112,6 +114,35 @@ def located(manifest, manifest_dir: Path, hasher: FileHasher) -> dict:
         except CheckpointError as e:
             raise manifest.error_at(("model", "tokenizer"), str(e)) from None
     return src
+
+
+def tokenizer_of(manifest, src: dict, hasher: FileHasher) -> dict | None:
+    """The tokenizer that travels with the artifacts, as the tokenizer step's params and the
+    identity its key hashes: the manifest's ``model.tokenizer`` (a file, with the tokenizer
+    files beside it, or a folder), else the checkpoint folder's tokenizer files, else a
+    synthetic model's generated tokenizer; None for a module without one."""
+    from mlxbuild import tokenizer
+
+    path = manifest.tokenizer_path
+    folder = None
+    if path is not None:
+        folder = path if path.is_dir() else path.parent
+        files = {p.name: p for p in tokenizer.files_in(folder)}
+        if not path.is_dir():
+            # The file named is the tokenizer, whatever its name; its companions come along.
+            files = {n: p for n, p in files.items() if n not in tokenizer.LOADABLE}
+            files["tokenizer.model" if path.suffix == ".model" else "tokenizer.json"] = path
+    elif "path" in src["load"]:
+        files = {p.name: p for p in tokenizer.files_in(Path(src["load"]["path"]))}
+    elif "synthetic" in src["load"]:
+        spec = tokenizer.synthetic_spec(src["load"]["synthetic"]["config"])
+        return None if spec is None else {"params": {"synthetic": spec}, "identity": {"synthetic": spec}}
+    else:
+        return None
+    if not files:
+        return None
+    return {"params": {"files": {n: str(p) for n, p in sorted(files.items())}},
+            "identity": {"files": {n: hasher.hash(p) for n, p in sorted(files.items())}}}
 
 
 class _Checked:

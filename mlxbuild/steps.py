@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 class StepKind(StrEnum):
     WEIGHTS = "weights"
+    TOKENIZER = "tokenizer"
     QUANTIZE = "quantize"
     EXPORT = "export"
     REFERENCE = "reference"
@@ -53,6 +54,13 @@ class WeightsParams(Params):
     dtype: Dtype
 
 
+class TokenizerParams(Params):
+    """Either the checkpoint's (or the manifest's) tokenizer files, {name: source path}, or
+    the spec of a synthetic model's generated tokenizer (``mlxbuild.tokenizer``)."""
+    files: dict[str, str] = {}
+    synthetic: dict[str, Any] | None = None
+
+
 class QuantizeParams(Params):
     weights: str
     scheme: dict[str, Any]
@@ -73,6 +81,9 @@ class ReferenceParams(ExportSpec):
     prompt: int
     decode_steps: int
     seed: int
+    # The runner check's prompt (tokens of the shipped corpus), when a tokenizer travels.
+    tokenizer: str | None = None
+    runner_prompt: int = 0
 
 
 class LowerParams(ExportSpec):
@@ -89,19 +100,21 @@ class VerifyParams(Params):
     backend: str
     tolerance: dict[str, float]
     task: str
+    tokenizer: str | None = None
 
 
 class PackageParams(Params):
     lower: str
     verify: str
     quantize: str
+    tokenizer: str | None = None
     out_dir: str
     stem: str
     record: dict[str, Any]
 
 
 PARAMS: dict[StepKind, type[Params]] = {
-    StepKind.WEIGHTS: WeightsParams, StepKind.QUANTIZE: QuantizeParams, StepKind.EXPORT: ExportParams,
+    StepKind.WEIGHTS: WeightsParams, StepKind.TOKENIZER: TokenizerParams, StepKind.QUANTIZE: QuantizeParams, StepKind.EXPORT: ExportParams,
     StepKind.REFERENCE: ReferenceParams, StepKind.LOWER: LowerParams, StepKind.VERIFY: VerifyParams,
     StepKind.PACKAGE: PackageParams,
 }

@@ -29,3 +29,16 @@ def prefill_chunk_problem(window: int | None, max_prefill_chunk: int) -> str | N
     return (f"{max_prefill_chunk} exceeds the model's sliding window ({window}): the sliding "
             f"layers' KV cache is a ring bounded by the window, so one step may write at most "
             f"{window} tokens; set max_prefill_chunk <= {window}")
+
+
+def runner_contract_problem(max_prefill_chunk: int, max_context_length: int) -> str | None:
+    """Why a model without sliding layers breaks ExecuTorch's TextLLMRunner (None when not):
+    it prefills in chunks of get_max_seq_len (our max_prefill_chunk) and takes a chunk below
+    get_max_context_len for a ring-buffer model, budgeting generation past a static cache."""
+    if max_prefill_chunk >= max_context_length:
+        return None
+    return (f"{max_prefill_chunk} is below max_context_length ({max_context_length}): "
+            "ExecuTorch's TextLLMRunner prefills in chunks of get_max_seq_len and takes "
+            "get_max_seq_len < get_max_context_len for a ring-buffer model, so it would "
+            "generate past this model's KV cache; leave max_prefill_chunk unset (it "
+            "defaults to max_context_length)")

@@ -15,7 +15,10 @@ from mlxbuild.steps import ReferenceParams, ReferenceResult
 
 
 def run(params: ReferenceParams, cache, out: Path) -> ReferenceResult:
-    info = families.get(params.task).reference(quantized_model(cache, params), params.plain(), out)
+    plain = params.plain()
+    if params.tokenizer:
+        plain["tokenizer_dir"] = str(cache.read("tokenizer", params.tokenizer))
+    info = families.get(params.task).reference(quantized_model(cache, params), plain, out)
     result = ReferenceResult(**info)
     result.write(out)
     return result
