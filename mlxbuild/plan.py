@@ -148,7 +148,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
         verify_spec = families.get(task).verify_spec(exp.max_context_length, exp.max_prefill_chunk)
-        if tokenizer is not None and verify_spec.get("runner_prompt"):
+        if tokenizer is not None and verify_spec.get("runner_prompt") and getattr(backend, "LLM_RUNNER", False):
             # The runner check (ExecuTorch's TextLLMRunner on the artifact) needs the eager
             # continuation of a prompt the tokenizer writes.
             verify_spec["tokenizer"] = tokenizer.key
@@ -176,7 +176,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
 
         tol = tolerance(dtype, scheme)
         # Where ExecuTorch's own LLM runner runs the artifact here, verification drives it too.
-        runner = "tokenizer" in verify_spec and getattr(backend, "LLM_RUNNER", False)
+        runner = "tokenizer" in verify_spec
         verify = plan.add(Step(
             kind=StepKind.VERIFY, name=f"verify:{tname}",
             key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY,

@@ -91,6 +91,10 @@ def write_synthetic(spec: dict, out: Path) -> list[str]:
     vocab = dict(zip(ordered, free))
     unused = {i: f"<|unused_{i}|>" for i in free}
     added = {**special, **unused}
+    # The added tokens are in the model's vocabulary too: the tokenizers library gives an
+    # added token missing from it the next free id, whatever id the file says (the C++
+    # loader of the runners reads the file's ids), and the two must agree.
+    vocab.update({name: i for i, name in added.items()})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str)
                                                           else tuple(m) for m in learned["merges"]]))
     tokenizer.pre_tokenizer = byte_level

@@ -23,7 +23,7 @@ model:
   source:
     synthetic: {architecture: qwen3, seed: 0, config: {hidden_size: 64}}
   dtype: fp32
-export: {max_context_length: 32, max_prefill_chunk: 8}
+export: {max_context_length: 32}
 targets:
   - name: t
     backend: BACKEND

@@ -129,7 +129,7 @@ def _manifest(path: Path, source: str, tokenizer: str | None = None) -> Path:
     if tokenizer:
         model["tokenizer"] = tokenizer
     path.write_text(json.dumps({"name": "bad", "version": "0.1.0", "model": model,
-                                "export": {"max_context_length": 32, "max_prefill_chunk": 8},
+                                "export": {"max_context_length": 32},
                                 "targets": [{"name": "p", "backend": "portable", "quantization": "none"}]},
                                indent=1))
     return path

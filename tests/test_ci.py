@@ -48,7 +48,7 @@ model:
                max_position_embeddings: 256, tie_word_embeddings: true, bos_token_id: 1,
                eos_token_id: 2}
   dtype: fp32
-export: {max_context_length: 32, max_prefill_chunk: 16}
+export: {max_context_length: 32}
 targets:
   - {name: portable-fp32, backend: portable, quantization: none}
   - {name: mlx-fp32, backend: mlx, quantization: none}
@@ -61,7 +61,7 @@ version: 0.1.0
 model:
   source: {module: "ci_broken_factory:make"}
   dtype: fp32
-export: {max_context_length: 32, max_prefill_chunk: 16}
+export: {max_context_length: 32}
 targets:
   - {name: portable-fp32, backend: portable, quantization: none}
 """

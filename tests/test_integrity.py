@@ -33,7 +33,7 @@ model:
                max_position_embeddings: 256, tie_word_embeddings: true, bos_token_id: 1,
                eos_token_id: 2}
   dtype: fp32
-export: {max_context_length: 32, max_prefill_chunk: 16}
+export: {max_context_length: 32}
 quantization:
   e8:
     embedding: {bits: 8, group_size: per_channel}

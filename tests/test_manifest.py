@@ -33,7 +33,7 @@ model:
   task: text-generation
 export:
   max_context_length: 128
-  max_prefill_chunk: 32
+  max_prefill_chunk: 128
   constant_methods: {get_max_seq_len: 128, get_vocab_size: 256, get_bos_id: 1, get_eos_ids: [2]}
 quantization:
   4w:
@@ -92,7 +92,7 @@ def test_full_manifest(tmp_path):
     assert m.model.source.kind == "synthetic"
     syn = m.model.source.synthetic
     assert (syn.architecture, syn.seed, syn.config) == ("qwen3", 0, {"hidden_size": 64})
-    assert m.export.max_context_length == 128 and m.export.max_prefill_chunk == 32
+    assert m.export.max_context_length == 128 and m.export.max_prefill_chunk == 128
     assert m.export.constant_methods == {
         "get_max_seq_len": 128, "get_vocab_size": 256, "get_bos_id": 1, "get_eos_ids": [2]
     }
@@ -328,8 +328,14 @@ BAD = [
      "10:3: export.max_context_length: must be >= 2, got 1"),
     ("context-string", sub("max_context_length: 128", "max_context_length: '128'"),
      "10:3: export.max_context_length: expected an integer, got a string ('128')"),
-    ("prefill-over-context", sub("max_prefill_chunk: 32", "max_prefill_chunk: 256"),
+    ("prefill-over-context", sub("max_prefill_chunk: 128", "max_prefill_chunk: 256"),
      "11:3: export.max_prefill_chunk: must be <= max_context_length (128), got 256"),
+    # TextLLMRunner prefills in chunks of get_max_seq_len and budgets a smaller one as a ring.
+    ("prefill-below-context", sub("max_prefill_chunk: 128", "max_prefill_chunk: 32"),
+     "11:3: export.max_prefill_chunk: 32 is below max_context_length (128): ExecuTorch's TextLLMRunner "
+     "prefills in chunks of get_max_seq_len and takes get_max_seq_len < get_max_context_len for a "
+     "ring-buffer model, so it would generate past this model's KV cache; leave max_prefill_chunk "
+     "unset (it defaults to max_context_length)"),
     ("constant-method-dict", sub("get_bos_id: 1", "get_bos_id: {a: 1}"),
      "12:65: export.constant_methods.get_bos_id: expected an int, float, bool, string or list "
      "of numbers, got a mapping"),

@@ -26,7 +26,7 @@ model:
                max_position_embeddings: 256, tie_word_embeddings: true, bos_token_id: 1,
                eos_token_id: 2}
   dtype: fp32
-export: {max_context_length: 32, max_prefill_chunk: 16}
+export: {max_context_length: 32}
 quantization:
   8da4w:
     linear: {bits: 4, group_size: 32, activations: int8_dynamic}

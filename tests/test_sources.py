@@ -33,7 +33,8 @@ TINY_QWEN3 = dict(
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
 )
-EXPORT = {"max_context_length": 32, "max_prefill_chunk": 8}
+EXPORT = {"max_context_length": 32}
+PROMPT = 8  # the verification-style prefill these tests feed
 PORTABLE = [{"name": "portable-fp32", "backend": "portable"}]
 HUB_REPO = "tiny-org/tiny-qwen3"
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -258,7 +259,7 @@ def test_pte_logits_match_checkpoint_forward(built, work, name, folder):
 
     _, pte = artifact(built, name)
     tokens = sample_tokens(TINY_QWEN3["vocab_size"])
-    got = run_pte(pte, tokens, prompt=EXPORT["max_prefill_chunk"])
+    got = run_pte(pte, tokens, prompt=PROMPT)
     hf = AutoModelForCausalLM.from_pretrained(work / folder, dtype=torch.float32).eval()
     with torch.no_grad():  # one causal forward over the whole sequence, no cache
         ref = hf(tokens).logits[0].float().numpy()
@@ -377,7 +378,7 @@ def test_module_pte_matches_the_module(built, work, monkeypatch):
     torch.manual_seed(0)  # the weights step seeds before calling the factory
     model = module.make(**MODULE_KWARGS).eval()
     tokens = sample_tokens(MODULE_KWARGS["vocab_size"])
-    prompt = EXPORT["max_prefill_chunk"]
+    prompt = PROMPT
     with torch.no_grad():
         rows = [model(tokens[:, :prompt], torch.arange(prompt))[0]]
         rows += [model(tokens[:, p:p + 1], torch.tensor([p]))[0] for p in range(prompt, tokens.shape[1])]

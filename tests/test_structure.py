@@ -148,8 +148,14 @@ def test_keys_cover_exactly_the_code_of_each_step(source_copy, tmp_path):
     assert _changed_by(source_copy, tmp_path, "backends/xnnpack.py") == of("xnnpack", "lower", "verify", "package")
     # Whisper is not in a Qwen manifest's steps at all.
     assert _changed_by(source_copy, tmp_path, "mlxbuild/families/whisper.py") == set()
-    # The weights loader decides every byte downstream.
-    assert _changed_by(source_copy, tmp_path, "mlxbuild/stages/weights.py") == steps
+    # The weights loader decides every byte downstream, but not the tokenizer's.
+    tokenizer = {s for s in steps if s.startswith("tokenizer")}
+    assert len(tokenizer) == 1
+    assert _changed_by(source_copy, tmp_path, "mlxbuild/stages/weights.py") == steps - tokenizer
+    # The tokenizer code is run by the tokenizer step and by the runner check (reference and
+    # verify stages): weights, quantization, exports and lowerings stay as they are.
+    assert _changed_by(source_copy, tmp_path, "mlxbuild/tokenizer.py") == tokenizer | {
+        s for s in steps if s.startswith(("reference:", "verify:", "package:"))}
 
 
 def test_a_family_edit_reaches_its_manifests_from_export_on(source_copy, tmp_path):

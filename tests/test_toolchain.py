@@ -212,7 +212,7 @@ version: 0.1.0
 model:
   source: {module: "crash_factory:make"}
   dtype: fp32
-export: {max_context_length: 32, max_prefill_chunk: 16}
+export: {max_context_length: 32}
 targets:
   - {name: portable-fp32, backend: portable, quantization: none}
 """

@@ -7,9 +7,11 @@ writes as ``reference.json``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mlxbuild import families
+from mlxbuild.families import text_runner
 from mlxbuild.stages.quantize import quantized_model
 from mlxbuild.steps import ReferenceParams, ReferenceResult
 
@@ -18,7 +20,12 @@ def run(params: ReferenceParams, cache, out: Path) -> ReferenceResult:
     plain = params.plain()
     if params.tokenizer:
         plain["tokenizer_dir"] = str(cache.read("tokenizer", params.tokenizer))
-    info = families.get(params.task).reference(quantized_model(cache, params), plain, out)
+    model = quantized_model(cache, params)
+    info = families.get(params.task).reference(model, plain, out)
+    if params.tokenizer and params.runner_prompt and text_runner.applies(model):
+        runner = text_runner.runner_reference(model, plain, Path(plain["tokenizer_dir"]))
+        (out / text_runner.RUNNER_FILE).write_text(json.dumps(runner))
+        info["runner"] = {k: runner[k] for k in ("prompt_tokens", "new_tokens")}
     result = ReferenceResult(**info)
     result.write(out)
     return result

@@ -33,7 +33,7 @@ def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
                 result.update(passed=False, reason=f"structure: {shape['reason']}")
         if result["passed"] and params.tokenizer:
             result["runner"] = runner(lowered / "model.pte", cache.read("tokenizer", params.tokenizer),
-                                      cache.read("reference", params.reference), result, kind)
+                                      cache.read("reference", params.reference), result)
             if not result["runner"]["passed"]:
                 result.update(passed=False, reason=f"runner: {result['runner']['reason']}")
     else:
@@ -78,24 +78,26 @@ def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None,
         return runtime_failure(e, log)
 
 
-def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, kind) -> dict:
+def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict) -> dict:
     """The artifact as an app runs it: ExecuTorch's TextLLMRunner with the tokenizer that
     ships beside it, the family's runner reference prompt, generation to the context limit."""
     import json
 
     from backends.et_runtime import native_stderr_captured, text_llm_generate
 
-    if not (reference / kind.RUNNER_FILE).is_file():
+    from mlxbuild.families import text_runner
+
+    if not (reference / text_runner.RUNNER_FILE).is_file():
         return {"passed": True, "skipped": "no runner reference (a sliding-window model: "
                                            "TextLLMRunner budgets it as an all-ring model)"}
-    prompt = json.loads((reference / kind.RUNNER_FILE).read_text())["prompt"]
+    prompt = json.loads((reference / text_runner.RUNNER_FILE).read_text())["prompt"]
     try:
         with native_stderr_captured() as log:
             pieces = text_llm_generate(pte, tokenizer_dir, prompt)
     except Exception as e:  # noqa: BLE001 - the binding raises RuntimeError("Generation failed")
         tail = " | ".join(log["text"].strip().splitlines()[-3:])
         return {"passed": False, "reason": f"TextLLMRunner failed: {e}" + (f" ({tail})" if tail else "")}
-    return kind.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
+    return text_runner.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
 
 
 def structural(pte: Path, backend: str, kind=None) -> dict:

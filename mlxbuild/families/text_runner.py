@@ -1,0 +1,83 @@
+"""The runner check of text-generation artifacts: what ExecuTorch's ``TextLLMRunner`` must
+produce on an artifact, computed the runner's way on the eager model (the reference stage
+writes it), and the comparison of the runner's output with it (the verify stage). Its own
+module so that only the reference and verify steps hash it and the tokenizer code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RUNNER_FILE = "runner.json"
+
+
+def applies(model) -> bool:
+    """Sliding-window models are left out: TextLLMRunner budgets them as all-ring models,
+    which their global layers are not (docs/runners.md)."""
+    from mlxbuild.families import hf
+
+    return hf.is_hf(model) and not hf.sliding_layers(model.config)
+
+
+def runner_reference(model, params: dict, tokenizer_dir: Path) -> dict:
+    """What ExecuTorch's TextLLMRunner must produce, computed the runner's way on the eager
+    model: the corpus prompt as its tokenizer encodes it, prefilled, then greedy tokens up
+    to the context limit (``max_new_tokens=-1`` resolves to context - prompt), stopping
+    after an EOS (the first token, from the prefill, is not checked, as in the runner).
+    Each token's top-1 margin is kept: a target may differ from eager only where the
+    eager choice was a near tie."""
+    import torch
+
+    from mlxbuild import tokenizer
+    from mlxbuild.families import hf
+
+    ctx = params["max_context_length"]
+    text, ids = tokenizer.runner_prompt(tokenizer_dir, params["runner_prompt"])
+    eos = set(_eos_ids(model))
+    exportable = hf.make_exportable(model, ctx).eval()
+    tokens, margins = [], []
+    with torch.no_grad():
+        logits = exportable(input_ids=torch.tensor([ids]), cache_position=torch.arange(len(ids)))[0, -1]
+        for pos in range(len(ids), ctx):
+            top = torch.topk(logits.float(), 2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            if (len(tokens) > 1 and tokens[-1] in eos) or pos + 1 == ctx:
+                break
+            logits = exportable(input_ids=torch.tensor([[tokens[-1]]]), cache_position=torch.tensor([pos]))[0, -1]
+    return {"prompt": text, "prompt_ids": ids, "prompt_tokens": len(ids), "tokens": tokens,
+            "margins": margins, "new_tokens": len(tokens),
+            "pieces": tokenizer.pieces(tokenizer_dir, tokens)}
+
+
+def _eos_ids(model) -> list[int]:
+    from mlxbuild.families import hf
+
+    eos = hf.text_config(model).get("eos_token_id")
+    return [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+
+def compare_runner(pieces: list[str], reference_dir: Path, max_abs_error: float) -> dict:
+    """The runner's pieces against the eager continuation, token for token. They may part
+    only at a near tie of the eager model (top-1 margin within twice the artifact's largest
+    logit error, as ``common.compare`` counts decisive positions); after that the two
+    continue from different tokens and are not compared."""
+    ref = json.loads((Path(reference_dir) / RUNNER_FILE).read_text())
+    want, margins = ref["pieces"], ref["margins"]
+    figures = {"prompt_tokens": ref["prompt_tokens"], "new_tokens": len(pieces),
+               "expected_new_tokens": len(want)}
+    for i, (got, exp) in enumerate(zip(pieces, want)):
+        if got != exp:
+            if margins[i] <= 2 * max_abs_error:
+                return {**figures, "passed": True, "matched": i,
+                        "note": f"parted from eager at token {i} of {len(want)}, a near tie "
+                                f"(margin {margins[i]:.3g} <= 2 x {max_abs_error:.3g})"}
+            return {**figures, "passed": False, "matched": i,
+                    "reason": f"TextLLMRunner's token {i} is {got!r}, eager greedy gives {exp!r} "
+                              f"(a decisive choice: margin {margins[i]:.3g})"}
+    if len(pieces) != len(want):
+        return {**figures, "passed": False, "matched": min(len(pieces), len(want)),
+                "reason": f"TextLLMRunner generated {len(pieces)} tokens after a {ref['prompt_tokens']}-token "
+                          f"prompt, eager greedy {len(want)} (to the context limit or EOS)"}
+    return {**figures, "passed": True, "matched": len(want)}

@@ -1,0 +1,176 @@
+"""Artifacts as ExecuTorch's own runners load them: the tokenizer that travels beside them
+(generated for synthetic models), the TextLLMRunner check inside verification (a prompt
+that fills most of the context, generation to the context limit, token for token against
+eager greedy), and check-bundle's tokenizer checks. About 3 minutes on 2 cores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from buildlog import doit_command
+
+CONFIG = ("{vocab_size: 128, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
+          "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, max_position_embeddings: 256, "
+          "tie_word_embeddings: true, bos_token_id: 1, eos_token_id: 2}")
+MANIFEST = f"""\
+name: runner-tiny
+version: 0.1.0
+model:
+  source:
+    synthetic: {{architecture: qwen3, seed: 0, config: {CONFIG}}}
+  dtype: fp32
+export: {{max_context_length: 48}}
+quantization:
+  8da4w:
+    linear: {{bits: 4, group_size: 32, activations: int8_dynamic}}
+    embedding: {{bits: 8, group_size: per_channel}}
+targets:
+  - {{name: xnnpack-8da4w, backend: xnnpack, quantization: 8da4w}}
+  - {{name: portable-fp32, backend: portable, quantization: none}}
+"""
+
+
+def _doit(root: Path, env, *args, timeout=900):
+    return subprocess.run([*doit_command(), *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("runner")
+    (root / "m.yaml").write_text(MANIFEST)
+    env = subprocess_env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
+    p = _doit(root, env, "release", "m.yaml")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return root, env, root / "artifacts" / "runner-tiny"
+
+
+# --------------------------------------------------------------------------- the generated tokenizer
+
+
+def test_generated_tokenizer_fits_the_vocabulary_and_is_deterministic(tmp_path):
+    from tokenizers import Tokenizer
+
+    from mlxbuild import tokenizer
+
+    spec = tokenizer.synthetic_spec({"vocab_size": 300, "bos_token_id": 5, "eos_token_id": [7, 9]})
+    assert spec["special"] == {"5": "<|bos|>", "7": "<|eos|>", "9": "<|eos_1|>"}
+    tokenizer.write_synthetic(spec, tmp_path / "a")
+    tokenizer.write_synthetic(spec, tmp_path / "b")
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "a" / "tokenizer.json") == digest(tmp_path / "b" / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))
+    assert tok.get_vocab_size() == 300
+    assert tok.id_to_token(5) == "<|bos|>" and tok.id_to_token(9) == "<|eos_1|>"
+    # Every id the model can emit decodes to text of its own, as a runner's callback shows it.
+    pieces = tokenizer.pieces(tmp_path / "a", list(range(300)))
+    assert all(p and p.isascii() for p in pieces) and len(set(pieces)) == 300
+    assert tokenizer.check(tmp_path / "a", {"get_vocab_size": 300, "get_bos_id": 5, "get_eos_ids": [7, 9]}) == []
+    # A vocabulary too small for the corpus's characters gets no tokenizer.
+    assert tokenizer.synthetic_spec({"vocab_size": 16}) is None
+
+
+def test_tokenizer_check_names_what_disagrees_with_the_program(tmp_path):
+    from mlxbuild import tokenizer
+
+    tokenizer.write_synthetic(tokenizer.synthetic_spec({"vocab_size": 128, "bos_token_id": 1,
+                                                        "eos_token_id": 2}), tmp_path)
+    problems = tokenizer.check(tmp_path, {"get_vocab_size": 100, "get_bos_id": 3, "get_eos_ids": [4]})
+    assert any("128 tokens, the program's vocabulary has 100" in p for p in problems)
+    assert any("EOS id 2, the program's get_eos_ids is [4]" in p for p in problems)
+    assert any("BOS id 1, the program's get_bos_id is 3" in p for p in problems)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert "does not load as the runner loads it" in tokenizer.check(tmp_path, {})[0]
+
+
+# --------------------------------------------------------------------------- verification drives TextLLMRunner
+
+
+def test_verification_ran_textllmrunner_to_the_context_limit(released):
+    _, _, out = released
+    version = out / "0.1.0"
+    for target in ("xnnpack-8da4w", "portable-fp32"):
+        record = json.loads((version / f"runner-tiny-{target}.json").read_text())
+        assert record["tokenizer"] == {"files": ["tokenizer.json", "tokenizer_config.json"]}
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(record["files"])
+        cm = record["constant_methods"]
+        assert cm["get_max_seq_len"] == cm["get_max_context_len"] == 48
+        runner = record["verification"]["runner"]
+        assert runner["passed"], runner
+        # A prompt of most of the context, then the runner's own budget: to the limit (or EOS).
+        assert runner["prompt_tokens"] == 48 - 12
+        assert runner["new_tokens"] == runner["expected_new_tokens"] <= 12
+        assert runner["matched"] == runner["new_tokens"] or "near tie" in runner.get("note", "")
+
+
+def test_published_tokenizer_runs_the_artifact_through_textllmrunner(released):
+    """What an app does with the folder: the runner, the .pte and the tokenizer beside it."""
+    from backends.et_runtime import text_llm_generate
+    from mlxbuild import tokenizer
+
+    version = released[2] / "0.1.0"
+    prompt, ids = tokenizer.runner_prompt(version, 40)
+    assert len(ids) == 40
+    pieces = text_llm_generate(version / "runner-tiny-portable-fp32.pte", version, prompt)
+    assert 1 <= len(pieces) <= 48 - 40
+
+
+def test_a_context_length_past_the_cache_fails_verification(released):
+    """get_max_context_len overridden past the KV cache: the runner generates past it, and
+    verification fails (exit 4) instead of publishing an artifact apps would crash on."""
+    root, env, _ = released
+    bad = MANIFEST.replace("name: runner-tiny", "name: runner-bad").replace(
+        "export: {max_context_length: 48}", "export: {max_context_length: 48, constant_methods: {get_max_context_len: 96}}")
+    bad = bad.replace("  - {name: xnnpack-8da4w, backend: xnnpack, quantization: 8da4w}\n", "")
+    (root / "bad.yaml").write_text(bad)
+    p = _doit(root, env, "build", "bad.yaml")
+    assert p.returncode == 4, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "runner:" in p.stdout + p.stderr
+    assert not (root / "artifacts" / "runner-bad" / "0.1.0" / "runner-bad-portable-fp32.pte").exists()
+
+
+# --------------------------------------------------------------------------- check-bundle
+
+
+def _rewrite_bundle(bundle: Path, dest: Path, edit) -> Path:
+    """A copy of the bundle with one member's bytes changed by ``edit(name, data)``."""
+    with tarfile.open(bundle) as src, tarfile.open(dest, "w:gz") as out:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None
+            if data is not None:
+                data = edit(m.name.split("/", 1)[1], data)
+                if data is None:
+                    continue
+                m.size = len(data)
+            out.addfile(m, None if data is None else __import__("io").BytesIO(data))
+    return dest
+
+
+def test_check_bundle_checks_the_tokenizer(released, tmp_path):
+    from mlxbuild.bundle import check_bundle
+
+    bundle = released[2] / "runner-tiny-0.1.0.tar.gz"
+    problems, notes = check_bundle(bundle)
+    assert problems == []
+    assert any("TextLLMRunner with the bundle's tokenizer" in n for n in notes)
+
+    def wrong_eos(name, data):
+        if name != "tokenizer_config.json":
+            return data
+        config = json.loads(data)
+        config["eos_token"] = config["bos_token"]
+        return json.dumps(config).encode()
+
+    problems, _ = check_bundle(_rewrite_bundle(bundle, tmp_path / "eos.tar.gz", wrong_eos))
+    assert any("tokenizer:" in p and "EOS id 1, the program's get_eos_ids is [2]" in p for p in problems)
+
+    missing = _rewrite_bundle(bundle, tmp_path / "missing.tar.gz",
+                              lambda name, data: None if name == "tokenizer.json" else data)
+    problems, _ = check_bundle(missing)
+    assert any("tokenizer.json" in p for p in problems)
