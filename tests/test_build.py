@@ -232,11 +232,11 @@ def test_cold_build_record(cold, target):
         assert versions[tool] == metadata.version(tool), tool
     assert versions["mlxbuild"] == mlxbuild.__version__, versions
     # Our code is recorded per step, as the code hash each key covers.
-    assert set(rec["code"]) == {"weights", "quantize", "export", "reference", "lower", "verify", "package"}
+    assert set(rec["code"]) == {"weights", "tokenizer", "quantize", "export", "reference", "lower", "verify", "package"}
     assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in rec["code"].values()), rec["code"]
 
     # Content keys of every step that made it, each a complete cache entry.
-    assert set(rec["keys"]) == {"weights", "quantize", "export", "lower", "verify"}
+    assert set(rec["keys"]) == {"weights", "tokenizer", "quantize", "export", "lower", "verify"}
     for kind, key in rec["keys"].items():
         assert HEX64.match(key), (kind, key)
         assert (ws.entry(kind, key) / ".complete").exists(), kind

@@ -102,7 +102,7 @@ def truncate(path: Path):
 
 
 def test_entries_record_their_files(clean):
-    for kind in ("weights", "quantize", "export", "reference", "lower", "verify"):
+    for kind in ("weights", "tokenizer", "quantize", "export", "reference", "lower", "verify"):
         entry = clean.entry(kind)
         files = json.loads((entry / ".complete").read_text())["files"]
         on_disk = {p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file() and p.name != ".complete"}

@@ -33,7 +33,7 @@ BUCKET = "mlxbuild-ci"
 ACCESS_KEY, SECRET_KEY = "remote-cache-test", "remote-cache-secret"
 TARGET = "portable-fp32"
 NAME, VERSION = "qwen3-tiny", "0.1.0"
-CACHE_KINDS = ("weights", "quantize", "export", "reference", "lower", "verify")
+CACHE_KINDS = ("weights", "tokenizer", "quantize", "export", "reference", "lower", "verify")
 STEP = re.compile(r"^(\.  |ok |-- )(weights|quantize|export|reference|lower|verify|package) ")
 NOTE = re.compile(r"^   (\w+) .+?: (downloaded from remote cache|not in remote cache|uploaded to remote cache)")
 
