@@ -235,33 +235,29 @@ def test_gemma3_mlx_greedy_tokens_match_transformers(built):
     assert got == want
 
 
-def test_gemma3_prefill_chunk_above_the_window_is_a_manifest_error(tmp_path):
+def test_gemma3_prefill_chunk_below_the_context_is_a_manifest_error(tmp_path):
+    """TextLLMRunner's contract holds for sliding-window models too: forward takes the
+    whole context (the rings are sized for it), so a smaller chunk is refused at its line."""
     manifest = (REPO / "manifests" / "gemma3-tiny.yaml").read_text()
-    assert "max_prefill_chunk: 8\n" in manifest
+    assert "max_prefill_chunk" not in manifest
     bad = tmp_path / "gemma.yaml"
-    bad.write_text(manifest.replace("max_prefill_chunk: 8\n", "max_prefill_chunk: 9\n"))
-    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1) if "max_prefill_chunk: 9" in t)
+    bad.write_text(manifest.replace("  max_context_length: 32\n", "  max_context_length: 32\n  max_prefill_chunk: 8\n"))
+    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1) if "max_prefill_chunk: 8" in t)
     p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(bad)],
                        capture_output=True, text=True)
     assert p.returncode != 0
     err = p.stderr.strip().splitlines()
     assert len(err) == 1, p.stderr
     assert f"gemma.yaml:{line}:" in err[0]
-    assert "export.max_prefill_chunk: 9 exceeds the model's sliding window (8)" in err[0]
-    # A window the chunk fits, or no sliding layer at all, validates.
-    for fix in ("sliding_window: 8\n", "layer_types: [sliding_attention, full_attention]\n"):
-        replacement = {"sliding_window: 8\n": "sliding_window: 9\n",
-                       "layer_types: [sliding_attention, full_attention]\n":
-                       "layer_types: [full_attention, full_attention]\n"}[fix]
-        bad.write_text(bad.read_text().replace(fix, replacement))
-        p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(bad)],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        bad.write_text(bad.read_text().replace(replacement, fix))
+    assert "export.max_prefill_chunk: 8 is below max_context_length (32): ExecuTorch's TextLLMRunner" in err[0]
+    bad.write_text(bad.read_text().replace("max_prefill_chunk: 8", "max_prefill_chunk: 32"))
+    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(bad)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
 
 
-def test_checkpoint_window_is_checked_at_export():
-    """Hub and local checkpoints show their window only when loaded: the same rule."""
+def test_checkpoint_chunk_is_checked_at_export():
+    """Hub and local checkpoints are seen only when loaded: the same rule at export."""
     from transformers import AutoConfig
 
     from mlxbuild.errors import BuildError
@@ -269,11 +265,10 @@ def test_checkpoint_window_is_checked_at_export():
 
     config = AutoConfig.for_model("gemma3_text", sliding_window=16, num_hidden_layers=6)
     assert sliding_layers(config) == {0, 1, 2, 3, 4}
-    check_prefill_chunk(config, 16)
-    with pytest.raises(BuildError, match=r"export.max_prefill_chunk: 17 exceeds .* window \(16\)"):
-        check_prefill_chunk(config, 17)
+    check_prefill_chunk(config, 64, 64)
+    with pytest.raises(BuildError, match=r"export.max_prefill_chunk: 16 is below max_context_length \(64\)"):
+        check_prefill_chunk(config, 16, 64)
     assert not sliding_layers(AutoConfig.for_model("qwen3"))
-    check_prefill_chunk(AutoConfig.for_model("qwen3"), 4096)
 
 
 # --------------------------------------------------------------------------- Qwen3-MoE

@@ -91,9 +91,9 @@ def _ring_update(layer, key_states, value_states, *args, **kwargs):
     seq_len = key_states.shape[-2]
     torch._check(start_pos >= 0)
     size = layer.keys.shape[1]
-    # ring_slots sized the ring for writes of at most a window (mlxbuild.families checks
-    # the manifest); a larger traced bound fails export here.
-    torch._check(seq_len <= layer.window)
+    # ring_slots sized the ring for writes of at most a prefill chunk; a larger traced
+    # bound fails export here.
+    torch._check(seq_len <= layer.max_write)
     slots = ((start_pos + torch.arange(seq_len, dtype=torch.long)) % size).unsqueeze(0)
     torch.ops.llama.update_cache_with_indices(key_states.transpose(1, 2), layer.keys, start_pos, slots)
     torch.ops.llama.update_cache_with_indices(value_states.transpose(1, 2), layer.values, start_pos, slots)
@@ -101,7 +101,7 @@ def _ring_update(layer, key_states, value_states, *args, **kwargs):
 
 
 def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 window: int | None = None):
+                 window: int | None = None, max_write: int | None = None):
     """One layer's KV cache in BSHD layout, updated with llama::update_cache (linear)
     or llama::update_cache_with_indices (ring, for sliding-window layers)."""
     # transformers' Cache only counts layers deriving from its CacheLayerMixin family,
@@ -117,15 +117,15 @@ def _cache_layer(max_cache_len: int, num_kv_heads: int, head_dim: int, dtype: to
     layer.values = torch.zeros(shape, dtype=dtype)
     layer.dtype, layer.device = dtype, layer.keys.device
     layer.is_initialized = True
-    layer.window = window
+    layer.window, layer.max_write = window, max_write
     return layer
 
 
-def ring_slots(window: int, max_cache_len: int) -> int:
-    """Slots of a sliding layer's ring: a write of up to `window` tokens (the prefill
-    chunk is bounded by the window, see mlxbuild.families.hf.check_prefill_chunk) must not
-    evict positions that its own first query still sees, so window + window - 1."""
-    return min(2 * window - 1, max_cache_len)
+def ring_slots(window: int, max_cache_len: int, max_write: int) -> int:
+    """Slots of a sliding layer's ring: a write of up to `max_write` tokens (the prefill
+    chunk) must not evict positions that its own first query still sees, so window +
+    max_write - 1; never more than the context, which a ring of that size never wraps."""
+    return min(window + max_write - 1, max_cache_len)
 
 
 def attention_implementation() -> str:
@@ -143,8 +143,9 @@ def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dt
     cache = exportable.static_cache
     for i in range(len(cache.layers)):
         if i in sliding:
-            size = ring_slots(text.sliding_window, max_cache_len)
-            layer = _cache_layer(size, text.num_key_value_heads, head_dim, dtype, text.sliding_window)
+            size = ring_slots(text.sliding_window, max_cache_len, prefill_chunk)
+            layer = _cache_layer(size, text.num_key_value_heads, head_dim, dtype, text.sliding_window,
+                                 prefill_chunk)
         else:
             layer = _cache_layer(max_cache_len, text.num_key_value_heads, head_dim, dtype)
         cache.layers[i] = layer

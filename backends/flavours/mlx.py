@@ -39,12 +39,45 @@ def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dt
 
     if experts is not None:
         gather_experts(exportable.model, experts)
+    window = getattr(config.get_text_config(), "sliding_window", None) if sliding else None
+    # ExecuTorch sizes a sliding layer's ring as window + chunk - 1 but refuses a chunk
+    # above the window; TextLLMRunner's contract is a whole-context chunk (docs/runners.md).
     install_mlx_cache(exportable, config=config, max_batch_size=1, max_cache_len=max_cache_len,
-                      dtype=dtype, prefill_chunk_size=prefill_chunk)
+                      dtype=dtype, prefill_chunk_size=min(prefill_chunk, window) if window else prefill_chunk)
+    if window and prefill_chunk > window:
+        _widen_rings(exportable, prefill_chunk, max_cache_len)
     _positions_from_cache_position(exportable.static_cache)
     _accept_call_kwargs(exportable.static_cache)
     if sliding:
         _use_sliding_attention(exportable)
+
+
+def _widen_rings(exportable, max_write: int, max_cache_len: int) -> None:
+    """Give each ring layer room for a write of ``max_write`` tokens: window + max_write - 1
+    slots (what a ring needs so a write never evicts a position its first query still
+    sees), at most the context, where the ring never wraps. The ring's update and window
+    mask are written for any buffer size; only ExecuTorch's constructor caps the write."""
+    import types
+
+    from executorch.backends.mlx.llm.cache import RingBufferKVCache
+
+    cache = exportable.static_cache
+    for i, layer in enumerate(cache.kv_cache):
+        if not isinstance(layer, RingBufferKVCache):
+            continue
+        size = min(layer.window_size + max_write - 1, max_cache_len)
+        layer.max_write_len, layer.buffer_size = max_write, size
+        shape = (layer.max_batch_size, layer.n_heads, size, layer.head_dim)
+        layer.k_cache = torch.zeros(shape, dtype=layer.k_cache.dtype)
+        layer.v_cache = torch.zeros(shape, dtype=layer.v_cache.dtype)
+        # The wrapper registered the old tensors as program state; point it at the new ones.
+        setattr(exportable, f"key_cache_{i}", layer.k_cache)
+        setattr(exportable, f"value_cache_{i}", layer.v_cache)
+        # transformers still asks its own sliding layer for mask sizes, which branches on
+        # the chunk against the window (a guard seq_len <= window at trace time); the
+        # ring's own window mask is what attention uses, so answer statically.
+        hf_layer = cache.layers[i]
+        hf_layer.get_mask_sizes = types.MethodType(lambda self, *args, _n=size, **kwargs: (_n, 0), hf_layer)
 
 
 def _positions_from_cache_position(cache) -> None:

@@ -16,7 +16,34 @@ def attention_implementation() -> str | None:
 
 def install_cache(exportable, config, max_cache_len: int, prefill_chunk: int, dtype, *,
                   sliding: frozenset = frozenset(), experts=None) -> None:
-    pass  # transformers' StaticCache (rings for sliding layers included) exports as it is
+    """transformers' StaticCache exports as it is, but its sliding layers keep a window-sized
+    roll whose branch is picked by a Python counter at trace time: a chunk longer than the
+    window cannot go through it. Where a chunk may exceed the window, a sliding layer gets a
+    whole-context StaticLayer instead; transformers' sliding mask still limits what each
+    query sees (by absolute position, which this layer keeps)."""
+    if not sliding:
+        return
+    from transformers.cache_utils import StaticLayer
+
+    text = config.get_text_config()
+    if prefill_chunk <= text.sliding_window:
+        return
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache = exportable.static_cache
+    for i in sliding:
+        layer = StaticLayer(max_cache_len=max_cache_len)
+        shape = (1, text.num_key_value_heads, max_cache_len, head_dim)
+        layer.keys, layer.values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        layer.dtype, layer.device = dtype, layer.keys.device
+        layer.batch_size, layer.num_heads = 1, text.num_key_value_heads
+        layer.k_head_dim = layer.v_head_dim = head_dim
+        layer.is_initialized = True
+        cache.layers[i] = layer
+        # The wrapper registered the old tensors as buffers; point them at the new ones.
+        setattr(exportable, f"key_cache_{i}", layer.keys)
+        setattr(exportable, f"value_cache_{i}", layer.values)
+        if hasattr(exportable, f"cumulative_length_{i}"):
+            setattr(exportable, f"cumulative_length_{i}", layer.cumulative_length)
 
 
 class DecoderCache(torch.nn.Module):

@@ -124,15 +124,12 @@ def sliding_layers(config) -> set[int]:
     return {i for i, t in enumerate(types) if t == "sliding_attention"}
 
 
-def check_prefill_chunk(config, max_prefill_chunk: int, max_context_length: int | None = None) -> None:
-    """The manifest checks of ``mlxbuild.families.windows`` against a loaded config (hub and
-    local checkpoints only show their sliding window here)."""
+def check_prefill_chunk(config, max_prefill_chunk: int, max_context_length: int) -> None:
+    """The manifest's runner-contract check (``mlxbuild.families.windows``) at export, for
+    sources the manifest could not see into."""
     from mlxbuild.errors import BuildError
     from mlxbuild.families import windows
 
-    window = config.get_text_config().sliding_window if sliding_layers(config) else None
-    problem = windows.prefill_chunk_problem(window, max_prefill_chunk)
-    if window is None and max_context_length is not None:
-        problem = windows.runner_contract_problem(max_prefill_chunk, max_context_length)
+    problem = windows.runner_contract_problem(max_prefill_chunk, max_context_length)
     if problem:
         raise BuildError(f"export.max_prefill_chunk: {problem}")

@@ -13,11 +13,10 @@ RUNNER_FILE = "runner.json"
 
 
 def applies(model) -> bool:
-    """Sliding-window models are left out: TextLLMRunner budgets them as all-ring models,
-    which their global layers are not (docs/runners.md)."""
+    """A transformers model (a user's module has no generation config to take EOS from)."""
     from mlxbuild.families import hf
 
-    return hf.is_hf(model) and not hf.sliding_layers(model.config)
+    return hf.is_hf(model)
 
 
 def runner_reference(model, params: dict, tokenizer_dir: Path) -> dict:

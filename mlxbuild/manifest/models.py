@@ -746,34 +746,14 @@ class Manifest(_Model):
         # max_new_tokens against the whole context from position 0 and stops checking the
         # position, which runs a static cache past its end. The one contract every text
         # model meets is a forward that takes the whole context in one call.
-        # Sliding-window models (Gemma 3) are the runner's ring-buffer case for their local
-        # layers and keep a chunk within the window (check_sliding_window); a checkpoint's
-        # window shows only when loaded, so path and hub sources are checked at export
-        # (mlxbuild.families.hf.check_prefill_chunk).
+        # Sliding-window models (Gemma 3) included: their ring caches are sized for a
+        # whole-context chunk (window + chunk - 1 slots, at most the context).
         from mlxbuild.families import windows
 
-        exp, synthetic = self.export, self.model.source.synthetic
-        if synthetic is None and self.model.source.module is None:
-            return self
-        if synthetic is not None and windows.synthetic_sliding_window(synthetic.architecture, synthetic.config):
-            return self
+        exp = self.export
         problem = windows.runner_contract_problem(exp.max_prefill_chunk, exp.max_context_length)
         if self.model.task == "text-generation" and problem:
             raise _Issue(("export", "max_prefill_chunk"), problem)
-        return self
-
-    @model_validator(mode="after")
-    def check_sliding_window(self) -> "Manifest":
-        # Text families (docs/families-text.md): a synthetic model's sliding window bounds
-        # the prefill chunk; real checkpoints are checked against their config at export.
-        from mlxbuild.families import windows
-
-        synthetic = self.model.source.synthetic
-        if synthetic is not None:
-            window = windows.synthetic_sliding_window(synthetic.architecture, synthetic.config)
-            problem = windows.prefill_chunk_problem(window, self.export.max_prefill_chunk)
-            if problem:
-                raise _Issue(("export", "max_prefill_chunk"), problem)
         return self
 
     # -- lookups ---------------------------------------------------------------
