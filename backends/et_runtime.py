@@ -100,3 +100,34 @@ def text_llm_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, prom
         os.dup2(saved, 1)
         os.close(saved)
     return pieces
+
+
+def write_bundled_program(pte: str | os.PathLike, method: str, inputs: list, expected: list) -> bytes:
+    """ExecuTorch's bundled program (``.bpte``) over the ``.pte``'s own bytes, with one test
+    case of ``method``: a device harness loads it and checks the outputs where it runs."""
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    case = MethodTestCase(inputs=list(inputs), expected_outputs=list(expected))
+    bundled = BundledProgram(None, [MethodTestSuite(method_name=method, test_cases=[case])],
+                             pte_file_path=str(pte))
+    return serialize_from_bundled_program_to_flatbuffer(bundled)
+
+
+def run_bundled_program(bpte: str | os.PathLike, method: str, atol: float, rtol: float) -> str:
+    """Run a bundled program's test cases of ``method`` with ExecuTorch's own checker; the
+    problem in one line, or '' when every output is within ``atol + rtol * |expected|``."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
+
+    with open(bpte, "rb") as f:
+        bundled = _load_bundled_program_from_buffer(f.read())
+    try:
+        with native_stderr_captured() as log:
+            bundled.verify_result_with_bundled_expected_output(method, 0, rtol, atol)
+    except RuntimeError as e:
+        tail = " | ".join(log["text"].strip().splitlines()[-2:])
+        return f"{e}" + (f" ({tail})" if tail else "")
+    return ""

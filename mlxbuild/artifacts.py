@@ -102,6 +102,9 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
     sources = [(lowered / "model.pte", f"{stem}.pte")]
     sources += [(lowered / name, f"{stem}-{name}" if name != "model.ptd" else f"{stem}.ptd")
                 for name in lower_info.ptd]
+    if verified.model_extra.get("bundled_program"):
+        # The self-testing program verification wrote and ran (mlxbuild.stages.verify).
+        sources.append((cache.read("verify", params.verify) / "model.bpte", f"{stem}.bpte"))
     if params.tokenizer:
         # Shared by the manifest's targets, under the names a runner looks for in a folder.
         tok_dir = cache.read("tokenizer", params.tokenizer)

@@ -236,6 +236,17 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
                 problems.append(f"{name}: ran on {how} but {result}")
                 continue
             notes.append(f"{name}: deserializes and runs ({how})")
+            bundled = (entry.get("verification") or {}).get("bundled_program")
+            bpte = name[:-4] + ".bpte"
+            if bundled and bpte in files and hashes[bpte] == (entry["files"].get(bpte) or {}).get("sha256"):
+                from backends.et_runtime import run_bundled_program
+
+                problem = run_bundled_program(files[bpte], bundled["method"], bundled["atol"], bundled["rtol"])
+                if problem:
+                    problems.append(f"{bpte}: its bundled test fails: {problem}")
+                else:
+                    notes.append(f"{bpte}: its {bundled['test_cases']} bundled test passes "
+                                 f"(atol {bundled['atol']:.3g})")
             if tokenizer is not None and _llm_runner(backend) and "forward" in info["methods"]:
                 try:
                     from backends.et_runtime import native_stderr_captured, text_llm_generate

@@ -1,7 +1,8 @@
 """Artifacts as ExecuTorch's own runners load them: the tokenizer that travels beside them
 (generated for synthetic models), the TextLLMRunner check inside verification (a prompt
 that fills most of the context, generation to the context limit, token for token against
-eager greedy), and check-bundle's tokenizer checks. About 3 minutes on 2 cores."""
+eager greedy), the self-testing bundled programs (.bpte), and check-bundle's checks of
+both. About 4 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -152,6 +153,31 @@ def _rewrite_bundle(bundle: Path, dest: Path, edit) -> Path:
     return dest
 
 
+def test_bundled_programs_carry_the_verification_and_catch_a_wrong_output(released, tmp_path):
+    import torch
+
+    from backends.et_runtime import run_bundled_program, write_bundled_program
+
+    version = released[2] / "0.1.0"
+    for target in ("xnnpack-8da4w", "portable-fp32"):
+        record = json.loads((version / f"runner-tiny-{target}.json").read_text())
+        bundled = record["verification"]["bundled_program"]
+        assert bundled["passed"] and bundled["test_cases"] == 1 and bundled["atol"] > 0
+        bpte = version / f"runner-tiny-{target}.bpte"
+        assert record["files"][bpte.name]["sha256"] == hashlib.sha256(bpte.read_bytes()).hexdigest()
+        assert run_bundled_program(bpte, "forward", bundled["atol"], 0.0) == ""
+    # The same test case with an expected output off by more than the bound fails.
+    pte = version / "runner-tiny-portable-fp32.pte"
+    inputs = [torch.tensor([[3, 4, 5]]), torch.arange(3)]
+    from executorch.runtime import Runtime
+
+    got = Runtime.get().load_program(str(pte)).load_method("forward").execute(inputs)[0]
+    (tmp_path / "ok.bpte").write_bytes(write_bundled_program(pte, "forward", inputs, [got]))
+    assert run_bundled_program(tmp_path / "ok.bpte", "forward", 1e-6, 0.0) == ""
+    (tmp_path / "bad.bpte").write_bytes(write_bundled_program(pte, "forward", inputs, [got + 0.5]))
+    assert "Result verification failed" in run_bundled_program(tmp_path / "bad.bpte", "forward", 1e-3, 0.0)
+
+
 def test_check_bundle_checks_the_tokenizer(released, tmp_path):
     from mlxbuild.bundle import check_bundle
 
@@ -159,6 +185,7 @@ def test_check_bundle_checks_the_tokenizer(released, tmp_path):
     problems, notes = check_bundle(bundle)
     assert problems == []
     assert any("TextLLMRunner with the bundle's tokenizer" in n for n in notes)
+    assert any("runner-tiny-xnnpack-8da4w.bpte: its 1 bundled test passes" in n for n in notes)
 
     def wrong_eos(name, data):
         if name != "tokenizer_config.json":

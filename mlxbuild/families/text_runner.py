@@ -80,3 +80,16 @@ def compare_runner(pieces: list[str], reference_dir: Path, max_abs_error: float)
                 "reason": f"TextLLMRunner generated {len(pieces)} tokens after a {ref['prompt_tokens']}-token "
                           f"prompt, eager greedy {len(want)} (to the context limit or EOS)"}
     return {**figures, "passed": True, "matched": len(want)}
+
+
+def bundled_case(reference_dir: Path, prompt: int):
+    """The bundled program's test case: the verification prefill (its tokens and positions)
+    and the eager logits of those positions, as [1, T, V] like ``forward`` returns them."""
+    import numpy as np
+    import torch
+
+    tokens = np.load(Path(reference_dir) / "tokens.npy")[:, :prompt]
+    logits = np.load(Path(reference_dir) / "logits.npy")[:prompt]
+    # Fresh tensors: the bundled-program serializer refuses numpy views' strides.
+    return ([torch.tensor(tokens.tolist(), dtype=torch.long), torch.arange(prompt, dtype=torch.long)],
+            [torch.tensor(logits, dtype=torch.float32).reshape(1, *logits.shape).clone()])

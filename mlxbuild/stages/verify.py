@@ -36,6 +36,11 @@ def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
                                       cache.read("reference", params.reference), result)
             if not result["runner"]["passed"]:
                 result.update(passed=False, reason=f"runner: {result['runner']['reason']}")
+        if result["passed"] and getattr(backend, "LLM_RUNNER", False) and params.task == "text-generation":
+            result["bundled_program"] = bundled(lowered / "model.pte", cache.read("reference", params.reference),
+                                                params.tolerance, out)
+            if not result["bundled_program"]["passed"]:
+                result.update(passed=False, reason=f"bundled program: {result['bundled_program']['reason']}")
     else:
         result = structural(lowered / "model.pte", params.backend, kind)
         result["coverage"] = coverage(LowerResult.read(lowered))
@@ -98,6 +103,27 @@ def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict) -> di
         tail = " | ".join(log["text"].strip().splitlines()[-3:])
         return {"passed": False, "reason": f"TextLLMRunner failed: {e}" + (f" ({tail})" if tail else "")}
     return text_runner.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
+
+
+BUNDLED = "model.bpte"
+
+
+def bundled(pte: Path, reference: Path, tol: dict, out: Path) -> dict:
+    """A self-testing program (ExecuTorch's ``.bpte``) with the verification prefill and the
+    eager logits, checked here by ExecuTorch's own checker with the bound verification
+    applies (the tolerance relative to the largest reference logit, as an absolute
+    bound on every logit)."""
+    from backends.et_runtime import native_stderr_captured, run_bundled_program, write_bundled_program
+    from mlxbuild.families import text_runner
+
+    prompt = ReferenceResult.read(reference).prompt
+    inputs, expected = text_runner.bundled_case(reference, prompt)
+    atol = float(tol["max_rel_error"]) * (float(expected[0].abs().max()) or 1.0)
+    with native_stderr_captured():
+        (out / BUNDLED).write_bytes(write_bundled_program(pte, "forward", inputs, expected))
+    problem = run_bundled_program(out / BUNDLED, "forward", atol=atol, rtol=0.0)
+    return {"passed": not problem, "reason": problem, "method": "forward", "test_cases": 1,
+            "prompt_tokens": prompt, "atol": atol, "rtol": 0.0}
 
 
 def structural(pte: Path, backend: str, kind=None) -> dict:
