@@ -214,9 +214,12 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
             backend = entry.get("backend")
             tokenizer = _tokenizer_of(entry, files)
             if tokenizer is not None:
+                from backends.et_runtime import native_stderr_captured
                 from mlxbuild import tokenizer as tok
 
-                found = tok.check(tokenizer, info.get("constant_methods") or {})
+                # The C++ tokenizer logs its regex registration to fd 2.
+                with native_stderr_captured():
+                    found = tok.check(tokenizer, info.get("constant_methods") or {})
                 problems += [f"{name}: tokenizer: {line}" for line in found]
                 if found:
                     continue
@@ -252,8 +255,8 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
                     from backends.et_runtime import native_stderr_captured, text_llm_generate
                     from mlxbuild import tokenizer as tok
 
-                    prompt, _ = tok.runner_prompt(tokenizer, 8)
                     with native_stderr_captured():
+                        prompt, _ = tok.runner_prompt(tokenizer, 8)
                         pieces = text_llm_generate(files[name], tokenizer, prompt)
                     notes.append(f"{name}: TextLLMRunner with the bundle's tokenizer: {len(pieces)} "
                                  f"tokens after an 8-token prompt")

@@ -121,6 +121,11 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             params=tok["params"], label=f"{manifest.name} tokenizer"))
     tok_files = sorted(tok["params"].get("files") or ["tokenizer.json", "tokenizer_config.json"]) if tok else []
 
+    # Schemes with a target ExecuTorch's TextLLMRunner runs here: their one reference also
+    # computes the runner check's continuation (other targets of the scheme share it).
+    runner_schemes = {t.quantization for t in manifest.targets
+                      if getattr(backends.backend(t.backend), "LLM_RUNNER", False)}
+
     packages = []
     for target in manifest.targets:
         backend = backends.backend(target.backend)
@@ -148,7 +153,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
         verify_spec = families.get(task).verify_spec(exp.max_context_length, exp.max_prefill_chunk)
-        if tokenizer is not None and verify_spec.get("runner_prompt") and getattr(backend, "LLM_RUNNER", False):
+        if tokenizer is not None and verify_spec.get("runner_prompt") and scheme_name in runner_schemes:
             # The runner check (ExecuTorch's TextLLMRunner on the artifact) needs the eager
             # continuation of a prompt the tokenizer writes.
             verify_spec["tokenizer"] = tokenizer.key
@@ -176,7 +181,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
 
         tol = tolerance(dtype, scheme)
         # Where ExecuTorch's own LLM runner runs the artifact here, verification drives it too.
-        runner = "tokenizer" in verify_spec
+        runner = "tokenizer" in verify_spec and getattr(backend, "LLM_RUNNER", False)
         verify = plan.add(Step(
             kind=StepKind.VERIFY, name=f"verify:{tname}",
             key=stable_hash("verify", lower.key, reference.key, tol, backend.VERIFY,

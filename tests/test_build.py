@@ -35,7 +35,7 @@ MANIFEST = "manifests/qwen.yaml"
 NAME, VERSION = "qwen3-tiny", "0.1.0"
 TARGETS = ("mlx-4w", "xnnpack-8da4w", "portable-fp32")
 # One weights step feeds three schemes; every target gets its own lower/verify/package.
-COLD_STEPS = {"weights": 1, "quantize": 3, "export": 3, "reference": 3,
+COLD_STEPS = {"weights": 1, "tokenizer": 1, "quantize": 3, "export": 3, "reference": 3,
               "lower": 3, "verify": 3, "package": 3}
 ALL_STEPS = sum(COLD_STEPS.values())
 
@@ -220,7 +220,16 @@ def test_cold_build_record(cold, target):
     # The record describes exactly the bytes next to it.
     assert rec["sha256"] == hashlib.sha256(data).hexdigest()
     assert rec["size"] == len(data) > 0
-    assert rec["files"] == {pte.name: {"sha256": rec["sha256"], "size": len(data)}}
+    assert rec["files"][pte.name] == {"sha256": rec["sha256"], "size": len(data)}
+    # Beside it: the tokenizer (shared by the version's targets) and, for the targets
+    # ExecuTorch's runtime verifies here, the self-testing bundled program.
+    extra = {"tokenizer.json", "tokenizer_config.json"}
+    if want["backend"] in ("xnnpack", "portable"):
+        extra.add(pte.with_suffix(".bpte").name)
+    assert set(rec["files"]) == {pte.name} | extra
+    assert rec["tokenizer"] == {"files": ["tokenizer.json", "tokenizer_config.json"]}
+    for name, info in rec["files"].items():
+        assert hashlib.sha256((pte.parent / name).read_bytes()).hexdigest() == info["sha256"], name
 
     assert (rec["name"], rec["version"], rec["target"]) == (NAME, VERSION, target)
     assert (rec["backend"], rec["scheme"], rec["dtype"]) == (want["backend"], want["scheme"], "fp32")

@@ -35,9 +35,9 @@ def test_inspect_mlx_text(released, capsys):
     lines = out.splitlines()
     assert lines[0].startswith(f"{pte}: {pte.stat().st_size} bytes, program ")
     assert "method forward:" in lines
-    assert "  input 0: int64[1, 32] (dynamic_bound)" in lines
-    assert "  input 1: int64[32] (dynamic_bound)" in lines
-    assert "  output 0: float32[1, 32, 512] (dynamic_bound)" in lines
+    assert "  input 0: int64[1, 128] (dynamic_bound)" in lines
+    assert "  input 1: int64[128] (dynamic_bound)" in lines
+    assert "  output 0: float32[1, 128, 512] (dynamic_bound)" in lines
     assert re.search(r"^  delegate 0: MLXBackend, payload \d+ bytes \((segment|inline)\), 1 call\(s\)$", out, re.M), out
 
     # Node counts read from the payload agree with what the MLX runtime loads and runs.

@@ -126,7 +126,9 @@ def test_release_locks_every_target(released):
         record = json.loads((released.out_dir / f"{NAME}-{target}.json").read_text())
         pte = released.pte(target)
         # The lock names the published bytes, and the inputs the package key hashes.
-        assert entry["files"] == {pte.name: {"sha256": sha256(pte), "size": pte.stat().st_size}}
+        assert entry["files"][pte.name] == {"sha256": sha256(pte), "size": pte.stat().st_size}
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(entry["files"])
+        assert all(sha256(released.out_dir / n) == f["sha256"] for n, f in entry["files"].items())
         assert entry["package_key"] == record["package_key"]
         assert entry["inputs"] == {k: record[k] for k in entry["inputs"]}
         assert entry["inputs"]["keys"] == record["keys"]
@@ -169,7 +171,7 @@ def test_model_card(released):
         assert f"\n{section}\n" in card, section
     for t in TARGETS:
         entry = lock["targets"][t]
-        assert re.search(rf"^\| `{t}` \| `{NAME}-{t}\.pte` \| [^|]+ \| fp32 \| {entry['scheme']} \| [\d.]+ KB \|$",
+        assert re.search(rf"^\| `{t}` \| [^|]*`{NAME}-{t}\.pte`[^|]* \| [^|]+ \| fp32 \| {entry['scheme']} \| [\d.]+ KB \|$",
                          card, re.M), t
         assert f"- `{t}`: not measured" in card  # the records carry no speed
         err = f"{entry['verification']['max_abs_error']:.3g}"
@@ -226,8 +228,8 @@ def test_deleted_files_are_rebuilt_to_the_locked_bytes(ws):
     p = ws.run("doit", "build", MANIFEST)
     assert p.returncode == 0, show(p)
     assert ("package", ) == tuple(sorted({k for m, k in STEP.findall(p.stdout) if m == ".  "})), show(p)
-    assert {ws.pte("mlx-4w").name: {"sha256": sha256(ws.pte("mlx-4w")), "size": ws.pte("mlx-4w").stat().st_size}} \
-        == locked
+    assert {"sha256": sha256(ws.pte("mlx-4w")), "size": ws.pte("mlx-4w").stat().st_size} \
+        == locked[ws.pte("mlx-4w").name]
 
 
 def test_rebuilt_bytes_that_differ_from_the_lock_are_not_published(ws):

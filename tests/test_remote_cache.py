@@ -34,7 +34,7 @@ ACCESS_KEY, SECRET_KEY = "remote-cache-test", "remote-cache-secret"
 TARGET = "portable-fp32"
 NAME, VERSION = "qwen3-tiny", "0.1.0"
 CACHE_KINDS = ("weights", "tokenizer", "quantize", "export", "reference", "lower", "verify")
-STEP = re.compile(r"^(\.  |ok |-- )(weights|quantize|export|reference|lower|verify|package) ")
+STEP = re.compile(r"^(\.  |ok |-- )(weights|tokenizer|quantize|export|reference|lower|verify|package) ")
 NOTE = re.compile(r"^   (\w+) .+?: (downloaded from remote cache|not in remote cache|uploaded to remote cache)")
 
 
@@ -249,10 +249,11 @@ def test_second_machine_downloads_only_what_its_steps_need(first, s3, tmp_path, 
     b = Machine(tmp_path / "machine-b", subprocess_env, s3, remote=f"s3://{BUCKET}/fleet")
     run = b.build()
     assert run.rc == 0, run
-    # The package step reads the lowered program, its verification and the quantize
-    # entry's layer table; the weights, the export and the reference are never needed here.
-    assert run.notes("downloaded") == {"quantize", "lower", "verify"}, run
-    assert run.steps(".") == {"quantize", "lower", "verify", "package"}, run
+    # The package step reads the lowered program, its verification, the quantize entry's
+    # layer table and the tokenizer it publishes; the weights, the export and the reference
+    # are never needed here.
+    assert run.notes("downloaded") == {"tokenizer", "quantize", "lower", "verify"}, run
+    assert run.steps(".") == {"tokenizer", "quantize", "lower", "verify", "package"}, run
     assert run.steps("--") == {"weights", "export", "reference"}, run
     assert run.notes("uploaded") == set(), run
     for kind in ("weights", "export", "reference"):
@@ -286,7 +287,8 @@ def test_corrupt_remote_object_is_detected_and_built_locally(first, s3, tmp_path
     bad = [w for w in run.err.splitlines() if "unusable" in w]
     assert len(bad) == 1 and "verify/" in bad[0] and "sha256" in bad[0], run
     # verify was built here; the reference it reads was skipped as not needed, then fetched.
-    assert run.notes("downloaded") == {"quantize", "lower", "reference"}, run
+    # Verifying again runs TextLLMRunner with the tokenizer: that comes down too.
+    assert run.notes("downloaded") == {"tokenizer", "quantize", "lower", "reference"}, run
     assert "verify" in run.notes("uploaded"), run
     assert c.pte.read_bytes() == a.pte.read_bytes()
     # The local rebuild replaced the bad entry: its marker now names a sound archive.
