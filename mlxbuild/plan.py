@@ -121,11 +121,6 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             params=tok["params"], label=f"{manifest.name} tokenizer"))
     tok_files = sorted(tok["params"].get("files") or ["tokenizer.json", "tokenizer_config.json"]) if tok else []
 
-    # Schemes with a target ExecuTorch's TextLLMRunner runs here: their one reference also
-    # computes the runner check's continuation (other targets of the scheme share it).
-    runner_schemes = {t.quantization for t in manifest.targets
-                      if getattr(backends.backend(t.backend), "LLM_RUNNER", False)}
-
     packages = []
     for target in manifest.targets:
         backend = backends.backend(target.backend)
@@ -153,9 +148,10 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             label=f"{manifest.name} {scheme_name}/{flavour}"))
 
         verify_spec = families.get(task).verify_spec(exp.max_context_length, exp.max_prefill_chunk)
-        if tokenizer is not None and verify_spec.get("runner_prompt") and scheme_name in runner_schemes:
+        if tokenizer is not None and verify_spec.get("runner_prompt"):
             # The runner check (ExecuTorch's TextLLMRunner on the artifact) needs the eager
-            # continuation of a prompt the tokenizer writes.
+            # continuation of a prompt the tokenizer writes. Every reference computes it, so
+            # a scheme's one reference serves all its targets whichever are selected.
             verify_spec["tokenizer"] = tokenizer.key
         else:
             verify_spec.pop("runner_prompt", None)

@@ -184,7 +184,9 @@ def test_cold_build_runs_every_step_once(cold):
     for kind in ("lower", "verify", "package"):
         assert result.labels(kind) == {f"{NAME}/{t}" for t in TARGETS}, result
     published = sorted(p.name for p in ws.out_dir().iterdir())
-    assert published == sorted(f"{NAME}-{t}{ext}" for t in TARGETS for ext in (".json", ".pte"))
+    assert published == sorted([f"{NAME}-{t}{ext}" for t in TARGETS for ext in (".json", ".pte")]
+                               + [f"{NAME}-{t}.bpte" for t in TARGETS if not t.startswith("mlx")]
+                               + ["tokenizer.json", "tokenizer_config.json"])
     assert not ws.scratch_left()
 
 
@@ -205,7 +207,7 @@ EXPECTED = {
                       "quantization": {"linear": None, "embedding": None}},
 }
 
-CONSTANT_METHODS = {"get_max_seq_len": 128, "get_max_context_len": 128, "get_prefill_chunk_size": 32,
+CONSTANT_METHODS = {"get_max_seq_len": 128, "get_max_context_len": 128, "get_prefill_chunk_size": 128,
                     "use_kv_cache": True, "enable_dynamic_shape": True, "get_vocab_size": 512,
                     "get_bos_id": 1, "get_eos_ids": [2]}
 

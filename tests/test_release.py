@@ -137,7 +137,7 @@ def test_release_locks_every_target(released):
         assert entry["verification"]["max_rel_error"] == record["verification"]["max_rel_error"]
         assert entry["settings"]["export"]["max_context_length"] == 128
         fwd = entry["methods"]["forward"]
-        assert [(v["dtype"], v["sizes"]) for v in fwd["inputs"]] == [("int64", [1, 32]), ("int64", [32])]
+        assert [(v["dtype"], v["sizes"]) for v in fwd["inputs"]] == [("int64", [1, 128]), ("int64", [128])]
         assert fwd["outputs"][0]["dtype"] == "float32" and fwd["outputs"][0]["sizes"][-1] == 512
     assert lock["tool_versions"]["executorch"] == lock["targets"]["mlx-4w"]["inputs"]["tool_versions"]["executorch"]
 
