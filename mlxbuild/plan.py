@@ -21,6 +21,7 @@ from mlxbuild import __version__
 from mlxbuild.fingerprint import FileHasher, code_hash, stable_hash, tool_versions
 from mlxbuild.families.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT  # noqa: F401  (tests read them here)
 from mlxbuild.steps import PARAMS, Params, StepKind
+from mlxbuild.tokenizer import SYNTHETIC_FILES
 from mlxbuild.tolerance import tolerance
 
 
@@ -119,7 +120,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         tokenizer = plan.add(Step(
             kind=StepKind.TOKENIZER, name=f"tokenizer:{_short(tok_key)}", key=tok_key, deps=[],
             params=tok["params"], label=f"{manifest.name} tokenizer"))
-    tok_files = sorted(tok["params"].get("files") or ["tokenizer.json", "tokenizer_config.json"]) if tok else []
+    tok_files = sorted(tok["params"].get("files") or SYNTHETIC_FILES) if tok else []
 
     packages = []
     for target in manifest.targets:

@@ -28,6 +28,8 @@ from pathlib import Path
 FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
          "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
          "preprocessor_config.json", "processor_config.json")
+# What the generated tokenizer of a synthetic model is written as.
+SYNTHETIC_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Files a runner can load as the tokenizer proper (one is enough).
 LOADABLE = ("tokenizer.json", "tokenizer.model")
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
@@ -109,7 +111,7 @@ def write_synthetic(spec: dict, out: Path) -> list[str]:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": vocab_size,
               **{f"{role}_token": roles[role] for role in ("bos", "eos", "pad", "unk") if role in roles}}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
-    return ["tokenizer.json", "tokenizer_config.json"]
+    return list(SYNTHETIC_FILES)
 
 
 def _cpp(folder: Path):
