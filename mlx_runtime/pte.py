@@ -183,6 +183,15 @@ def input_dtype(program, method: str, index: int = 0) -> str | None:
     raise KeyError(f"no method {method!r}")
 
 
+def output_dtype(program, method: str, index: int = 0) -> str | None:
+    """The torch dtype name of a method's tensor output, or None when it is not a tensor."""
+    for plan in program.execution_plan:
+        if plan.name == method:
+            d = describe_value(plan.values, plan.outputs[index])
+            return d.get("dtype") if d.get("kind") == "Tensor" else None
+    raise KeyError(f"no method {method!r}")
+
+
 def delegate_payloads(path: str | os.PathLike, backend_id: str) -> list[bytes]:
     """The processed payload of every delegate of ``backend_id``, in program order
     (reads only those bytes of the file)."""

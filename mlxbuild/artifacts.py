@@ -102,7 +102,7 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
     sources = [(lowered / "model.pte", f"{stem}.pte")]
     sources += [(lowered / name, f"{stem}-{name}" if name != "model.ptd" else f"{stem}.ptd")
                 for name in lower_info.ptd]
-    if verified.model_extra.get("bundled_program"):
+    if (verified.model_extra.get("bundled_program") or {}).get("test_cases"):
         # The self-testing program verification wrote and ran (mlxbuild.stages.verify).
         sources.append((cache.read("verify", params.verify) / "model.bpte", f"{stem}.bpte"))
     if params.tokenizer:
