@@ -83,7 +83,7 @@ def size_per_user(graph_module):
     return PassResult(graph_module, changed)
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
+def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     from backends.lowering import to_executorch
 
     from backends.capabilities import CoremlOptions
@@ -92,7 +92,7 @@ def lower(programs: dict, options: dict, constant_methods: dict):
         _needs_macos()
     return to_executorch(programs, [partitioner(options)], constant_methods,
                          transform_passes=[size_per_user], cpu_kernels=True,
-                         edit_edge=reproducible_payloads)
+                         edit_edge=reproducible_payloads, etrecord=etrecord)
 
 
 def _needs_macos() -> None:

@@ -23,6 +23,7 @@ class EtProgram:
         from executorch.runtime import Runtime
 
         self.path = str(path)
+        self.runs_on = "executorch.runtime"
         self._container, _, _ = _pte.load(path)
         self.constant_methods = _pte.constant_methods(self._container)
         self.method_names = [p.name for p in self._container.execution_plan
@@ -131,3 +132,23 @@ def run_bundled_program(bpte: str | os.PathLike, method: str, atol: float, rtol:
         tail = " | ".join(log["text"].strip().splitlines()[-2:])
         return f"{e}" + (f" ({tail})" if tail else "")
     return ""
+
+
+def etrecord_methods(path: str | os.PathLike) -> list[str]:
+    """The methods an ETRecord (as the devtools Inspector parses it) records debug handles
+    for; raises when the file does not parse."""
+    import logging
+    import warnings
+
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401 - ops its graphs name
+    from executorch.devtools.etrecord import parse_etrecord
+
+    # Deserializing the recorded graphs warns per unbacked symbol and per custom op.
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            record = parse_etrecord(str(path))
+    finally:
+        logging.disable(logging.NOTSET)
+    return sorted(record._debug_handle_map or {})

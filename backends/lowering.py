@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 
 def to_executorch(programs: dict, partitioners: list, constant_methods: dict, *,
                   transform_passes=None, skip_dim_order: bool = False, alloc_graph_input: bool = False,
-                  cpu_kernels: bool = False, edit_edge=None):
+                  cpu_kernels: bool = False, edit_edge=None, etrecord: bool = False):
     """`cpu_kernels` applies what ExecuTorch's LLM export does for programs whose leftover
     ops run on CPU kernels: fuse torchao's dequantize+embedding patterns into the
     quantized embedding kernels, turn leftover matmuls back into linear, and bound
     dynamic shapes from the export's range constraints. `edit_edge(edge)` sees the lowered
-    edge program before it is emitted (e.g. to make delegate payloads reproducible)."""
+    edge program before it is emitted (e.g. to make delegate payloads reproducible).
+    `etrecord` has ExecuTorch record the programs for an ETRecord (`save_etrecord`)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -20,6 +23,7 @@ def to_executorch(programs: dict, partitioners: list, constant_methods: dict, *,
         partitioner=partitioners,
         compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=skip_dim_order),
         constant_methods=constant_methods or None,
+        generate_etrecord=etrecord,
     )
     if edit_edge is not None:
         edit_edge(edge)
@@ -37,3 +41,38 @@ def to_executorch(programs: dict, partitioners: list, constant_methods: dict, *,
         **extra,
     )
     return edge, edge.to_executorch(config=config)
+
+
+# ExecuTorch's ETRecord names graphs and modules by Python object ids (``id(graph)`` in every
+# node's provenance and in ``export_graph_id``, ``Class;id(module)`` in every node's module
+# stack, ``<function f at 0x...>`` in provenance targets) and zips with the wall clock, so two lowerings of one model give different files.
+# Ids renumbered in order of appearance (a bijection, so the Inspector's matching of
+# provenance to the exported graph, and of nodes to module instances, still holds) and
+# fixed zip times give the same bytes, as every other published file has.
+_OBJECT_ID = re.compile(rb'(graph_id\\*"\s*:\s*|\w;)(\d{6,})|( at 0x)([0-9a-f]+)')
+
+
+def save_etrecord(prog, path) -> None:
+    """Write the ETRecord ExecuTorch recorded while lowering ``prog``, reproducibly."""
+    import io
+    import zipfile
+
+    raw = io.BytesIO()
+    prog.get_etrecord().save(raw)
+    ids: dict[bytes, int] = {}
+
+    def renumber(object_id: bytes) -> bytes:
+        return str(ids.setdefault(object_id, len(ids) + 1)).encode()
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "export_graph_id":
+                data = renumber(data.strip())
+            elif data[:1] == b"{":  # the serialized graphs; weights and inputs are left as they are
+                data = _OBJECT_ID.sub(lambda m: m.group(1) + renumber(m.group(2)) if m.group(1)
+                                      else m.group(3) + renumber(m.group(4)), data)
+            dst.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    with open(path, "wb") as f:
+        f.write(out.getvalue())

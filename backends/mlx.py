@@ -23,7 +23,7 @@ def _ready() -> None:
     ensure_mlx_schema()
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
+def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     _ready()
     from executorch.backends.mlx import MLXPartitioner
     from executorch.backends.mlx.passes import get_default_passes
@@ -34,7 +34,7 @@ def lower(programs: dict, options: dict, constant_methods: dict):
     # default passes and contiguous dim order; graph inputs are planned memory.
     return to_executorch(programs, [MLXPartitioner()], constant_methods,
                          transform_passes=get_default_passes(), skip_dim_order=True,
-                         alloc_graph_input=True)
+                         alloc_graph_input=True, etrecord=etrecord)
 
 
 BACKEND_ID = "MLXBackend"

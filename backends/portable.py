@@ -12,7 +12,7 @@ RUNTIME = "backends.et_runtime"
 LLM_RUNNER = True
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
+def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     from backends.lowering import to_executorch
 
-    return to_executorch(programs, [], constant_methods, cpu_kernels=True)
+    return to_executorch(programs, [], constant_methods, cpu_kernels=True, etrecord=etrecord)

@@ -51,10 +51,11 @@ def _edge_op(name: str):
     return target
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
+def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     from backends.lowering import to_executorch
 
-    return to_executorch(programs, [partitioner(options)], constant_methods, cpu_kernels=True)
+    return to_executorch(programs, [partitioner(options)], constant_methods, cpu_kernels=True,
+                         etrecord=etrecord)
 
 
 

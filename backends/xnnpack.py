@@ -10,9 +10,10 @@ RUNTIME = "backends.et_runtime"
 LLM_RUNNER = True
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
+def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     from backends.lowering import to_executorch
 
-    return to_executorch(programs, [XnnpackPartitioner()], constant_methods, cpu_kernels=True)
+    return to_executorch(programs, [XnnpackPartitioner()], constant_methods, cpu_kernels=True,
+                         etrecord=etrecord)

@@ -71,7 +71,8 @@ def unpublish(out_dir: Path, stem: str) -> list[str]:
     except (OSError, ValueError):
         files = [f"{stem}.pte"]
     rec.unlink(missing_ok=True)
-    # The tokenizer files are shared by the version's targets: keep those another lists.
+    # The tokenizer and preprocessor files are shared by the version's targets: keep those
+    # another lists.
     shared = set()
     for other in Path(out_dir).glob(f"*{RECORD_SUFFIX}"):
         try:
@@ -102,6 +103,8 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
     sources = [(lowered / "model.pte", f"{stem}.pte")]
     sources += [(lowered / name, f"{stem}-{name}" if name != "model.ptd" else f"{stem}.ptd")
                 for name in lower_info.ptd]
+    if lower_info.etrecord:
+        sources.append((lowered / lower_info.etrecord, f"{stem}.etrecord"))
     if (verified.model_extra.get("bundled_program") or {}).get("test_cases"):
         # The self-testing program verification wrote and ran (mlxbuild.stages.verify).
         sources.append((cache.read("verify", params.verify) / "model.bpte", f"{stem}.bpte"))
@@ -109,6 +112,9 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
         # Shared by the manifest's targets, under the names a runner looks for in a folder.
         tok_dir = cache.read("tokenizer", params.tokenizer)
         sources += [(tok_dir / name, name) for name in params.record["tokenizer"]["files"]]
+    if params.preprocessor:
+        pre_dir = cache.read("preprocessor", params.preprocessor)
+        sources += [(pre_dir / name, name) for name in params.record["preprocessor"]["files"]]
 
     files = {dest: {"sha256": sha256_file(src), "size": src.stat().st_size} for src, dest in sources}
     _say_if_tampered(out_dir, stem)
@@ -130,7 +136,14 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
         "runtime_requirements": runtime_requirements(pte_info["methods"],
                                                      [d for _, d in sources[1:] if d.endswith(".ptd")]),
         "verification": verified.model_dump(mode="json"),
+        # For the devtools Inspector: the file beside the .pte, or why it could not be written.
+        "etrecord": {"file": f"{stem}.etrecord"} if lower_info.etrecord else
+        {"skipped": lower_info.etrecord_problem} if lower_info.etrecord_problem else None,
     }
+    if params.preprocessor:
+        # What the preprocessor step checked its program against (mlxbuild.stages.preprocessor).
+        check = json.loads((cache.read("preprocessor", params.preprocessor) / "preprocessor.json").read_text())
+        record["preprocessor"] = {**record["preprocessor"], **check}
     if params.quantize:
         quantized = cache.read("quantize", params.quantize)
         record["layer_quantization"] = {

@@ -196,13 +196,62 @@ def _check_lock(lock: dict, files: dict, hashes: dict) -> list[str]:
     return problems
 
 
+def _check_preprocessor(path: Path, spec: dict, run: bool) -> str:
+    """The audio preprocessor turns a waveform into features of the encoder's shape; a
+    problem starts with 'error: '."""
+    if not run:
+        return f"{path.name}: not run (--no-run)"
+    import numpy as np
+    import torch
+
+    from backends import et_runtime
+
+    seconds = min(1.5 * spec["features"][2] * 160 / spec["sampling_rate"], spec["max_audio_s"])
+    wave = (0.1 * np.random.default_rng(0).standard_normal(int(seconds * spec["sampling_rate"]))).astype(np.float32)
+    try:
+        with et_runtime.native_stderr_captured():
+            out = et_runtime.load(path).run("forward", [torch.from_numpy(wave)])[0]
+    except Exception as e:  # noqa: BLE001 - any runtime failure is the program's problem
+        return f"error: {path.name}: fails to run: {type(e).__name__}: {str(e)[:200]}"
+    mels, frames = spec["features"][1], spec["features"][2]
+    # Audio longer than one chunk comes out as whole chunks of the encoder's frames.
+    if list(out.shape[:2]) != [1, mels] or out.shape[2] % frames or not np.isfinite(np.asarray(out)).all():
+        return f"error: {path.name}: features of shape {list(out.shape)}; the encoder takes [1, {mels}, {frames}] chunks"
+    return f"{path.name}: turns {seconds:.2f} s of audio into {out.shape[2] // frames} chunks of [1, {mels}, {frames}] features"
+
+
+def _program_methods(info: dict) -> list[str]:
+    return sorted(m for m in info["methods"] if m not in (info.get("constant_methods") or {}))
+
+
+def _check_etrecord(path: Path, info: dict) -> str:
+    """'' when the ETRecord parses as the devtools Inspector reads it and records the
+    program's methods."""
+    from backends.et_runtime import etrecord_methods
+
+    try:
+        recorded = etrecord_methods(path)
+    except Exception as e:  # noqa: BLE001 - a damaged zip or graph raises many kinds of error
+        return f"{path.name}: does not parse as an ETRecord: {type(e).__name__}: {str(e)[:160]}"
+    if recorded != _program_methods(info):
+        return f"{path.name}: records methods {recorded}, the program has {_program_methods(info)}"
+    return ""
+
+
 def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[list[str], list[str]]:
     from mlxbuild.pte_inspect import inspect_pte
 
     problems, notes = [], []
+    preprocessors_checked: set[str] = set()
     for target, entry in sorted(lock["targets"].items()):
+        shared = set((entry.get("preprocessor") or {}).get("files") or [])
+        for name in sorted(shared - preprocessors_checked):
+            if name.endswith(".pte") and name in files and hashes[name] == entry["files"].get(name, {}).get("sha256"):
+                preprocessors_checked.add(name)
+                problem = _check_preprocessor(files[name], entry["preprocessor"], run)
+                (problems if problem.startswith("error:") else notes).append(problem.removeprefix("error: "))
         for name, want in sorted((entry.get("files") or {}).items()):
-            if not name.endswith(".pte") or name not in files:
+            if not name.endswith(".pte") or name not in files or name in shared:
                 continue
             try:
                 info = inspect_pte(files[name])
@@ -211,6 +260,14 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
                 continue
             if hashes[name] != want.get("sha256"):
                 continue  # never execute bytes the lock does not vouch for
+            etrecord = name[:-4] + ".etrecord"
+            if etrecord in files and hashes[etrecord] == (entry["files"].get(etrecord) or {}).get("sha256"):
+                problem = _check_etrecord(files[etrecord], info)
+                if problem:
+                    problems.append(problem)
+                else:
+                    notes.append(f"{etrecord}: parses as the devtools Inspector reads it "
+                                 f"(methods {', '.join(_program_methods(info))})")
             backend = entry.get("backend")
             tokenizer = _tokenizer_of(entry, files)
             if tokenizer is not None:
@@ -303,11 +360,16 @@ def run_artifact(pte: Path, backend: str, info: dict, ptds: list[Path]) -> tuple
             import mlx.core  # noqa: F401
         except ImportError:
             raise _NoRuntime("mlx is not installed here") from None
+    import importlib
+
+    why = getattr(importlib.import_module(runtime), "unavailable", lambda: "")()
+    if why:
+        raise _NoRuntime(f"{backend} programs do not run here: {why}")
     inputs = {name: sample_inputs(m["inputs"]) for name, m in info["methods"].items()}
     with native_stderr_captured():
         program = backends.open_program(pte, backend, ptds)
         outputs = {name: program.run(name, args) for name, args in inputs.items()}
-    how = "mlxbuild MLX runtime" if runtime == "mlx_runtime" else "executorch.runtime"
+    how = "mlxbuild MLX runtime" if runtime == "mlx_runtime" else getattr(program, "runs_on", "executorch.runtime")
     for name, outs in outputs.items():
         for i, out in enumerate(outs):
             if hasattr(out, "is_floating_point") and out.is_floating_point() and not out.float().isfinite().all():

@@ -32,7 +32,7 @@ def render(lock: dict) -> str:
     out += ["## Targets", "", "| target | file | for | dtype | quantization | size |", "|---|---|---|---|---|---|"]
     for t, e in sorted(targets.items()):
         out.append(f"| `{t}` | {', '.join(f'`{f}`' for f in sorted(e['files']))} | {DEVICES.get(e['backend'], e['backend'])} "
-                   f"| {e.get('dtype')} | {e.get('scheme')} | {_size(sum(f['size'] for f in e['files'].values()))} |")
+                   f"| {e.get('dtype')} | {e.get('scheme')} | {_size(_program_size(e))} |")
     out.append("")
 
     out += ["## Quantization", ""]
@@ -60,7 +60,8 @@ def render(lock: dict) -> str:
             out.append(f"| `{t}` | not run (structural check only) | — | — | — | {v.get('passed')} |")
             continue
         allowed = (v.get("tolerance") or {}).get("max_rel_error")
-        runtime = "mlxbuild MLX runtime (mlx.core)" if e["backend"] == "mlx" else "executorch.runtime"
+        runtime = v.get("runtime") or ("mlxbuild MLX runtime (mlx.core)" if e["backend"] == "mlx"
+                                       else "executorch.runtime")
         out.append(f"| `{t}` | {runtime} | {_num(v.get('max_abs_error'))} | {_num(v.get('max_rel_error'))} "
                    f"({_num(allowed)}) | {_pct(v.get('top1_agreement'))} | {v.get('passed')} |")
     out.append("")
@@ -70,7 +71,7 @@ def render(lock: dict) -> str:
         out.append(f"- `{t}`: {_speed(e.get('speed'))}")
     out.append("")
 
-    out += _loading(name, targets)
+    out += _loading(name, targets, lock.get("tool_versions") or {})
 
     out += ["## Licence", ""]
     lic = lock.get("license")
@@ -151,7 +152,7 @@ def _speed(s) -> str:
     return ", ".join(bits + [f"{k}: {v}" for k, v in sorted(rest.items())]) or "not measured"
 
 
-def _loading(name: str, targets: dict) -> list[str]:
+def _loading(name: str, targets: dict, versions: dict | None = None) -> list[str]:
     by = lambda *backends: [t for t, e in sorted(targets.items()) if e["backend"] in backends]  # noqa: E731
     cpu, mlx = by("xnnpack", "portable"), by("mlx")
     example = f"{name}-{(cpu or mlx or sorted(targets))[0]}.pte"
@@ -177,6 +178,26 @@ def _loading(name: str, targets: dict) -> list[str]:
     if any(e["files"] and len(e["files"]) > 1 for e in targets.values()):
         out += ["Targets with a `.ptd` file keep their weights there: pass it as the data file "
                 "(Python `data_path=`, C++ `Module(pte, ptd)`).", ""]
+    tok = (e0.get("tokenizer") or {}).get("files") or []
+    runner_file = next((f for f in ("tokenizer.json", "tokenizer.model") if f in tok), None)
+    if cpu and runner_file and not (methods and set(methods) != {"forward"}):
+        # What app teams run: ExecuTorch's own runner (the C++ one behind the Swift and
+        # Android APIs) over the folder as it is, the tokenizer beside the program.
+        v = versions or {}
+        et, torch_v = v.get("executorch", "<version>"), str(v.get("torch", "<version>")).split("+")[0]
+        out += ["### Text generation (ExecuTorch's `TextLLMRunner`)", "",
+                "From this folder, with only ExecuTorch installed (its wheel does not declare torch, "
+                "which its Python runtime imports):", "", "```sh",
+                f"pip install executorch=={et} torch=={torch_v}", "```", "", "```python",
+                "import executorch.extension.llm.custom_ops.custom_ops  # llama::update_cache, custom_sdpa",
+                "import executorch.kernels.quantized                    # quantized embedding kernels",
+                "from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner", "",
+                f'runner = TextLLMRunner("{name}-{cpu[0]}.pte", "{runner_file}")',
+                'runner.generate("Once upon a time", GenerationConfig(temperature=0.0, max_new_tokens=32),',
+                '                token_callback=lambda piece: print(piece, end="", flush=True))',
+                "```", "",
+                f"Prompts up to the context ({cm.get('get_max_context_len', '?')} tokens) are prefilled in "
+                "one call; `max_new_tokens=-1` generates to the context limit.", ""]
     out += ["### Python (`executorch.runtime`)", "", "```python",
             "import torch",
             "import executorch.extension.llm.custom_ops.custom_ops  # LLM attention/KV-cache kernels (XNNPACK)",
@@ -233,6 +254,12 @@ def _sig(v: dict) -> str:
     if v.get("dtype") is None:
         return str(v.get("kind", "?"))
     return f"{v['dtype']}[{', '.join(map(str, v.get('sizes', [])))}]"
+
+
+def _program_size(entry: dict) -> int:
+    """What an app loads (the .pte and its .ptd files); tokenizer, bundled program and
+    ETRecord are listed, not counted."""
+    return sum(f["size"] for n, f in entry["files"].items() if n.endswith((".pte", ".ptd")))
 
 
 def _size(n: int) -> str:

@@ -21,6 +21,7 @@ from mlxbuild import __version__
 from mlxbuild.fingerprint import FileHasher, code_hash, stable_hash, tool_versions
 from mlxbuild.families.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT  # noqa: F401  (tests read them here)
 from mlxbuild.steps import PARAMS, Params, StepKind
+from mlxbuild.families.audio import FILES as PREPROCESSOR_FILES
 from mlxbuild.tokenizer import SYNTHETIC_FILES
 from mlxbuild.tolerance import tolerance
 
@@ -91,6 +92,8 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
         roots = ["mlxbuild.artifacts"]
     if kind == "tokenizer":
         roots.append("mlxbuild.tokenizer")
+    if kind == "preprocessor":
+        roots.append("backends.xnnpack")  # the stage's BACKEND
     return tuple(roots)
 
 
@@ -121,6 +124,15 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             kind=StepKind.TOKENIZER, name=f"tokenizer:{_short(tok_key)}", key=tok_key, deps=[],
             params=tok["params"], label=f"{manifest.name} tokenizer"))
     tok_files = sorted(tok["params"].get("files") or SYNTHETIC_FILES) if tok else []
+
+    pre = sources.preprocessor_of(src, hasher)
+    preprocessor = None
+    if pre is not None:
+        pre_key = stable_hash("preprocessor", pre["identity"],
+                              _versions("torch", "executorch", "transformers", code=step_code("preprocessor")))
+        preprocessor = plan.add(Step(
+            kind=StepKind.PREPROCESSOR, name=f"preprocessor:{_short(pre_key)}", key=pre_key, deps=[],
+            params=pre["params"], label=f"{manifest.name} preprocessor"))
 
     packages = []
     for target in manifest.targets:
@@ -169,7 +181,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         tname = f"{manifest.name}/{target.name}"
         lower_params = {"export": export.key, "weights": weights.key, "backend": target.backend,
                         "options": target.options, "constant_methods": exp.constant_methods,
-                        **export_spec}
+                        "etrecord": target.etrecord, **export_spec}
         lower = plan.add(Step(
             kind=StepKind.LOWER, name=f"lower:{tname}",
             key=stable_hash("lower", export.key, lower_params,
@@ -198,14 +210,18 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             "checkpoint_sha256": src["checkpoint"], "tool_versions": tool_versions(),
             # Beside the artifact, relative to it: the files a runner loads as its tokenizer.
             "tokenizer": {"files": tok_files} if tok else None,
+            # Beside it too, for speech models: the audio preprocessor program and its config.
+            "preprocessor": {"files": list(PREPROCESSOR_FILES)} if preprocessor else None,
             "keys": {"weights": weights.key, "quantize": quant.key, "export": export.key,
                      "lower": lower.key, "verify": verify.key,
-                     **({"tokenizer": tokenizer.key} if tokenizer else {})},
+                     **({"tokenizer": tokenizer.key} if tokenizer else {}),
+                     **({"preprocessor": preprocessor.key} if preprocessor else {})},
             # Per step, the hash of the code that decides its bytes (the keys hold them too):
             # a release lock names the step whose code changed, and an upgrade that changes
             # none of them leaves a release rebuildable as it is.
             "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize")),
                      **({"tokenizer": code_hash(*step_code("tokenizer"))} if tokenizer else {}),
+                     **({"preprocessor": code_hash(*step_code("preprocessor"))} if preprocessor else {}),
                      "export": code_hash(*step_code("export", task=task, flavour=flavour)),
                      "reference": code_hash(*step_code("reference", task=task)),
                      "lower": code_hash(*step_code("lower", task=task, backend=target.backend)),
@@ -217,9 +233,11 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             key=stable_hash("package", record),
             # publish reads the lowered program, the verification and the quantize entry's
             # layers.json: all three are inputs (so none is skipped as not needed).
-            deps=[verify.name, quant.name, lower.name, *([tokenizer.name] if tokenizer else [])],
+            deps=[verify.name, quant.name, lower.name, *([tokenizer.name] if tokenizer else []),
+                  *([preprocessor.name] if preprocessor else [])],
             params={"lower": lower.key, "verify": verify.key, "quantize": quant.key,
                     "tokenizer": tokenizer.key if tokenizer else None,
+                    "preprocessor": preprocessor.key if preprocessor else None,
                     "out_dir": str(out_dir),
                     "stem": f"{manifest.name}-{target.name}", "record": record},
             label=tname))

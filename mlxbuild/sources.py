@@ -145,6 +145,34 @@ def tokenizer_of(manifest, src: dict, hasher: FileHasher) -> dict | None:
             "identity": {"files": {n: hasher.hash(p) for n, p in sorted(files.items())}}}
 
 
+def preprocessor_of(src: dict, hasher: FileHasher) -> dict | None:
+    """A speech model's audio preprocessor (``mlxbuild.families.audio``), as the preprocessor
+    step's params and the identity its key hashes (the shipped config by its content); None
+    for a model without one."""
+    import json
+
+    from mlxbuild import families
+    from mlxbuild.families import audio
+
+    load = src["load"]
+    if "synthetic" in load:
+        syn = load["synthetic"]
+        spec = audio.spec(families.model_type_of(syn["architecture"]), syn.get("config") or {})
+    elif "path" in load:
+        folder = Path(load["path"])
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        spec = audio.spec(config.get("model_type"), config, folder)
+    else:
+        return None
+    if spec is None:
+        return None
+    identity = {**spec, "config_file": hasher.hash(Path(spec["config_file"])) if spec["config_file"] else None}
+    return {"params": spec, "identity": identity}
+
+
 class _Checked:
     """Checkpoints (by their files' hashes) already found well-formed, noted in the hasher's
     state: a no-op build does not read their headers again."""

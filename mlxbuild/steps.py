@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 class StepKind(StrEnum):
     WEIGHTS = "weights"
     TOKENIZER = "tokenizer"
+    PREPROCESSOR = "preprocessor"
     QUANTIZE = "quantize"
     EXPORT = "export"
     REFERENCE = "reference"
@@ -61,6 +62,15 @@ class TokenizerParams(Params):
     synthetic: dict[str, Any] | None = None
 
 
+class PreprocessorParams(Params):
+    """A speech model's audio preprocessor (``mlxbuild.families.audio``): the feature
+    extractor's settings, the checkpoint's processor config (shipped as it is) and the
+    longest waveform the program takes."""
+    feature: dict[str, Any]
+    config_file: str | None = None
+    max_audio_s: int
+
+
 class QuantizeParams(Params):
     weights: str
     scheme: dict[str, Any]
@@ -92,6 +102,7 @@ class LowerParams(ExportSpec):
     backend: str
     options: dict[str, Any] | None = None
     constant_methods: dict[str, Any] | None = None
+    etrecord: bool = False
 
 
 class VerifyParams(Params):
@@ -108,13 +119,15 @@ class PackageParams(Params):
     verify: str
     quantize: str
     tokenizer: str | None = None
+    preprocessor: str | None = None
     out_dir: str
     stem: str
     record: dict[str, Any]
 
 
 PARAMS: dict[StepKind, type[Params]] = {
-    StepKind.WEIGHTS: WeightsParams, StepKind.TOKENIZER: TokenizerParams, StepKind.QUANTIZE: QuantizeParams, StepKind.EXPORT: ExportParams,
+    StepKind.WEIGHTS: WeightsParams, StepKind.TOKENIZER: TokenizerParams,
+    StepKind.PREPROCESSOR: PreprocessorParams, StepKind.QUANTIZE: QuantizeParams, StepKind.EXPORT: ExportParams,
     StepKind.REFERENCE: ReferenceParams, StepKind.LOWER: LowerParams, StepKind.VERIFY: VerifyParams,
     StepKind.PACKAGE: PackageParams,
 }
@@ -151,6 +164,8 @@ class LowerResult(Result):
     constant_methods: dict[str, Any]
     delegation: dict[str, Any]
     ptd: list[str]
+    etrecord: str | None = None  # the ETRecord's file name in the entry, when one was asked for
+    etrecord_problem: str | None = None  # why there is none although one was asked for
 
 
 class ReferenceResult(Result):

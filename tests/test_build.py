@@ -184,7 +184,7 @@ def test_cold_build_runs_every_step_once(cold):
     for kind in ("lower", "verify", "package"):
         assert result.labels(kind) == {f"{NAME}/{t}" for t in TARGETS}, result
     published = sorted(p.name for p in ws.out_dir().iterdir())
-    assert published == sorted([f"{NAME}-{t}{ext}" for t in TARGETS for ext in (".json", ".pte")]
+    assert published == sorted([f"{NAME}-{t}{ext}" for t in TARGETS for ext in (".json", ".pte", ".etrecord")]
                                + [f"{NAME}-{t}.bpte" for t in TARGETS if not t.startswith("mlx")]
                                + ["tokenizer.json", "tokenizer_config.json"])
     assert not ws.scratch_left()
@@ -223,9 +223,9 @@ def test_cold_build_record(cold, target):
     assert rec["sha256"] == hashlib.sha256(data).hexdigest()
     assert rec["size"] == len(data) > 0
     assert rec["files"][pte.name] == {"sha256": rec["sha256"], "size": len(data)}
-    # Beside it: the tokenizer (shared by the version's targets) and, for the targets
-    # ExecuTorch's runtime verifies here, the self-testing bundled program.
-    extra = {"tokenizer.json", "tokenizer_config.json"}
+    # Beside it: the tokenizer (shared by the version's targets), the ETRecord and, for the
+    # targets ExecuTorch's runtime verifies here, the self-testing bundled program.
+    extra = {"tokenizer.json", "tokenizer_config.json", pte.with_suffix(".etrecord").name}
     if want["backend"] in ("xnnpack", "portable"):
         extra.add(pte.with_suffix(".bpte").name)
     assert set(rec["files"]) == {pte.name} | extra

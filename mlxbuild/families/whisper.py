@@ -24,6 +24,8 @@ import json
 import time
 from pathlib import Path
 
+from mlxbuild.families import asr_runner
+
 NAME = "whisper"
 METHODS = ("encoder", "text_decoder")
 
@@ -138,8 +140,13 @@ def reference(model, params: dict, out: Path) -> dict:
     np.save(out / "tokens.npy", np.array([tokens], dtype=np.int64))
     np.save(out / "logits.npy", logits[0].float().numpy())
     prompt = max(params["prompt"], len(sc["decoder_start_ids"]))
+    # The ASR runner check's eager side: decoding from the one start token an app passes,
+    # as far as an app may ask (the decoder's cache).
+    runner = asr_runner.runner_reference(model, feats.float().numpy(), params["max_context_length"],
+                                         sc["decoder_start_ids"][0], sc["eos_token_id"])
+    (out / asr_runner.RUNNER_FILE).write_text(json.dumps(runner))
     return {"model_type": "whisper", "prompt": prompt, "decode_steps": params["decode_steps"],
-            "positions": len(tokens)}
+            "positions": len(tokens), "asr_runner": {"new_tokens": len(runner["tokens"])}}
 
 
 def decode_rows(program, hidden, tokens, prompt: int):
@@ -179,7 +186,26 @@ def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
     if not enc["passed"]:
         result.update(passed=False, reason=f"encoder: {enc['reason']}"
                       + (f"; decoder: {result['reason']}" if result["reason"] else ""))
+    if result["passed"] and (reference_dir / asr_runner.RUNNER_FILE).is_file():
+        result["asr_runner"] = runner_check(program, feats, reference_dir, float(result.get("max_abs_error") or 0.0))
+        if not result["asr_runner"]["passed"]:
+            result.update(passed=False, reason=f"ASR runner: {result['asr_runner']['reason']}")
     return result
+
+
+def runner_check(program, features, reference_dir: Path, max_abs_error: float) -> dict:
+    """The artifact as ExecuTorch's ASR runner drives it (``asr_runner.transcribe``, its
+    call sequence): from the start token the program names, to its ``get_eos_ids``, as far
+    as the eager side decoded; token for token against eager."""
+    ref = json.loads((reference_dir / asr_runner.RUNNER_FILE).read_text())
+    meta = program.constant_methods
+    start = meta.get("decoder_start_token_id", ref["decoder_start_token_id"])
+    try:
+        got = asr_runner.transcribe(program, features, int(start), [int(t) for t in meta.get("get_eos_ids") or []],
+                                    ref["max_new_tokens"], input_dtype(program))
+    except Exception as e:  # noqa: BLE001 - where the runner returns an error, the check fails
+        return {"passed": False, "reason": f"{type(e).__name__}: {e}"}
+    return asr_runner.compare(got, reference_dir, max_abs_error)
 
 
 def input_dtype(program):

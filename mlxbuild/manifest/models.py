@@ -623,6 +623,13 @@ class Target(_Model):
         NO_QUANTIZATION, description="a scheme name from `quantization`, or 'none'"
     )
     options: FreeDict = Field(default_factory=dict, description="backend-specific options")
+    etrecord: bool = Field(
+        True,
+        description="write ExecuTorch's ETRecord beside the artifact (<stem>.etrecord), which "
+        "the devtools Inspector reads with an ETDump to map runtime events back to the model's "
+        "ops and source lines; it holds the exported and the lowered program with their "
+        "weights, so turn it off for large models whose bundle it would double",
+    )
 
     def backend_options(self) -> capabilities.BackendOptions:
         """``options`` parsed with the backend's options model (already validated)."""

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from mlxbuild.steps import StepKind
 
-CACHED = (StepKind.WEIGHTS, StepKind.TOKENIZER, StepKind.QUANTIZE, StepKind.EXPORT, StepKind.REFERENCE, StepKind.LOWER,
+CACHED = (StepKind.WEIGHTS, StepKind.TOKENIZER, StepKind.PREPROCESSOR, StepKind.QUANTIZE, StepKind.EXPORT, StepKind.REFERENCE, StepKind.LOWER,
           StepKind.VERIFY)
 
 

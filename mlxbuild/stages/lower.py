@@ -11,6 +11,8 @@ from mlxbuild import families, progress
 from mlxbuild.stages import export
 from mlxbuild.steps import ExportResult, LowerParams, LowerResult
 
+ETRECORD = "model.etrecord"
+
 
 def constant_methods(params: LowerParams, info: ExportResult) -> dict:
     """The task kind's constant methods (what its runners read), then the manifest's own on top."""
@@ -55,12 +57,26 @@ def run(params: LowerParams, cache, out: Path) -> LowerResult:
     programs, info = export.load_programs(entry, backend.FLAVOUR)
     methods = constant_methods(params, info)
     progress.note(f"lowering {', '.join(programs)} to {backend.NAME} and serializing")
-    edge, prog = backend.lower(programs, params.options or {}, methods)
+    edge, prog = backend.lower(programs, params.options or {}, methods, etrecord=params.etrecord)
     progress.note(f"{len(prog.buffer) / 1e6:.1f} MB program")
     (out / "model.pte").write_bytes(prog.buffer)
     if getattr(prog, "_tensor_data", None):
         prog.write_tensor_data_to_file(str(out))
+    etrecord, problem = None, None
+    if params.etrecord:
+        from backends.lowering import save_etrecord
+
+        try:
+            save_etrecord(prog, out / ETRECORD)
+            etrecord = ETRECORD
+        except Exception as e:  # noqa: BLE001 - a debugging aid must not cost the artifact
+            # ExecuTorch's exported-program serializer refuses some symbolic-shape graphs
+            # (operator.neg on a dynamic size in Parakeet's encoder, for one).
+            (out / ETRECORD).unlink(missing_ok=True)
+            problem = f"ExecuTorch could not serialize the ETRecord: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            progress.note(f"no ETRecord: {problem}")
     result = LowerResult(constant_methods=methods, delegation=delegation_summary(edge),
-                         ptd=sorted(p.name for p in out.glob("*.ptd")))
+                         ptd=sorted(p.name for p in out.glob("*.ptd")),
+                         etrecord=etrecord, etrecord_problem=problem)
     result.write(out)
     return result
