@@ -108,7 +108,14 @@ class CudaOptions(BackendOptions):
 
     device: str = Field("cuda:0", pattern=r"^cuda(:\d+)?$",
                         description="the device the delegate's tensors live on")
-    max_autotune: bool = Field(False, description="let Inductor benchmark kernel configs while lowering")
+    # ExecuTorch's CUDA runtime ships only a few ATen fallbacks (int4 mm, sort, randint): with
+    # autotuning off Inductor calls cuBLAS for every matmul (aoti_torch_cuda_mm_out), which the
+    # backend refuses; on, it emits Triton GEMM templates, as ExecuTorch's own exports do.
+    max_autotune: bool = Field(True, description="let Inductor generate and benchmark Triton GEMM kernels "
+                               "while lowering (off: cuBLAS calls, which ExecuTorch's CUDA runtime lacks)")
+    triton_kernels: bool | None = Field(
+        None, description="replace attention with ExecuTorch's Triton SDPA kernels (bf16 only); "
+        "default: on for bf16 programs, off otherwise (attention then compiles as matmuls)")
     low_memory_mode: bool = Field(False, description="compile one layer's weights at a time on the GPU")
 
 

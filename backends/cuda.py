@@ -19,7 +19,10 @@ from __future__ import annotations
 
 NAME = "cuda"
 FLAVOUR = "plain"
-VERIFY = "structural"
+# Lowering needs a CUDA GPU (preflight), so verification runs where one is: the compiled
+# kernels on the GPU through torch's AOTI runner (backends.cuda_runtime).
+VERIFY = "runtime"
+RUNTIME = "backends.cuda_runtime"
 BACKEND_ID = "CudaBackend"
 TITLE = "CUDA"
 
@@ -53,7 +56,16 @@ def preflight() -> None:
 
 # The export runs the flavour's own hooks (backends.flavour); plain is portable's.
 
-def partitioners(options: dict, methods) -> dict:
+def _is_bf16(program) -> bool:
+    """Whether a method computes in bf16 (its floating parameters and buffers are bf16)."""
+    import torch
+
+    tensors = list(program.state_dict.values()) + list(getattr(program, "constants", {}).values())
+    floats = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(floats) and all(d == torch.bfloat16 for d in floats)
+
+
+def partitioners(options: dict, programs: dict) -> dict:
     from executorch.backends.cuda.cuda_backend import CudaBackend
     from executorch.backends.cuda.cuda_partitioner import CudaPartitioner
     from executorch.exir.backend.compile_spec_schema import CompileSpec
@@ -65,16 +77,21 @@ def partitioners(options: dict, methods) -> dict:
     def on_off(flag: bool) -> bytes:
         return b"ON" if flag else b"OFF"
 
+    def specs(method: str, program) -> list:
+        # ExecuTorch's Triton SDPA kernels take bf16 only (triton/kernels/sdpa.py refuses
+        # anything else); without them SDPA compiles as math (matmul + softmax).
+        triton = opts.triton_kernels if opts.triton_kernels is not None else _is_bf16(program)
+        return [CudaBackend.generate_method_name_compile_spec(method),
+                CompileSpec("target_device", opts.device.encode()),
+                CompileSpec("max_autotune", on_off(opts.max_autotune)),
+                CompileSpec("low_memory_mode", on_off(opts.low_memory_mode)),
+                CompileSpec("triton_kernel_mode", on_off(triton))]
+
     # One partitioner per method: each method's AOTInductor library is named after it.
-    return {m: [CudaPartitioner([
-        CudaBackend.generate_method_name_compile_spec(m),
-        CompileSpec("target_device", opts.device.encode()),
-        CompileSpec("max_autotune", on_off(opts.max_autotune)),
-        CompileSpec("low_memory_mode", on_off(opts.low_memory_mode)),
-    ])] for m in methods}
+    return {m: [CudaPartitioner(specs(m, p))] for m, p in programs.items()}
 
 
-def lower(programs: dict, options: dict, constant_methods: dict):
+def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     preflight()
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -84,7 +101,7 @@ def lower(programs: dict, options: dict, constant_methods: dict):
     edge = to_edge_transform_and_lower(
         programs, partitioner=partitioners(options, programs),
         compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-        constant_methods=constant_methods or None)
+        constant_methods=constant_methods or None, generate_etrecord=etrecord)
     prog = edge.to_executorch(config=ExecutorchBackendConfig(
         extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))

@@ -457,6 +457,7 @@ class Program:
 
         _promotes(precision)  # validates
         self.path = Path(path)
+        self.runs_on = "mlxbuild MLX runtime (mlx.core)"
         self.precision = precision
         try:
             data, _size, eh = read_program_bytes(self.path)

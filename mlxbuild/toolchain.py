@@ -128,10 +128,28 @@ def _checked() -> tuple[Finding, ...]:
     return tuple(findings())
 
 
+# Packages whose known break a build host may accept on purpose, e.g. a CUDA builder whose
+# image has only a CUDA torch of another release (benchmarks/cuda_on_device.sh): a comma
+# list; each accepted break is still printed, as a warning, and the records name the
+# versions the artifacts were built with.
+ACCEPT_ENV = "MLXBUILD_ACCEPT_UNTESTED"
+
+
+def _accepted() -> set[str]:
+    import os
+
+    return {canonicalize_name(n) for n in os.environ.get(ACCEPT_ENV, "").split(",") if n.strip()}
+
+
 def check(stream=None) -> None:
     """The build-start check: warnings to ``stream`` (stderr), once per process; an
-    error raises UsageError (exit 2) naming every refused package."""
-    found = _checked()
+    error raises UsageError (exit 2) naming every refused package, unless ``ACCEPT_ENV``
+    names it."""
+    accepted = _accepted()
+    found = tuple(Finding(f.package, f.installed, f.tested, "warning",
+                          f.message + f" (accepted: {ACCEPT_ENV})")
+                  if f.level == "error" and canonicalize_name(f.package) in accepted else f
+                  for f in _checked())
     errors = [f for f in found if f.level == "error"]
     if errors:
         raise UsageError("; ".join(f.message for f in errors) + " (see `mlxbuild doctor`)")

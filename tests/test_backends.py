@@ -38,7 +38,8 @@ def parse(backend: str, options: str):
 def test_new_backends_are_registered():
     for name in ("coreml", "vulkan", "cuda"):
         module = backends.backend(name)
-        assert module.NAME == name and module.VERIFY == "structural"
+        # CUDA lowers only where a GPU is (preflight), and its programs run there.
+        assert module.NAME == name and module.VERIFY == ("runtime" if name == "cuda" else "structural")
         assert module.FLAVOUR in ("plain", "et-llm-ops")
         assert name in capabilities.SUPPORTED_BACKENDS
         assert backends.flavour(module.FLAVOUR).NAME == module.FLAVOUR

@@ -255,3 +255,20 @@ def test_verbose_2_and_debug_show_the_traceback(crash):
     for p in (run("-v", "2"), run(MLXBUILD_DEBUG="1")):
         assert p.returncode == 1
         assert "Traceback (most recent call last)" in p.stdout + p.stderr and "in helper" in p.stdout + p.stderr
+
+
+def test_a_break_accepted_by_name_is_a_warning(fake_versions, monkeypatch, capsys):
+    """The CUDA builder's image has only torch 2.11+cu130: its script accepts that break by
+    name; any other break is still refused."""
+    fake_versions["torch"] = "2.11.0+cu130"
+    with pytest.raises(toolchain.UsageError, match="torch 2.11.0"):
+        toolchain.check()
+    monkeypatch.setenv(toolchain.ACCEPT_ENV, "torch")
+    toolchain.check()
+    err = capsys.readouterr().err
+    assert "warning: torch 2.11.0+cu130 is known to break builds" in err and toolchain.ACCEPT_ENV in err
+    fake_versions["executorch"] = "1.4.0"
+    toolchain._checked.cache_clear()
+    with pytest.raises(toolchain.UsageError, match="executorch 1.4.0") as e:
+        toolchain.check()
+    assert "torch 2.11" not in str(e.value)

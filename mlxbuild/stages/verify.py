@@ -78,7 +78,10 @@ def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None,
     try:
         with native_stderr_captured() as log:
             program = backends.open_program(pte, backend)
-            return kind.verify(program, reference, info, tol)
+            result = kind.verify(program, reference, info, tol)
+            # Which runtime executed it (the CUDA one runs the shipped kernels through torch).
+            result.setdefault("runtime", getattr(program, "runs_on", None))
+            return result
     except Exception as e:  # noqa: BLE001 - whatever the runtime raises fails the check
         return runtime_failure(e, log)
 
