@@ -131,6 +131,7 @@ class LayerSupport:
 
     affine_bits: tuple[int, ...] = ()  # bits allowed with format 'affine'; () = no affine
     nvfp4: bool = False
+    cuda_int4: bool = False  # torchao's tinygemm int4 layout (ExecuTorch's CUDA backend)
     int8_dynamic: bool = False  # int8 dynamic activation quantization (linear only)
     weight_only: bool = True  # affine without dynamic activations
     nvfp4_dtypes: tuple[str, ...] = DTYPES
@@ -151,6 +152,8 @@ class LayerSupport:
             out.append("affine")
         if self.nvfp4:
             out.append("nvfp4")
+        if self.cuda_int4:
+            out.append("cuda_int4")
         return tuple(out)
 
     def describe(self) -> str:
@@ -164,6 +167,8 @@ class LayerSupport:
                          + _only(self.int8_dynamic_dtypes))
         if self.nvfp4:
             parts.append("nvfp4" + _only(self.nvfp4_dtypes))
+        if self.cuda_int4:
+            parts.append("cuda_int4 (bf16 only)")
         text = ", ".join(parts)
         if self.per_channel_bits:
             text += (f" ({'/'.join(str(b) for b in self.per_channel_bits)}-bit: "
@@ -197,9 +202,13 @@ class BackendCapabilities:
         return self.linear if kind == "linear" else self.embedding
 
 
-# Not lowered on a CUDA host by mlxbuild yet; ExecuTorch's CUDA backend also wants its
-# own quantized tensor layouts (executorch.backends.cuda.quantize_op_dispatch).
-_CUDA_UNTESTED = "quantized CUDA lowering is not implemented: ExecuTorch's CUDA backend needs its own int4/int8 weight layouts"
+# What the CUDA backend was run with on an H100 (benchmarks/cuda_on_device.sh): its own int4
+# layout for linears; other layouts are not among its runtime's kernels.
+_CUDA_LINEAR = ("ExecuTorch's CUDA runtime has kernels for its own int4 layout only: use format "
+                "cuda_int4")
+_CUDA_EMBEDDING = "quantized CUDA embeddings were not built on a GPU by mlxbuild (only linears, as cuda_int4)"
+CUDA_INT4_ONLY = ("cuda_int4 is torchao's tinygemm tile-packed int4 layout, which only ExecuTorch's "
+                  "CUDA backend runs")
 
 CAPABILITIES: dict[str, BackendCapabilities] = {
     "mlx": BackendCapabilities(
@@ -302,13 +311,15 @@ CAPABILITIES: dict[str, BackendCapabilities] = {
         name="cuda",
         supported=True,
         dtypes=("fp32", "bf16"),
-        linear=LayerSupport(unsupported_because=_CUDA_UNTESTED),
-        embedding=LayerSupport(unsupported_because=_CUDA_UNTESTED),
+        linear=LayerSupport(cuda_int4=True, unsupported_because=_CUDA_LINEAR),
+        embedding=LayerSupport(unsupported_because=_CUDA_EMBEDDING),
         options=CudaOptions,
-        status="on CUDA hosts only (verified structurally)",
+        status="on CUDA hosts only (verified on the GPU)",
         dtypes_unsupported_because="fp16 is untested with ExecuTorch's CUDA backend",
         notes="NVIDIA GPUs through AOTInductor; lowering needs a CUDA build of torch, a GPU and "
-              "triton on the build host (refused before any step elsewhere); verified structurally.",
+              "triton on the build host (refused before any step elsewhere); the shipped kernels are "
+              "run on that GPU through torch's AOTI runner (docs/backends.md: what ran on an H100, "
+              "with torch 2.11.0+cu130).",
     ),
 }
 
@@ -379,6 +390,14 @@ def check(backend: str, scheme: Any, dtype: str) -> list[tuple[str, str]]:
         if fmt == "none":
             continue
         sup = caps.layer(kind)
+        if fmt == "cuda_int4":
+            if not sup.cuda_int4:
+                issues.append((f"{kind}.format", f"cuda_int4 is not supported by {backend} for {kind} layers "
+                               f"({CUDA_INT4_ONLY}) (supported formats: {', '.join(sup.formats())})"))
+            elif dtype != "bf16":
+                issues.append((f"{kind}.format", f"cuda_int4 needs dtype bf16 (the tinygemm kernel takes "
+                               f"bf16) (manifest dtype is {dtype})"))
+            continue
         if (fmt == "nvfp4" and not sup.nvfp4) or (fmt == "affine" and not sup.affine_bits):
             why = sup.nvfp4_unsupported_because if fmt == "nvfp4" else sup.unsupported_because
             issues.append(

@@ -38,6 +38,8 @@ def _quant(rule: dict | None) -> dict:
         return dict(NONE)
     if rule.get("format") == "nvfp4":
         return {"format": "nvfp4", "group_size": NVFP4_GROUP_SIZE}
+    if rule.get("format") == "cuda_int4":
+        return {"format": "cuda_int4", "bits": 4, "group_size": rule.get("group_size") or DEFAULT_GROUP_SIZE}
     return {"format": "affine", "bits": int(rule["bits"]),
             "group_size": rule.get("group_size") or DEFAULT_GROUP_SIZE,
             "activations": rule.get("activations") or "none"}
@@ -182,6 +184,13 @@ def _config(q: dict):
         from executorch.extension.llm.export.nvfp4 import ExportableNVFP4Config
 
         return ExportableNVFP4Config(use_per_tensor_scale=False)
+    if q["format"] == "cuda_int4":
+        from torchao.quantization.quant_api import Int4WeightOnlyConfig
+
+        # As ExecuTorch's CUDA exports quantize (extension/llm/export/quantize.py): the layout
+        # its runtime's _weight_int4pack_mm takes, HQQ parameters.
+        return Int4WeightOnlyConfig(group_size=int(q["group_size"]), int4_packing_format="tile_packed_to_4d",
+                                    int4_choose_qparams_algorithm="hqq")
     weight_dtype = getattr(torch, f"int{q['bits']}")
     granularity = _granularity(q["group_size"])
     if q["activations"] == "int8_dynamic":
@@ -242,6 +251,9 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
             q = json.loads(key)
             half = _nvfp4_from_float32(model, names) if q["format"] == "nvfp4" else {}
             wanted = set(names)
+            if q["format"] == "cuda_int4":
+                _quantize_on_gpu(model, names, _config(q))
+                continue
             quantize_(model, _config(q), filter_fn=lambda m, fqn, w=wanted: fqn in w)
             for name, dtype in half.items():
                 module = model.get_submodule(name)
@@ -264,6 +276,34 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
         elif layers[out_name]["format"] == "none":
             layers[out_name]["tied_to"] = emb_name
     return layers
+
+
+def _quantize_on_gpu(model, names: list[str], config) -> None:
+    """cuda_int4: torch packs the tinygemm layout with a CUDA kernel only, so each module is
+    quantized on the GPU and its packed weight comes back to the host (the bytes are the
+    GPU's layout: export traces them, the CUDA lowering moves them back)."""
+    from torchao.quantization.quant_api import quantize_
+
+    if not torch.cuda.is_available():
+        raise BuildError("cuda_int4 packs weights with a CUDA kernel: quantize on a host with a CUDA GPU")
+    for name in names:
+        module = model.get_submodule(name)
+        if module.weight.dtype != torch.bfloat16:
+            raise BuildError(f"{name}: cuda_int4 needs bf16 weights, got {module.weight.dtype}")
+        module.to("cuda")
+    wanted = set(names)
+    quantize_(model, config, filter_fn=lambda m, fqn: fqn in wanted)
+    for name in names:
+        model.get_submodule(name).to("cpu")
+
+
+def needs_gpu(model) -> bool:
+    """Whether the model holds weights only a CUDA kernel computes with (cuda_int4)."""
+    try:
+        from torchao.quantization import Int4TilePackedTo4dTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, Int4TilePackedTo4dTensor) for p in model.parameters())
 
 
 def _nvfp4_from_float32(model, names: list[str]) -> dict[str, torch.dtype]:

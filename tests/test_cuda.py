@@ -91,15 +91,21 @@ def test_compile_specs_follow_the_programs_dtype():
     assert specs(torch.bfloat16, max_autotune=False)["max_autotune"] == b"OFF"
 
 
-@needs_gpu
-@pytest.mark.parametrize("manifest,target,bound", [("qwen3-tiny-cuda.yaml", "cuda-bf16", 0.04),
-                                                    ("qwen3-tiny-cuda-fp32.yaml", "cuda-fp32", 1e-4)])
-def test_cuda_artifact_is_lowered_and_run_on_the_gpu(tmp_path, subprocess_env, manifest, target, bound):
-    env = subprocess_env(MLXBUILD_CACHE=tmp_path / "cache", MLXBUILD_ARTIFACTS=tmp_path / "artifacts")
-    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "build", str(REPO / "benchmarks" / "cuda" / manifest)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+@pytest.fixture(scope="module")
+def gpu_built(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("cuda")
+    env = subprocess_env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
+    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "build",
+                        *(str(REPO / "benchmarks" / "cuda" / m) for m in ("qwen3-tiny-cuda.yaml", "qwen3-tiny-cuda-fp32.yaml"))],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    [record] = (tmp_path / "artifacts").rglob(f"*-{target}.json")
+    return root / "artifacts"
+
+
+@needs_gpu
+@pytest.mark.parametrize("target,bound", [("cuda-bf16", 0.04), ("cuda-int4", 0.04), ("cuda-fp32", 1e-4)])
+def test_cuda_artifact_is_lowered_and_run_on_the_gpu(gpu_built, target, bound):
+    [record] = gpu_built.rglob(f"*-{target}.json")
     rec = json.loads(record.read_text())
     v = rec["verification"]
     assert v["passed"] and v["executed"] and "AOTI runner" in v["runtime"], v
@@ -111,3 +117,14 @@ def test_cuda_artifact_is_lowered_and_run_on_the_gpu(tmp_path, subprocess_env, m
     program.reset()
     again = program.run("forward", [torch.tensor([[1, 5, 7]]), torch.arange(3)])[0]
     assert torch.equal(first, again)  # reset gives the shipped (empty) KV cache back
+
+
+@needs_gpu
+def test_cuda_int4_ships_packed_linears(gpu_built):
+    """cuda_int4 linears are packed int4 inside the program: the .ptd holds about a quarter
+    of the bf16 linears' bytes, and the record names the layout per layer."""
+    bf16 = json.loads(next(gpu_built.rglob("*-cuda-bf16.json")).read_text())
+    int4 = json.loads(next(gpu_built.rglob("*-cuda-int4.json")).read_text())
+    ptd = lambda rec: sum(f["size"] for n, f in rec["files"].items() if n.endswith(".ptd"))  # noqa: E731
+    assert ptd(int4) < 0.7 * ptd(bf16), (ptd(int4), ptd(bf16))
+    assert int4["layer_quantization"]["summary"]["counts"].get("cuda_int4", 0) >= 14, int4["layer_quantization"]["summary"]

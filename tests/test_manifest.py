@@ -367,7 +367,7 @@ BAD = [
      "a fixed group size of 16)"),
     ("bad-format", sub("linear:    {bits: 4, group_size: 32}", "linear:    {format: gguf}"),
      "15:17: quantization.4w.linear.format: 'gguf' is not allowed; expected one of: affine, "
-     "nvfp4, none"),
+     "nvfp4, cuda_int4, none"),
     ("activations-on-embedding", sub("embedding: {bits: 8, group_size: per_channel}",
                                      "embedding: {bits: 8, activations: int8_dynamic}"),
      "19:26: quantization.8da4w.embedding.activations: activation quantization is only allowed "
@@ -396,9 +396,13 @@ BAD = [
      "coremltools cannot take the int8 activations between partitions)"),
     ("cuda-quantized", sub("backend: xnnpack", "backend: cuda"),
      "28:5: targets[1].quantization: scheme '8da4w' is not compatible with backend 'cuda': "
-     "linear.format: affine is not supported by cuda for linear layers (quantized CUDA lowering is "
-     "not implemented: ExecuTorch's CUDA backend needs its own int4/int8 weight layouts) "
-     "(supported formats: none)"),
+     "linear.format: affine is not supported by cuda for linear layers (ExecuTorch's CUDA runtime "
+     "has kernels for its own int4 layout only: use format cuda_int4) (supported formats: none, cuda_int4)"),
+    ("cuda-int4-elsewhere", sub("{bits: 4, group_size: 32, activations: int8_dynamic}", "{format: cuda_int4, group_size: 32}"),
+     "28:5: targets[1].quantization: scheme '8da4w' is not compatible with backend 'xnnpack': "
+     "linear.format: cuda_int4 is not supported by xnnpack for linear layers (cuda_int4 is torchao's "
+     "tinygemm tile-packed int4 layout, which only ExecuTorch's CUDA backend runs) (supported formats: "
+     "none, affine)"),
     ("duplicate-target-name", sub("name: xnn", "name: mlx-4w"),
      "26:5: targets[1].name: duplicate target name 'mlx-4w' (already used by targets[0])"),
     ("unknown-scheme-ref", sub("quantization: 4w", "quantization: 3w"),
@@ -425,7 +429,7 @@ BAD = [
      "(it takes no options)"),
     ("unknown-target-field", sub("    options: {}\n", "    option: {}\n"),
      "25:5: targets[0].option: unknown field 'option'; allowed: name, backend, quantization, "
-     "options"),
+     "options, etrecord"),
     ("target-not-mapping", sub("  - name: xnn\n    backend: xnnpack\n    quantization: 8da4w\n",
                                "  - xnn\n"),
      "26:5: targets[1]: expected a mapping, got a string ('xnn')"),

@@ -77,7 +77,8 @@ def prompt_tokens(vocab_size: int, n: int, seed: int):
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (1, n), generator=g)
+    # Drawn on the host (the same ids wherever the reference runs), then to the default device.
+    return torch.randint(0, vocab_size, (1, n), generator=g, device="cpu").to(torch.get_default_device())
 
 
 def reference(model, params: dict, out: Path) -> dict:
@@ -101,8 +102,8 @@ def reference(model, params: dict, out: Path) -> dict:
             step = exportable(input_ids=nxt, cache_position=torch.tensor([pos]))
             logits.append(step[0].float())
             pos += 1
-    np.save(out / "tokens.npy", torch.cat(fed, dim=1).numpy())
-    np.save(out / "logits.npy", torch.cat(logits, dim=0).numpy())
+    np.save(out / "tokens.npy", torch.cat(fed, dim=1).cpu().numpy())
+    np.save(out / "logits.npy", torch.cat(logits, dim=0).cpu().numpy())
     info = {"prompt": params["prompt"], "decode_steps": params["decode_steps"],
             "positions": int(sum(x.shape[0] for x in logits))}
     return info

@@ -68,7 +68,9 @@ TASKS: tuple[str, ...] = tuple(families.TASKS)
 # The task each synthetic architecture performs (default: text-generation).
 ARCHITECTURE_TASKS: dict[str, str] = {a.name: a.task for a in families.ARCHITECTURES.values()}
 SOURCE_KINDS: tuple[str, ...] = ("path", "hf", "synthetic", "module")
-QUANT_FORMATS: tuple[str, ...] = ("affine", "nvfp4", "none")
+# cuda_int4: torchao's int4 weight-only layout for the tinygemm kernel (tile_packed_to_4d),
+# what ExecuTorch's CUDA exports use; 4-bit, grouped, bf16, packed on a CUDA GPU.
+QUANT_FORMATS: tuple[str, ...] = ("affine", "nvfp4", "cuda_int4", "none")
 QUANT_BITS: tuple[int, ...] = (2, 4, 8)
 GROUP_SIZES: tuple[Union[int, str], ...] = (32, 64, 128, 256, "per_channel")
 ACTIVATIONS: tuple[str, ...] = ("none", "int8_dynamic")
@@ -381,6 +383,10 @@ class LayerQuant(_Model):
                     "then": {"required": ["bits"]},
                 },
                 {
+                    "if": {"properties": {"format": {"const": "cuda_int4"}}, "required": ["format"]},
+                    "then": {"not": {"required": ["bits"]}},
+                },
+                {
                     "if": {
                         "properties": {"format": {"enum": ["nvfp4", "none"]}},
                         "required": ["format"],
@@ -426,6 +432,13 @@ def _check_quant(q):
         if q.bits is None:
             allowed = ", ".join(str(b) for b in QUANT_BITS)
             raise _Issue(("bits",), f"required when format is 'affine' (one of: {allowed})")
+        if q.group_size is None:
+            q.group_size = DEFAULT_GROUP_SIZE
+    elif q.format == "cuda_int4":
+        if q.bits is not None:
+            raise _Issue(("bits",), "not allowed when format is 'cuda_int4' (always 4-bit)")
+        if q.group_size == "per_channel":
+            raise _Issue(("group_size",), "cuda_int4 is grouped: 32, 64, 128 or 256 (the tinygemm kernel's groups)")
         if q.group_size is None:
             q.group_size = DEFAULT_GROUP_SIZE
     else:
