@@ -159,7 +159,7 @@ def test_asr_runner_loop_follows_the_runner_and_catches_a_wrong_token(built, tmp
     with torch.no_grad():
         want = model.generate(torch.from_numpy(feats), max_new_tokens=12, do_sample=False, num_beams=1)[0].tolist()
     assert got == want[:len(got)]  # generate() returns the tokens after the start token
-    ref = asr_runner.runner_reference(model, feats, 12)
+    ref = asr_runner.runner_reference(model, feats, 12, 1, [2])
     assert ref["tokens"] == got
     (tmp_path / asr_runner.RUNNER_FILE).write_text(json.dumps(ref))
     assert asr_runner.compare(got, tmp_path, 1e-3)["passed"]
@@ -432,3 +432,121 @@ def test_parakeet_run_from_audio(parakeet_built, tmp_path, capsys):
     rc, result, err = _run_json(capsys, pte, "--audio", wav)
     assert rc == 0, err
     assert result["encoder_frames"] == 13 and result["stopped"] in ("frames", "max_new_tokens")
+
+
+def test_parakeet_verification_drove_the_tdt_runners_call_sequence(parakeet_built):
+    """ExecuTorch's Parakeet example loop (SOS = blank primes decoder_step, one joint call per
+    decision, to the last encoder frame) on the artifact, token for token against eager."""
+    _, record, _ = parakeet_built
+    runner = record["verification"]["tdt_runner"]
+    assert runner["passed"], runner
+    assert runner["matched"] == runner["new_tokens"] == runner["expected_new_tokens"] > 0
+    assert runner["encoder_frames"] == 20 and runner["durations"] == [0, 1, 2, 3, 4]
+    assert runner["calls"] == {"encoder": 1, "decoder_step": runner["new_tokens"] + 1,
+                               "joint": runner["joint_calls"]}
+    # What the example app loads besides: the artifact has no preprocessor method.
+    assert runner["example_app_needs"]["methods"] == ["preprocessor"]
+
+
+def test_parakeet_tdt_runner_loop_follows_the_runner_and_catches_a_wrong_token(parakeet_built, tmp_path):
+    import copy
+
+    from backends import open_program
+    from mlxbuild.families import parakeet, tdt_runner
+
+    pte, record, root = parakeet_built
+    model = eager_model(root, record)
+    program = open_program(pte)
+    feats = parakeet.synthetic_features(80, 240, 4)
+    got = tdt_runner.transcribe(program, feats.numpy())
+    assert got["tokens"], got
+    assert got["tokens"] == eager_tdt(model, feats)
+    assert got["tokens"] == parakeet.transcribe(program, feats.numpy(), max_new_tokens=10_000)["tokens"]
+    assert got["calls"] == {"encoder": 1, "decoder_step": len(got["tokens"]) + 1, "joint": len(got["steps"])}
+    assert [s[1] for s in got["steps"] if s[1] != 64] == got["tokens"]
+    ref = tdt_runner.runner_reference(model, feats)
+    assert ref["steps"] == got["steps"] and ref["tokens"] == got["tokens"]
+    (tmp_path / tdt_runner.RUNNER_FILE).write_text(json.dumps(ref))
+    assert tdt_runner.compare(got, tmp_path, 1e-6)["passed"]
+
+    i = next(n for n, s in enumerate(got["steps"]) if s[1] != 64)
+    wrong = copy.deepcopy(got)
+    wrong["steps"][i][1] = (wrong["steps"][i][1] + 1) % 64
+    wrong["tokens"][0] = wrong["steps"][i][1]
+    result = tdt_runner.compare(wrong, tmp_path, 1e-9)
+    assert not result["passed"] and f"joint call {i} " in result["reason"] and "token" in result["reason"], result
+    # The same parting at a near tie (a margin within twice the error) passes, and says so.
+    assert "near tie" in tdt_runner.compare(wrong, tmp_path, 1e9)["note"]
+    short = {**got, "steps": got["steps"][:-1]}
+    assert not tdt_runner.compare(short, tmp_path, 1e-6)["passed"]
+    other_table = {**got, "durations_table": [0, 1, 2, 4, 8]}
+    assert "duration table" in tdt_runner.compare(other_table, tmp_path, 1e-6)["reason"]
+
+    class NoJoint:
+        method_names = ["encoder", "decoder_step"]
+        constant_methods = program.constant_methods
+
+    with pytest.raises(ValueError, match="Failed to load method: joint"):
+        tdt_runner.transcribe(NoJoint(), feats.numpy())
+
+    class NoBlank:
+        method_names = program.method_names
+        constant_methods = {k: v for k, v in program.constant_methods.items() if k != "blank_id"}
+
+    with pytest.raises(ValueError, match="metadata method: blank_id"):
+        tdt_runner.transcribe(NoBlank(), feats.numpy())
+
+    class HalfJoint:  # the runner would reinterpret f_proj's float32 bytes as float16
+        method_names, constant_methods = program.method_names, program.constant_methods
+        run, reset = program.run, program.reset
+
+        def input_dtype(self, method, index=0):
+            return "float16" if method == "joint" else program.input_dtype(method, index)
+
+    with pytest.raises(ValueError, match="copies its bytes"):
+        tdt_runner.transcribe(HalfJoint(), feats.numpy())
+
+
+def test_parakeet_tdt_runner_call_sequence_on_a_scripted_program():
+    """The loop's rules, call for call, on a program whose joint plays a script: a blank moves
+    on by max(duration, 1), a token is fed to decoder_step and moves on by its duration, and
+    `max_symbols_per_step` zero-duration tokens on one frame force one frame more."""
+    import torch
+
+    from mlxbuild.families import tdt_runner
+
+    script = iter([(3, 0), (7, 0), (7, 0), (8, 2), (3, 3)])  # (token, duration index); blank is 3
+    log = {"joint": [], "decoder_step": []}
+
+    class Scripted:
+        method_names = ["encoder", "decoder_step", "joint"]
+        constant_methods = {"blank_id": 3, "num_rnn_layers": 1, "pred_hidden": 2}
+
+        def reset(self, method):
+            pass
+
+        def input_dtype(self, method, index=0):
+            return "int64" if (method, index) in (("encoder", 1), ("decoder_step", 0)) else "float32"
+
+        def run(self, method, inputs):
+            if method == "encoder":
+                assert inputs[0].shape == (1, 40, 80) and inputs[1].tolist() == [40]
+                return [torch.arange(5.0).view(1, 5, 1).expand(1, 5, 2).contiguous(), torch.tensor([5])]
+            if method == "decoder_step":
+                token, h, c = inputs
+                assert token.dtype == torch.long and token.shape == (1, 1) and h.shape == c.shape == (1, 1, 2)
+                log["decoder_step"].append((int(token), float(h[0, 0, 0])))
+                return [torch.full((1, 1, 2), float(token)), h + 1, c + 1]
+            f, g = inputs
+            assert f.shape == g.shape == (1, 1, 2)
+            log["joint"].append((int(f[0, 0, 0]), int(g[0, 0, 0])))
+            k, d = next(script)
+            return [torch.tensor(k), torch.tensor(d)]
+
+    got = tdt_runner.transcribe(Scripted(), np.zeros((1, 40, 80), np.float32), max_symbols_per_step=2)
+    # (frame, token of the g it was given): SOS primes g; each emitted token replaces it.
+    assert log["joint"] == [(0, 3), (1, 3), (1, 7), (2, 7), (4, 8)]
+    assert log["decoder_step"] == [(3, 0.0), (7, 1.0), (7, 2.0), (8, 3.0)]  # h threaded through
+    assert got["tokens"] == [7, 7, 8] and got["frames"] == [1, 1, 2] and got["durations"] == [0, 0, 2]
+    assert got["forced_advances"] == 1 and got["steps"][-1] == [4, 3, 3] and got["encoder_frames"] == 5
+    assert got["calls"] == {"encoder": 1, "decoder_step": 4, "joint": 5}
