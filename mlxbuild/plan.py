@@ -139,13 +139,21 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         backend = backends.backend(target.backend)
         scheme_name = target.quantization
         scheme = manifest.scheme_for(target).model_dump(mode="json")
+        # A target's own dtype: the weights (written once, in the model's dtype) are converted
+        # when quantizing, and each (scheme, dtype) is quantized, exported and referenced once.
+        # The model's dtype is already in the weights' key, so only another one is hashed again
+        # (keys of manifests without per-target dtypes stay as they were).
+        tdtype = manifest.dtype_for(target)
+        other = [tdtype] if tdtype != dtype else []
+        tag = f"{scheme_name}-{tdtype}" if other else scheme_name
 
         quant = plan.add(Step(
             kind=StepKind.QUANTIZE,
-            name=f"quantize:{scheme_name}.{_short(stable_hash(weights.key, scheme))}",
-            key=stable_hash("quantize", weights.key, scheme, _versions("torch", "torchao", code=step_code("quantize"))),
-            deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": dtype},
-            label=f"{manifest.name} {scheme_name}"))
+            name=f"quantize:{tag}.{_short(stable_hash(weights.key, scheme, *other))}",
+            key=stable_hash("quantize", weights.key, scheme, *other,
+                            _versions("torch", "torchao", code=step_code("quantize"))),
+            deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": tdtype},
+            label=f"{manifest.name} {scheme_name}" + (f" ({tdtype})" if other else "")))
 
         flavour = backend.FLAVOUR
         # The export runs the flavour's module, not the target's backend: backends that share
@@ -154,11 +162,11 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                                  _versions("torch", "executorch", "transformers",
                                            code=step_code("export", task=task, flavour=flavour)))
         export = plan.add(Step(
-            kind=StepKind.EXPORT, name=f"export:{scheme_name}.{flavour}.{_short(export_key)}", key=export_key,
+            kind=StepKind.EXPORT, name=f"export:{tag}.{flavour}.{_short(export_key)}", key=export_key,
             deps=[quant.name],
             params={"weights": weights.key, "quantized": quant.key, "flavour": flavour,
-                    "dtype": dtype, **export_spec},
-            label=f"{manifest.name} {scheme_name}/{flavour}"))
+                    "dtype": tdtype, **export_spec},
+            label=f"{manifest.name} {tag}/{flavour}"))
 
         verify_spec = families.get(task).verify_spec(exp.max_context_length, exp.max_prefill_chunk)
         if tokenizer is not None and verify_spec.get("runner_prompt"):
@@ -172,11 +180,11 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                               _versions("torch", "transformers", "executorch",
                                         code=step_code("reference", task=task)))
         reference = plan.add(Step(
-            kind=StepKind.REFERENCE, name=f"reference:{scheme_name}.{_short(ref_key)}", key=ref_key,
+            kind=StepKind.REFERENCE, name=f"reference:{tag}.{_short(ref_key)}", key=ref_key,
             deps=[quant.name, *([tokenizer.name] if "tokenizer" in verify_spec else [])],
-            params={"weights": weights.key, "quantized": quant.key, "dtype": dtype,
+            params={"weights": weights.key, "quantized": quant.key, "dtype": tdtype,
                     **export_spec, **verify_spec},
-            label=f"{manifest.name} {scheme_name}"))
+            label=f"{manifest.name} {tag}"))
 
         tname = f"{manifest.name}/{target.name}"
         lower_params = {"export": export.key, "weights": weights.key, "backend": target.backend,
@@ -188,7 +196,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                             _versions("executorch", code=step_code("lower", task=task, backend=target.backend))),
             deps=[export.name], params=lower_params, label=tname))
 
-        tol = tolerance(dtype, scheme)
+        tol = tolerance(tdtype, scheme)
         # Where ExecuTorch's own LLM runner runs the artifact here, verification drives it too.
         runner = "tokenizer" in verify_spec and getattr(backend, "LLM_RUNNER", False)
         verify = plan.add(Step(
@@ -205,7 +213,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         record = {
             "name": manifest.name, "version": manifest.version, "target": target.name,
             "backend": target.backend, "scheme": scheme_name, "quantization": scheme,
-            "dtype": dtype, "source": src["identity"] if "synthetic" in src["identity"]
+            "dtype": tdtype, "source": src["identity"] if "synthetic" in src["identity"]
             else {k: v for k, v in src["load"].items() if k != "path"} or {"path": src["load"].get("path")},
             "checkpoint_sha256": src["checkpoint"], "tool_versions": tool_versions(),
             # Beside the artifact, relative to it: the files a runner loads as its tokenizer.

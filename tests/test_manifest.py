@@ -429,7 +429,7 @@ BAD = [
      "(it takes no options)"),
     ("unknown-target-field", sub("    options: {}\n", "    option: {}\n"),
      "25:5: targets[0].option: unknown field 'option'; allowed: name, backend, quantization, "
-     "options, etrecord"),
+     "options, dtype, etrecord"),
     ("target-not-mapping", sub("  - name: xnn\n    backend: xnnpack\n    quantization: 8da4w\n",
                                "  - xnn\n"),
      "26:5: targets[1]: expected a mapping, got a string ('xnn')"),

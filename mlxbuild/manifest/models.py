@@ -636,6 +636,10 @@ class Target(_Model):
         NO_QUANTIZATION, description="a scheme name from `quantization`, or 'none'"
     )
     options: FreeDict = Field(default_factory=dict, description="backend-specific options")
+    dtype: Dtype | None = Field(
+        None, description="this target's dtype, overriding model.dtype (the weights are written once "
+        "in model.dtype; each scheme and dtype is quantized and exported once, shared by the "
+        "targets that need it)")
     etrecord: bool = Field(
         True,
         description="write ExecuTorch's ETRecord beside the artifact (<stem>.etrecord), which "
@@ -746,7 +750,10 @@ class Manifest(_Model):
                     f"unknown quantization scheme {t.quantization!r}; defined: {defined}",
                 )
             scheme = self.quantization.get(t.quantization)
-            for fld, msg in capabilities.check(t.backend, scheme, self.model.dtype):
+            dtype = self.dtype_for(t)
+            for fld, msg in capabilities.check(t.backend, scheme, dtype):
+                if fld == "dtype" and t.dtype is not None:
+                    raise _Issue((*at, "dtype"), msg)
                 if fld in ("dtype", "backend"):
                     raise _Issue((*at, "backend"), msg)
                 raise _Issue(
@@ -755,7 +762,7 @@ class Manifest(_Model):
                     f"{t.backend!r}: {fld}: {msg}",
                 )
             if scheme is not None:
-                _check_rules(t, i, scheme, self.model.dtype)
+                _check_rules(t, i, scheme, dtype)
         return self
 
     @model_validator(mode="after")
@@ -788,6 +795,11 @@ class Manifest(_Model):
             if t.name == name:
                 return t
         raise KeyError(f"no target named {name!r}; defined: {', '.join(self.target_names)}")
+
+    def dtype_for(self, target: Target | str) -> str:
+        """The dtype a target is built in: its own, else the model's."""
+        t = self.target(target) if isinstance(target, str) else target
+        return t.dtype or self.model.dtype
 
     def scheme_for(self, target: Target | str) -> Scheme:
         """The quantization scheme of a target (an empty Scheme for 'none')."""
