@@ -15,6 +15,9 @@ from mlxbuild.settings import Roots, remote_cache
 
 def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None) -> Plan:
     toolchain.check()  # a version known to break refuses the build before any step
+    from mlxbuild import child
+
+    child.mode()  # a bad MLXBUILD_STEP_PROCESS is a usage error before any step
     manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
     remote = remote_cache([m for _, m in manifests])  # a bad URL is an error before any work
     if select:  # --target / --backend: the other targets are not planned at all

@@ -59,6 +59,7 @@ class Outcome:
     message: str | None = None
     figures: dict | None = None
     log: str | None = None  # a crashed step's traceback log
+    peak_rss_mb: float | None = None  # a step run in its own process (mlxbuild.child)
 
 
 def failure_kind(fail) -> str:
@@ -98,6 +99,7 @@ class Recorder:
         o = self._get(task)
         o.status = "ran"
         o.seconds = _since(o.started)
+        o.peak_rss_mb = (getattr(task, "values", None) or {}).get("peak_rss_mb")
         self.inner.add_success(task)
 
     def add_failure(self, task, fail):
@@ -205,7 +207,8 @@ def _target(plan, package, outcomes) -> dict:
     steps = []
     for s in chain:
         o = outcomes.get(s.name, Outcome())
-        steps.append({"step": s.kind, "task": s.name, "status": o.status, "seconds": o.seconds})
+        steps.append({"step": s.kind, "task": s.name, "status": o.status, "seconds": o.seconds,
+                      **({"peak_rss_mb": o.peak_rss_mb} if o.peak_rss_mb is not None else {})})
     root = next(((s, outcomes[s.name]) for s in chain
                  if s.name in outcomes and outcomes[s.name].status == "failed"
                  and outcomes[s.name].kind != "dependency"), None)

@@ -103,8 +103,11 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
         last = None
         for _ in range(MAX_REPAIRS):
             try:
-                _attempt(step, roots, plan, cache)
-                return True
+                figures: dict = {}
+                _attempt(step, roots, plan, cache, figures)
+                # doit keeps a dict an action returns as the task's values: the reporter
+                # reads a child step's measured peak memory from there.
+                return figures or True
             except CorruptEntry as e:
                 last = e
                 repaired = _repair(step, e, roots, plan, cache)
@@ -129,7 +132,7 @@ RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 MAX_REPAIRS = 4  # entries one step may find corrupt and rebuild before it gives up
 
 
-def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache) -> None:
+def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures: dict) -> None:
     from mlxbuild import progress, remote
 
     def waiting():
@@ -154,10 +157,16 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache) -> None:
             return  # (another build made it meanwhile; the remote cache may have it)
         from mlxbuild.stages import stage
 
+        from mlxbuild import child
+
         _make_inputs(plan, step, roots, cache)
         with cache.writing(step.kind, step.key) as out:
             try:
-                stage(step.kind).run(step.params.model_copy(update={"label": step.label}), cache, out)
+                if child.wanted(step, cache):
+                    figures["peak_rss_mb"] = round(child.run(step, roots.cache, out) / 2**20, 1)
+                    figures["process"] = "child"
+                else:
+                    stage(step.kind).run(step.params.model_copy(update={"label": step.label}), cache, out)
             except VerificationError as e:
                 # The figures are in the entry about to be discarded: keep them for the report.
                 raise _WithFigures(e, _read_json(out / "verify.json")) from None
@@ -200,7 +209,9 @@ def crashed(step: Step, roots: Roots, error: BaseException) -> StepFailed:
     shown = [ln if len(ln) <= 300 else ln[:297] + "..." for ln in lines[:MESSAGE_LINES]]
     if len(lines) > MESSAGE_LINES:
         shown.append(f"... ({len(lines) - MESSAGE_LINES} more lines in the log)")
-    message = f"{step.kind} {step.label}: {type(error).__name__}: " + "\n    ".join(shown)
+    # A crash in a child step (mlxbuild.child) is told by the child's exception and traceback.
+    name = getattr(error, "type_name", type(error).__name__)
+    message = f"{step.kind} {step.label}: {name}: " + "\n    ".join(shown)
     log = None
     try:
         folder = roots.cache / "logs"
@@ -209,7 +220,7 @@ def crashed(step: Step, roots: Roots, error: BaseException) -> StepFailed:
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(f"step: {step.name} ({step.kind} {step.label})\nkey: {step.key}\n"
                        f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n"
-                       + "".join(traceback.format_exception(error)))
+                       + (getattr(error, "child_traceback", "") or "".join(traceback.format_exception(error))))
         os.replace(tmp, path)
         log = str(path)
     except OSError as e:  # no log is no reason to hide the failure
