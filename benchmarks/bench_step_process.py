@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Peak memory of one real-sized target built with every step in the build's process
+(``MLXBUILD_STEP_PROCESS=never``, the old way) against one process per heavy step
+(``auto``: a Qwen3-0.6B-sized model qualifies), same run, same machine.
+
+Builds ``--target`` of ``manifests/bench-qwen3-0.6b.yaml`` (Qwen3-0.6B's shapes, synthetic
+bf16 weights) from a fresh cache for each mode and records wall time, the largest resident
+set of any process of the build (``ru_maxrss`` of the doit process read with ``os.wait4``:
+the kernel folds its reaped children's peaks into it) and, for ``auto``, each child step's
+own peak from the build report. The weights entry's size is recorded as the yardstick.
+
+    python benchmarks/bench_step_process.py                    # ~25 min on 2 cores
+    python benchmarks/bench_step_process.py --modes auto       # one mode
+
+Writes ``benchmarks/results/step-process-<date>.json``. A script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build(mode: str, target: str, workdir: Path) -> dict:
+    env = {**os.environ, "MLXBUILD_STEP_PROCESS": mode, "MLXBUILD_CACHE": str(workdir / "cache"),
+           "MLXBUILD_ARTIFACTS": str(workdir / "artifacts"), "MLXBUILD_PLAIN": "1"}
+    # A snapshot of the code: edits made while the benchmark runs can't change its keys.
+    src = workdir / "src"
+    for package in ("mlxbuild", "backends", "mlx_runtime"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    doit = Path(sys.executable).with_name("doit")
+    cmd = [str(doit), "build", "--report", str(workdir / "report.json"), "--target", target,
+           str(REPO / "manifests" / "bench-qwen3-0.6b.yaml")]
+    start = time.monotonic()
+    with open(workdir / "build.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    report = json.loads((workdir / "report.json").read_text()) if (workdir / "report.json").exists() else {}
+    targets = [t for m in report.get("manifests", []) for t in m["targets"]]
+    steps = [{"step": s["step"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb")}
+             for t in targets for s in t["steps"]]
+    weights = sum(f.stat().st_size for f in (workdir / "cache" / "weights").rglob("*") if f.is_file())
+    artifacts = {p.name: p.stat().st_size for p in (workdir / "artifacts").rglob("*.pte")}
+    return {"mode": mode, "exit": code, "wall_s": round(wall, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "weights_entry_mb": round(weights / 2**20, 1), "artifacts": artifacts,
+            "verified": [t.get("verification", {}) and t["verification"].get("passed") for t in targets],
+            "steps": steps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="bench-qwen3-0.6b/mlx-4w")
+    ap.add_argument("--modes", nargs="+", default=["never", "auto"])
+    ap.add_argument("--output", type=Path,
+                    default=REPO / "benchmarks" / "results" / f"step-process-{dt.date.today()}.json")
+    args = ap.parse_args()
+    runs = []
+    for mode in args.modes:
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
+        try:
+            runs.append(build(mode, args.target, workdir))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "steps"}), flush=True)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = {"benchmark": "step-process", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
+                       "load_avg": os.getloadavg()}, "target": args.target, "runs": runs}
+    if len(runs) == 2 and runs[0]["peak_rss_mb"]:
+        result["peak_ratio_auto_to_never"] = round(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
+        result["wall_ratio_auto_to_never"] = round(runs[1]["wall_s"] / runs[0]["wall_s"], 3)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
