@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(mode: str, target: str, workdir: Path) -> dict:
+def build(mode: str, target: str, workdir: Path, etrecord: bool = True) -> dict:
     env = {**os.environ, "MLXBUILD_STEP_PROCESS": mode, "MLXBUILD_CACHE": str(workdir / "cache"),
            "MLXBUILD_ARTIFACTS": str(workdir / "artifacts"), "MLXBUILD_PLAIN": "1"}
     # A snapshot of the code: edits made while the benchmark runs can't change its keys.
@@ -41,8 +41,14 @@ def build(mode: str, target: str, workdir: Path) -> dict:
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     doit = Path(sys.executable).with_name("doit")
+    import yaml
+
+    manifest = yaml.safe_load((REPO / "manifests" / "bench-qwen3-0.6b.yaml").read_text())
+    for t in manifest["targets"]:
+        t["etrecord"] = etrecord
+    (workdir / "bench.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     cmd = [str(doit), "build", "--report", str(workdir / "report.json"), "--target", target,
-           str(REPO / "manifests" / "bench-qwen3-0.6b.yaml")]
+           str(workdir / "bench.yaml")]
     start = time.monotonic()
     with open(workdir / "build.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -55,7 +61,7 @@ def build(mode: str, target: str, workdir: Path) -> dict:
              for t in targets for s in t["steps"]]
     weights = sum(f.stat().st_size for f in (workdir / "cache" / "weights").rglob("*") if f.is_file())
     artifacts = {p.name: p.stat().st_size for p in (workdir / "artifacts").rglob("*.pte")}
-    return {"mode": mode, "exit": code, "wall_s": round(wall, 1),
+    return {"mode": mode, "etrecord": etrecord, "exit": code, "wall_s": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "weights_entry_mb": round(weights / 2**20, 1), "artifacts": artifacts,
             "verified": [t.get("verification", {}) and t["verification"].get("passed") for t in targets],
@@ -66,6 +72,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="bench-qwen3-0.6b/mlx-4w")
     ap.add_argument("--modes", nargs="+", default=["never", "auto"])
+    ap.add_argument("--no-etrecord", action="store_true", help="targets without an ETRecord")
     ap.add_argument("--output", type=Path,
                     default=REPO / "benchmarks" / "results" / f"step-process-{dt.date.today()}.json")
     args = ap.parse_args()
@@ -73,7 +80,7 @@ def main() -> int:
     for mode in args.modes:
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
         try:
-            runs.append(build(mode, args.target, workdir))
+            runs.append(build(mode, args.target, workdir, etrecord=not args.no_etrecord))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "steps"}), flush=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
