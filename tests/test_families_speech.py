@@ -321,7 +321,7 @@ PK_NAME = "parakeet-tdt-synthetic"
 def parakeet_built(tmp_path_factory, subprocess_env):
     root = tmp_path_factory.mktemp("parakeet")
     data = yaml.safe_load(PARAKEET.read_text())
-    data["targets"] = [t for t in data["targets"] if t["name"] == "mlx-fp32"]
+    data["targets"] = [{**t, "etrecord": True} for t in data["targets"] if t["name"] == "mlx-fp32"]
     data["quantization"] = {}
     (root / "manifests").mkdir()
     manifest = root / "manifests" / "parakeet.yaml"

@@ -152,7 +152,7 @@ def test_bundle_is_sorted_with_fixed_metadata(released):
     assert names == [TOP] + sorted(f"{TOP}/{n}" for n in files)
     assert sorted(files) == sorted(["README.md", "SHA256SUMS", "release.lock.json", "tokenizer.json",
                                     "tokenizer_config.json", f"{NAME}-portable-fp32.bpte"]
-                                   + [f"{NAME}-{t}{ext}" for t in TARGETS for ext in (".pte", ".etrecord")])
+                                   + [f"{NAME}-{t}.pte" for t in TARGETS])
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(315532800, 0, 0, "", "")}
     for name in (f"{NAME}-{t}.pte" for t in TARGETS):
         assert files[name] == released.pte(name[len(NAME) + 1:-4]).read_bytes()
@@ -255,7 +255,7 @@ def test_check_bundle_round_trip(released):
     p = released.run("mlxbuild", "check-bundle", BUNDLE)
     assert p.returncode == 0, show(p)
     assert p.stderr.strip() == "", show(p)
-    assert f"ok: {BUNDLE}: 10 files; SHA256SUMS and release.lock.json match the contents" in p.stdout
+    assert f"ok: {BUNDLE}: 8 files; SHA256SUMS and release.lock.json match the contents" in p.stdout
     assert f"{NAME}-mlx-4w.pte: deserializes and runs (mlxbuild MLX runtime)" in p.stdout, show(p)
     assert f"{NAME}-portable-fp32.pte: deserializes and runs (executorch.runtime)" in p.stdout, show(p)
 

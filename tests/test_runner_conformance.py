@@ -32,8 +32,8 @@ quantization:
     linear: {{bits: 4, group_size: 32, activations: int8_dynamic}}
     embedding: {{bits: 8, group_size: per_channel}}
 targets:
-  - {{name: xnnpack-8da4w, backend: xnnpack, quantization: 8da4w}}
-  - {{name: portable-fp32, backend: portable, quantization: none}}
+  - {{name: xnnpack-8da4w, backend: xnnpack, quantization: 8da4w, etrecord: true}}
+  - {{name: portable-fp32, backend: portable, quantization: none, etrecord: true}}
 """
 
 

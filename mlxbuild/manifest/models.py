@@ -641,11 +641,12 @@ class Target(_Model):
         "in model.dtype; each scheme and dtype is quantized and exported once, shared by the "
         "targets that need it)")
     etrecord: bool = Field(
-        True,
+        False,
         description="write ExecuTorch's ETRecord beside the artifact (<stem>.etrecord), which "
         "the devtools Inspector reads with an ETDump to map runtime events back to the model's "
-        "ops and source lines; it holds the exported and the lowered program with their "
-        "weights, so turn it off for large models whose bundle it would double",
+        "ops and source lines. Off by default: it holds the exported and the lowered program "
+        "with their weights, and keeping them while lowering took a Qwen3-0.6B-sized lower "
+        "step from 2.9 to 10.4 GB of memory (benchmarks/results/step-process-2026-12-05-*.json)",
     )
 
     def backend_options(self) -> capabilities.BackendOptions:
