@@ -266,6 +266,18 @@ def test_pte_logits_match_checkpoint_forward(built, work, name, folder):
     assert_logits_close(got, ref)
 
 
+@pytest.mark.parametrize("name,folder", [("tiny-single", "ckpt"), ("tiny-sharded", "ckpt-sharded")])
+def test_a_local_checkpoint_is_referenced_not_copied(built, work, name, folder):
+    """The weights entry holds the checkpoint's own files as hard links (the same inode):
+    no model was loaded and saved again to make it, and the disk holds the weights once."""
+    record, _ = artifact(built, name)
+    entry = next(p for p in (work / "cache" / "weights").glob("*/*") if p.name == record["keys"]["weights"])
+    shards = sorted(p.name for p in (work / folder).glob("*.safetensors"))
+    assert shards and sorted(p.name for p in entry.glob("*.safetensors")) == shards
+    for name_ in shards + ["config.json"]:
+        assert (entry / name_).stat().st_ino == (work / folder / name_).stat().st_ino, name_
+
+
 def test_sharded_and_single_give_identical_pte(built):
     single, single_pte = artifact(built, "tiny-single")
     sharded, sharded_pte = artifact(built, "tiny-sharded")

@@ -1,4 +1,8 @@
-"""Materialize weights in the manifest's dtype as one Hugging Face folder."""
+"""The weights as one Hugging Face folder: a local (or hub-cached) checkpoint's own files,
+hard-linked into the entry (copied across filesystems) rather than loaded and saved again, so
+no step holds a model to make it and the disk holds it once; the steps that load it convert
+to the dtype they build in. Synthetic weights and module sources are materialized in the
+manifest's dtype."""
 
 from __future__ import annotations
 
@@ -18,11 +22,9 @@ def run(params: WeightsParams, cache, out: Path) -> dict:
         model = _synthetic(load["synthetic"], dtype)
         model.save_pretrained(out)
     elif "path" in load:
-        from mlxbuild.families.hf import auto_model_class
-
-        model = auto_model_class(load["path"]).from_pretrained(load["path"], dtype=dtype)
-        model.save_pretrained(out)
-        _copy_tokenizer(Path(load["path"]), out)
+        count = _reference_checkpoint(Path(load["path"]), out)
+        (out / "source.json").write_text(json.dumps({"load": load, "dtype": params.dtype}))
+        return {"parameters": count}
     elif "module" in load:
         from safetensors.torch import save_model
 
@@ -46,10 +48,40 @@ def _synthetic(recipe: dict, dtype):
     return model.to(dtype).eval()
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
+# What a Hugging Face folder's model is read from (the checkpoint check has vouched for them),
+# and the tokenizer and processor files beside it (preprocessor_config.json: a speech model's
+# feature extractor).
+_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer*", "*.model", "special_tokens_map.json", "preprocessor_config.json")
+
+
+def _reference_checkpoint(src: Path, out: Path) -> int:
+    """Link the checkpoint's files into ``out``; return its parameter count (from the
+    safetensors headers, nothing loaded)."""
+    from safetensors import safe_open
+
+    names = sorted({p.name for pattern in _MODEL_FILES + _TOKENIZER_FILES for p in src.glob(pattern) if p.is_file()})
+    for name in names:
+        _link(src / name, out / name)
+    count = 0
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                count += n
+    return count
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link (the cache entry and the checkpoint share the bytes; the entry's inventory
+    catches an edit made through either name), else a copy (another filesystem)."""
+    import os
     import shutil
 
-    # preprocessor_config.json: a speech model's feature extractor (log-mel settings).
-    for p in list(src.glob("tokenizer*")) + list(src.glob("*.model")) + list(src.glob("preprocessor_config.json")):
-        if p.is_file():
-            shutil.copy2(p, out / p.name)
+    src = src.resolve()  # a hub snapshot's files are relative symlinks into its blob store
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
