@@ -92,15 +92,11 @@ def compare(got: list[int], reference_dir: Path, max_abs_error: float) -> dict:
     want, margins = ref["tokens"], ref["margins"]
     figures = {"decoder_start_token_id": ref["decoder_start_token_id"], "max_new_tokens": ref["max_new_tokens"],
                "new_tokens": len(got), "expected_new_tokens": len(want)}
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            if margins[i] <= 2 * max_abs_error:
-                return {**figures, "passed": True, "matched": i,
-                        "note": f"parted from eager at token {i} of {len(want)}, a near tie "
-                                f"(margin {margins[i]:.3g} <= 2 x {max_abs_error:.3g})"}
-            return {**figures, "passed": False, "matched": i,
-                    "reason": f"the ASR runner's token {i} is {a}, eager greedy gives {b} "
-                              f"(a decisive choice: margin {margins[i]:.3g})"}
+    from mlxbuild.families.common import first_parting
+
+    parted = first_parting(got, want, margins, max_abs_error, "the ASR runner")
+    if parted is not None:
+        return {**figures, **parted}
     if len(got) != len(want):
         return {**figures, "passed": False, "matched": min(len(got), len(want)),
                 "reason": f"the ASR runner decoded {len(got)} tokens, eager greedy {len(want)} "

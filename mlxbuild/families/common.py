@@ -65,3 +65,21 @@ def kv_cache_methods(params: dict) -> dict:
         "use_kv_cache": True,
         "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
     }
+
+
+def first_parting(got: list, want: list, margins: list, max_abs_error: float, who: str) -> dict | None:
+    """Where a runner's tokens first part from eager greedy's: ``None`` if nowhere in their
+    common length; else the check's result. They may part only at a near tie of the eager
+    model (a top-1 margin within twice the artifact's largest logit error, the rule
+    ``compare`` uses for decisive positions); after that the two continue from different
+    tokens and are not compared. ``who`` names the runner in the reason."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            if margins[i] <= 2 * max_abs_error:
+                return {"passed": True, "matched": i,
+                        "note": f"parted from eager at token {i} of {len(want)}, a near tie "
+                                f"(margin {margins[i]:.3g} <= 2 x {max_abs_error:.3g})"}
+            return {"passed": False, "matched": i,
+                    "reason": f"{who}'s token {i} is {a!r}, eager greedy gives {b!r} "
+                              f"(a decisive choice: margin {margins[i]:.3g})"}
+    return None

@@ -66,15 +66,11 @@ def compare_runner(pieces: list[str], reference_dir: Path, max_abs_error: float)
     want, margins = ref["pieces"], ref["margins"]
     figures = {"prompt_tokens": ref["prompt_tokens"], "new_tokens": len(pieces),
                "expected_new_tokens": len(want)}
-    for i, (got, exp) in enumerate(zip(pieces, want)):
-        if got != exp:
-            if margins[i] <= 2 * max_abs_error:
-                return {**figures, "passed": True, "matched": i,
-                        "note": f"parted from eager at token {i} of {len(want)}, a near tie "
-                                f"(margin {margins[i]:.3g} <= 2 x {max_abs_error:.3g})"}
-            return {**figures, "passed": False, "matched": i,
-                    "reason": f"TextLLMRunner's token {i} is {got!r}, eager greedy gives {exp!r} "
-                              f"(a decisive choice: margin {margins[i]:.3g})"}
+    from mlxbuild.families.common import first_parting
+
+    parted = first_parting(pieces, want, margins, max_abs_error, "TextLLMRunner")
+    if parted is not None:
+        return {**figures, **parted}
     if len(pieces) != len(want):
         return {**figures, "passed": False, "matched": min(len(pieces), len(want)),
                 "reason": f"TextLLMRunner generated {len(pieces)} tokens after a {ref['prompt_tokens']}-token "
