@@ -68,22 +68,32 @@ def parse_payload(payload: bytes) -> tuple[str, list[dict]]:
     return so_key, entries
 
 
-def _named_data(path: Path, data_files) -> dict[str, memoryview]:
-    """Named data of the ``.pte`` (the libraries) and its ``.ptd`` files (the constants)."""
-    from mlx_runtime.program import _sibling_data_files, read_ptd
+class _Container:
+    """The ``.pte`` parsed once and mapped once: its segments by index, the named data of the
+    file and of its ``.ptd`` files, and each delegate's payload."""
 
-    data, _, eh = _pte.read_program_bytes(path)
-    program = _pte.load(path)[0]
-    out: dict[str, memoryview] = {}
-    if program.named_data:
-        base = eh.segment_base_offset if eh is not None else 0
-        raw = memoryview(path.read_bytes())
-        for nd in program.named_data:
-            seg = program.segments[nd.segment_index]
-            out[nd.key] = raw[base + seg.offset: base + seg.offset + seg.size]
-    for ptd in [Path(p) for p in data_files] or _sibling_data_files(path):
-        out.update(read_ptd(ptd))
-    return out
+    def __init__(self, path: Path, data_files) -> None:
+        from executorch.exir import schema as S
+
+        from mlx_runtime.program import _map, _sibling_data_files, read_ptd
+
+        self.program, _, eh = _pte.load(path)
+        self._mv = memoryview(_map(path))
+        self._base = eh.segment_base_offset if eh is not None else 0
+        self.named = {nd.key: self.segment(nd.segment_index) for nd in self.program.named_data or []}
+        for ptd in [Path(p) for p in data_files] or _sibling_data_files(path):
+            self.named.update(read_ptd(ptd))
+        self._inline = S.DataLocation.INLINE
+
+    def segment(self, index: int) -> memoryview:
+        seg = self.program.segments[index]
+        return self._mv[self._base + seg.offset: self._base + seg.offset + seg.size]
+
+    def payload(self, delegate) -> bytes:
+        ref = delegate.processed
+        if ref.location == self._inline:
+            return bytes(self.program.backend_delegate_data[ref.index].data)
+        return bytes(self.segment(ref.index))
 
 
 _SHIMS_LOADED = False
@@ -236,18 +246,17 @@ class CudaProgram:
         self.runs_on = (f"the delegate's AOTInductor library via torch {torch.__version__}'s AOTI runner "
                         f"on {torch.cuda.get_device_name(torch.device(device))}")
         self.path = Path(path)
-        self._container, _, _ = _pte.load(self.path)
+        container = _Container(self.path, data_files)
+        self._container = container.program
         self.constant_methods = _pte.constant_methods(self._container)
         self.method_names = [p.name for p in self._container.execution_plan
                              if p.name not in self.constant_methods]
         self._workdir = Path(tempfile.mkdtemp(prefix="mlxbuild-cuda-"))
-        named = _named_data(self.path, data_files)
-        payloads = iter(_pte.delegate_payloads(self.path, BACKEND_ID))  # in program order
         self._methods = {}
         for plan in self._container.execution_plan:
-            own = [next(payloads) for d in plan.delegates if d.id == BACKEND_ID]
             if plan.name in self.method_names:
-                self._methods[plan.name] = _Method(plan, own, named, device, self._workdir)
+                own = [container.payload(d) for d in plan.delegates if d.id == BACKEND_ID]
+                self._methods[plan.name] = _Method(plan, own, container.named, device, self._workdir)
 
     def run(self, name: str, inputs: list) -> list:
         return self._methods[name].run(inputs)

@@ -15,26 +15,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from buildlog import doit_command
+from buildlog import TINY_SOURCE, doit_command
 from mlxbuild import child
 
-MANIFEST = """\
+MANIFEST = f"""\
 name: proc
 version: 0.1.0
 model:
-  source:
-    synthetic:
-      architecture: qwen3
-      seed: 0
-      config: {vocab_size: 128, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
-               num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, bos_token_id: 1, eos_token_id: 2}
-  dtype: fp32
-export: {max_context_length: 32}
+{TINY_SOURCE}  dtype: fp32
+export: {{max_context_length: 32}}
 quantization:
-  4w: {linear: {bits: 4, group_size: 32}}
+  4w: {{linear: {{bits: 4, group_size: 32}}}}
 targets:
-  - {name: mlx-4w, backend: mlx, quantization: 4w}
-  - {name: portable-fp32, backend: portable}
+  - {{name: mlx-4w, backend: mlx, quantization: 4w}}
+  - {{name: portable-fp32, backend: portable}}
 """
 BROKEN = """\
 name: broken
