@@ -38,15 +38,14 @@ export MLXBUILD_CACHE=/tmp/mlxbuild-cache MLXBUILD_ARTIFACTS=/tmp/mlxbuild-artif
         "${manifests[@]}"
     echo "build exit: $?"
 } 2>&1 | tee "$OUT/log.txt"
-# The CUDA artifacts and their records come back beside the log.
+# The CUDA artifacts' records come back beside the log (the .pte/.ptd files stay there).
 python3 - "$OUT" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 for rec in Path("/tmp/mlxbuild-artifacts").rglob("*.json"):
     data = json.loads(rec.read_text())
     if isinstance(data, dict) and data.get("backend") == "cuda":
-        for name in [rec.name] + [n for n in data["files"] if n.endswith((".pte", ".ptd"))]:
-            shutil.copy(rec.parent / name, sys.argv[1])
+        shutil.copy(rec, sys.argv[1])
 PY
 # The CUDA tests (skipped on CPU hosts), on this GPU (RUN_TESTS=0 skips them).
 if [[ "${RUN_TESTS:-1}" == 1 ]]; then

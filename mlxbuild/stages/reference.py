@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlxbuild import families
 from mlxbuild.families import text_runner
+from mlxbuild.quantize import device_for
 from mlxbuild.stages.quantize import quantized_model
 from mlxbuild.steps import ReferenceParams, ReferenceResult
 
@@ -21,7 +22,7 @@ def run(params: ReferenceParams, cache, out: Path) -> ReferenceResult:
     if params.tokenizer:
         plain["tokenizer_dir"] = str(cache.read("tokenizer", params.tokenizer))
     model = quantized_model(cache, params)
-    with _device_for(model):
+    with device_for(model):
         info = families.get(params.task).reference(model, plain, out)
         if params.tokenizer and params.runner_prompt and text_runner.applies(model):
             runner = text_runner.runner_reference(model, plain, Path(plain["tokenizer_dir"]))
@@ -30,19 +31,3 @@ def run(params: ReferenceParams, cache, out: Path) -> ReferenceResult:
     result = ReferenceResult(**info)
     result.write(out)
     return result
-
-
-def _device_for(model):
-    """Where the eager model runs: the GPU when its weights are in a layout only a CUDA kernel
-    computes with (cuda_int4; the lowering's kernel is the same one), with tensors the task
-    kind makes there too; else the host, as it is."""
-    import contextlib
-
-    import torch
-
-    from mlxbuild.quantize import needs_gpu
-
-    if not needs_gpu(model):
-        return contextlib.nullcontext()
-    model.to("cuda")
-    return torch.device("cuda")
