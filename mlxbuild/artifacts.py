@@ -140,6 +140,14 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
         "etrecord": {"file": f"{stem}.etrecord"} if lower_info.etrecord else
         {"skipped": lower_info.etrecord_problem} if lower_info.etrecord_problem else None,
     }
+    if params.quality:
+        # The artifact against the unquantized model (mlxbuild.stages.quality), and what the
+        # build host measured of its speed when asked.
+        from mlxbuild.steps import QualityResult
+
+        measured = QualityResult.read(cache.read("quality", params.quality)).model_dump(mode="json")
+        record["speed"] = measured.pop("speed", None)
+        record["quality"] = measured
     if params.preprocessor:
         # What the preprocessor step checked its program against (mlxbuild.stages.preprocessor).
         check = json.loads((cache.read("preprocessor", params.preprocessor) / "preprocessor.json").read_text())

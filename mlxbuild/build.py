@@ -13,7 +13,8 @@ from mlxbuild.selection import TargetFilter
 from mlxbuild.settings import Roots, remote_cache
 
 
-def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None) -> Plan:
+def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None,
+                   measure_speed: bool = False) -> Plan:
     toolchain.check()  # a version known to break refuses the build before any step
     from mlxbuild import child
 
@@ -32,7 +33,7 @@ def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None) -> P
     plan = Plan()
     plan.remote_cache = remote
     for path, manifest in manifests:
-        plan.groups[path] = plan_manifest(manifest, plan, hasher, roots.artifacts)
+        plan.groups[path] = plan_manifest(manifest, plan, hasher, roots.artifacts, measure_speed)
     hasher.save()
     # A released version is immutable: refuse changed inputs now, before any work.
     lock.check_plan(plan)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 MODE_ENV = "MLXBUILD_STEP_PROCESS"
 AUTO_BYTES = 256 * 2**20
-HEAVY = ("weights", "preprocessor", "quantize", "export", "reference", "lower", "verify")
+HEAVY = ("weights", "preprocessor", "quantize", "export", "reference", "lower", "verify", "baseline", "quality")
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -66,7 +66,7 @@ def model_bytes(step, cache) -> int:
     p = step.params
     kind = str(step.kind)
     try:
-        if kind == "verify":
+        if kind in ("verify", "quality"):
             return sum(f["size"] for f in cache.files("lower", p.lower).values())
         if kind == "weights":
             return _source_bytes(p.load, p.dtype)

@@ -54,6 +54,7 @@ class ManifestLoader(TaskLoader2):
         # `build --target/--backend` (other verbs have no such options: everything)
         self.select = TargetFilter(tuple(opt_values.get("only_targets") or ()),
                                    tuple(opt_values.get("only_backends") or ()))
+        self.measure_speed = bool(opt_values.get("measure_speed"))
         self.plan = None
 
     def load_doit_config(self):
@@ -76,7 +77,8 @@ class ManifestLoader(TaskLoader2):
             paths = [DEFAULT_MANIFEST]
         r = roots()
         try:
-            plan = plan_manifests(paths, r, getattr(self, "select", None))
+            plan = plan_manifests(paths, r, getattr(self, "select", None),
+                                  measure_speed=getattr(self, "measure_speed", False))
         except MlxbuildError as e:
             # One line, and the exit code doit uses for errors before any task runs.
             print(f"error: {e}", file=sys.stderr)
@@ -148,6 +150,9 @@ BUILD_OPTIONS = (
      "env_var": "MLXBUILD_REPORT", "help": "write a JSON build report here, also when the build fails"},
     {"name": "junit", "long": "junit", "type": str, "default": "", "metavar": "PATH.xml",
      "env_var": "MLXBUILD_JUNIT", "help": "write JUnit XML here (one testcase per target)"},
+    {"name": "measure_speed", "long": "measure-speed", "type": bool, "default": False,
+     "env_var": "MLXBUILD_MEASURE_SPEED",
+     "help": "record each target's prefill/decode tokens per second on this host (median of 3 runs)"},
     {"name": "plain", "long": "plain", "type": bool, "default": False, "env_var": "MLXBUILD_PLAIN",
      "help": "plain line-by-line output even on a terminal (no status line, no colour)"},
 )
@@ -161,7 +166,7 @@ class Build(Run):
     name = "build"
     doc_purpose = "build the .pte artifacts of one or more manifests"
     doc_usage = ("[-n N] [-v 0|1|2] [--target GLOB] [--backend NAME] [--report PATH.json] "
-                 "[--junit PATH.xml] MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]")
+                 "[--junit PATH.xml] [--measure-speed] MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]")
     doc_description = None
     cmd_options = Run.cmd_options + BUILD_OPTIONS
     # `--backend` selects targets here; doit's own --backend (its database format) is

@@ -66,6 +66,26 @@ def render(lock: dict) -> str:
                    f"({_num(allowed)}) | {_pct(v.get('top1_agreement'))} | {v.get('passed')} |")
     out.append("")
 
+    out += ["## Quality", "",
+            "Each program's next-token distributions on the evaluation sequences, run through its own "
+            "runtime, against the unquantized model of the same checkpoint and dtype (KL divergence in "
+            "nats; perplexity where the sequences are text). A target below its gate is not published.", "",
+            "| target | KLD mean (p99) | top-1 vs float | perplexity (float → program) | gate | evaluated on |",
+            "|---|---|---|---|---|---|"]
+    for t, e in sorted(targets.items()):
+        q = e.get("quality") or {}
+        if q.get("kld_mean") is None:
+            out.append(f"| `{t}` | not measured: {q.get('reason') or 'no figures in the record'} | — | — | — | — |")
+            continue
+        ppl = (f"{q['ppl_float']:.2f} → {q['ppl']:.2f} ({q['ppl_increase']:+.1%})"
+               if q.get("ppl") is not None else "—")
+        gate = ", ".join(f"{k} {v:g}" for k, v in sorted((q.get("gate") or {}).items()) if v is not None)
+        ev = q.get("evaluation") or {}
+        where = f"{ev.get('sequences')} × {ev.get('seq_len')} tokens of {ev.get('source')}" if ev else "—"
+        out.append(f"| `{t}` | {_num(q['kld_mean'])} ({_num(q.get('kld_p99'))}) | {_pct(q.get('top1'))} | "
+                   f"{ppl} | {gate} | {where} |")
+    out.append("")
+
     out += ["## Speed", ""]
     for t, e in sorted(targets.items()):
         out.append(f"- `{t}`: {_speed(e.get('speed'))}")

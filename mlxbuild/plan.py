@@ -88,6 +88,10 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
         roots.append(f"backends.{backend}")
     if kind == "verify":
         roots += ["backends.structural", *filter(None, [backends.runtime_module_name(backend)])]
+    if kind in ("baseline", "quality"):
+        roots += families.modules_of(task)
+    if kind == "quality":
+        roots += [f"backends.{backend}", *filter(None, [backends.runtime_module_name(backend)])]
     if kind == "package":
         roots = ["mlxbuild.artifacts"]
     if kind == "tokenizer":
@@ -97,8 +101,10 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
     return tuple(roots)
 
 
-def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path) -> list[str]:
-    """Add one manifest's steps to `plan`; return its package step names."""
+def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path,
+                  measure_speed: bool = False) -> list[str]:
+    """Add one manifest's steps to `plan`; return its package step names. ``measure_speed``
+    (``doit build --measure-speed``) adds build-host speed to every quality step."""
     manifest_dir = Path(manifest.source_file).parent if manifest.source_file else Path.cwd()
     src = sources.located(manifest, manifest_dir, hasher)
     dtype = manifest.model.dtype
@@ -133,6 +139,9 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         preprocessor = plan.add(Step(
             kind=StepKind.PREPROCESSOR, name=f"preprocessor:{_short(pre_key)}", key=pre_key, deps=[],
             params=pre["params"], label=f"{manifest.name} preprocessor"))
+
+    evaluation = _evaluation(manifest, manifest_dir, hasher, tokenizer)
+    measure_speed = measure_speed or manifest.quality.measure_speed
 
     packages = []
     for target in manifest.targets:
@@ -209,6 +218,29 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                     "tolerance": tol, "task": task, "tokenizer": tokenizer.key if runner else None},
             label=tname))
 
+        quality, quality_note = None, _quality_skipped(manifest, backend, task)
+        gate = manifest.quality_gate(target) if quality_note is None else None
+        if quality_note is None:
+            # The float model of this dtype on the evaluation sequences, shared by every scheme
+            # and backend; the file's path is where to read it, its sha256 what it is.
+            base_key = stable_hash("baseline", weights.key, *other, export_spec, evaluation["identity"],
+                                   tokenizer.key if evaluation["text"] else None,
+                                   _versions("torch", "transformers", code=step_code("baseline", task=task)))
+            baseline = plan.add(Step(
+                kind=StepKind.BASELINE, name=f"baseline:{tdtype}.{_short(base_key)}", key=base_key,
+                deps=[weights.name, *([tokenizer.name] if evaluation["text"] else [])],
+                params={"weights": weights.key, "dtype": tdtype, "evaluation": evaluation["params"],
+                        "tokenizer": tokenizer.key if evaluation["text"] else None, **export_spec},
+                label=f"{manifest.name} ({tdtype})"))
+            quality_params = {"lower": lower.key, "baseline": baseline.key, "backend": target.backend,
+                              "task": task, "max_prefill_chunk": exp.max_prefill_chunk, "gate": gate,
+                              "speed": measure_speed}
+            quality = plan.add(Step(
+                kind=StepKind.QUALITY, name=f"quality:{tname}",
+                key=stable_hash("quality", quality_params,
+                                _versions("executorch", code=step_code("quality", task=task, backend=target.backend))),
+                deps=[lower.name, baseline.name], params=quality_params, label=tname))
+
         out_dir = artifacts_root / manifest.name / manifest.version
         record = {
             "name": manifest.name, "version": manifest.version, "target": target.name,
@@ -220,8 +252,11 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             "tokenizer": {"files": tok_files} if tok else None,
             # Beside it too, for speech models: the audio preprocessor program and its config.
             "preprocessor": {"files": list(PREPROCESSOR_FILES)} if preprocessor else None,
+            # Measured against the unquantized model (figures added when published), or why not.
+            "quality": {"gate": gate} if quality else {"measured": False, "reason": quality_note},
             "keys": {"weights": weights.key, "quantize": quant.key, "export": export.key,
                      "lower": lower.key, "verify": verify.key,
+                     **({"quality": quality.key} if quality else {}),
                      **({"tokenizer": tokenizer.key} if tokenizer else {}),
                      **({"preprocessor": preprocessor.key} if preprocessor else {})},
             # Per step, the hash of the code that decides its bytes (the keys hold them too):
@@ -234,6 +269,9 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                      "reference": code_hash(*step_code("reference", task=task)),
                      "lower": code_hash(*step_code("lower", task=task, backend=target.backend)),
                      "verify": code_hash(*step_code("verify", task=task, backend=target.backend)),
+                     **({"baseline": code_hash(*step_code("baseline", task=task)),
+                         "quality": code_hash(*step_code("quality", task=task, backend=target.backend))}
+                        if quality else {}),
                      "package": code_hash(*step_code("package"))},
         }
         package = plan.add(Step(
@@ -241,16 +279,55 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             key=stable_hash("package", record),
             # publish reads the lowered program, the verification and the quantize entry's
             # layers.json: all three are inputs (so none is skipped as not needed).
-            deps=[verify.name, quant.name, lower.name, *([tokenizer.name] if tokenizer else []),
+            deps=[verify.name, quant.name, lower.name, *([quality.name] if quality else []),
+                  *([tokenizer.name] if tokenizer else []),
                   *([preprocessor.name] if preprocessor else [])],
             params={"lower": lower.key, "verify": verify.key, "quantize": quant.key,
                     "tokenizer": tokenizer.key if tokenizer else None,
                     "preprocessor": preprocessor.key if preprocessor else None,
+                    "quality": quality.key if quality else None,
                     "out_dir": str(out_dir),
                     "stem": f"{manifest.name}-{target.name}", "record": record},
             label=tname))
         packages.append(package.name)
     return packages
+
+
+def _quality_skipped(manifest, backend, task: str) -> str | None:
+    """Why a target's quality is not measured, or None when it is."""
+    if not manifest.quality.enabled:
+        return "quality.enabled is false"
+    if not hasattr(families.get(task), "score"):
+        return f"no quality evaluation for the {task} task kind yet"
+    if backend.VERIFY != "runtime":
+        return f"no {backend.NAME} runtime on a build host: its outputs cannot be compared"
+    return None
+
+
+def _evaluation(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer) -> dict:
+    """The evaluation sequences' spec: the stage's params (with the dataset file's path) and
+    the identity the baseline's key hashes (its sha256, not where it lies)."""
+    from mlxbuild import quality
+
+    q = manifest.quality
+    spec = {"sequences": q.sequences, "seed": 0,
+            "seq_len": q.seq_len or min(quality.DEFAULT_SEQ_LEN, manifest.export.max_context_length)}
+    if tokenizer is None:
+        return {"params": {**spec, "dataset": None}, "identity": {**spec, "dataset": None}, "text": False}
+    name = q.dataset
+    if name and name.startswith("hf:"):
+        repo, _, split = name[3:].partition(":")
+        dataset = {"hf": repo, "split": split or None}
+        return {"params": {**spec, "dataset": dataset}, "identity": {**spec, "dataset": dataset}, "text": True}
+    path = (manifest_dir / name) if name else quality.DEFAULT_TEXT
+    if not path.is_file():
+        raise manifest.error_at(("quality", "dataset"), f"no such file: {path}")
+    if path.suffix not in (".txt", ".jsonl", ".md"):
+        raise manifest.error_at(("quality", "dataset"), f"{path.name}: expected a .txt, .md or .jsonl "
+                                "file, or hf:OWNER/NAME[:SPLIT]")
+    digest = hasher.hash(path)
+    return {"params": {**spec, "dataset": {"file": str(path.resolve()), "sha256": digest}},
+            "identity": {**spec, "dataset": {"sha256": digest, "format": path.suffix}}, "text": True}
 
 
 def _short(key: str) -> str:

@@ -31,7 +31,7 @@ from mlxbuild.lock import LOCK_FORMAT, read_lock, target_inputs, write_lock
 # Layer-by-layer tables can be thousands of rows; the lock keeps their summary.
 _RECORD_FIELDS = ("backend", "scheme", "dtype", "quantization", "files", "sha256", "size",
                   "verification", "constant_methods", "delegation", "tokenizer", "preprocessor", "etrecord",
-                  "runtime_requirements")
+                  "runtime_requirements", "quality")
 # Where a record may carry a measured speed (written by benchmarking tools).
 SPEED_FIELDS = ("speed", "benchmark", "performance")
 

@@ -45,6 +45,9 @@ FORMAT = "mlxbuild-build-report/1"
 # Figures of the verification record worth a JUnit property and a summary column.
 FIGURES = ("passed", "executed", "max_abs_error", "max_rel_error", "top1_agreement",
            "top1_agreement_decisive", "positions", "check", "reason")
+# ... and of the quality record (the artifact against the unquantized model).
+QUALITY_FIGURES = ("passed", "measured", "kld_mean", "kld_p99", "top1", "ppl_float", "ppl", "ppl_increase",
+                   "positions", "reason")
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -227,7 +230,7 @@ def _target(plan, package, outcomes) -> dict:
         "target": rec["target"], "name": f"{rec['name']}/{rec['target']}", "status": status,
         "backend": rec["backend"], "scheme": rec["scheme"], "dtype": rec["dtype"],
         "failure": None, "artifact": None, "record": None, "sha256": None, "size": None,
-        "files": None, "verification": None,
+        "files": None, "verification": None, "quality": None, "speed": None,
         "seconds": round(sum(x["seconds"] or 0.0 for x in steps if x["status"] in ("ran", "failed")), 3),
         "steps": steps,
     }
@@ -235,7 +238,7 @@ def _target(plan, package, outcomes) -> dict:
         step, o = root
         entry["failure"] = {"kind": o.kind, "step": step.kind, "task": step.name, "message": o.message,
                             "log": o.log}
-        entry["verification"] = o.figures
+        entry["quality" if step.kind == "quality" else "verification"] = o.figures
     elif status == "not-run":
         entry["failure"] = None
     if status in ("built", "up-to-date"):
@@ -247,7 +250,8 @@ def _target(plan, package, outcomes) -> dict:
         entry.update(artifact=_shown(out_dir / f"{stem}.pte"), record=_shown(record_file),
                      sha256=published.get("sha256"), size=published.get("size"),
                      files={_shown(out_dir / f): info for f, info in published.get("files", {}).items()},
-                     verification=published.get("verification"))
+                     verification=published.get("verification"), quality=published.get("quality"),
+                     speed=published.get("speed"))
     return entry
 
 
@@ -314,6 +318,12 @@ def _properties(t: dict) -> list[tuple[str, str]]:
         if v.get(k) is not None:
             props.append((f"verification.{k}", _fmt(v[k])))
     props += _flat("verification.tolerance", v.get("tolerance"))
+    q = t.get("quality") or {}
+    for k in QUALITY_FIGURES:
+        if q.get(k) is not None:
+            props.append((f"quality.{k}", _fmt(q[k])))
+    props += _flat("quality.gate", q.get("gate"))
+    props += _flat("speed", {k: v for k, v in (t.get("speed") or {}).items() if k.endswith("_per_s")})
     props += [(f"seconds.{s['step']}", _fmt(s["seconds"])) for s in t["steps"] if s["seconds"] is not None]
     return props
 
@@ -390,8 +400,9 @@ def to_markdown(report: dict) -> str:
         lines += [f"**{report['error']['kind']} error:** `{_md(report['error']['message'])}`", ""]
     rows = [(m, t) for m in report["manifests"] for t in m["targets"]]
     if rows:
-        lines += ["| target | backend | scheme | status | size | sha256 | max rel error | top-1 | time |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| target | backend | scheme | status | size | sha256 | max rel error | top-1 "
+                  "| KLD vs float | top-1 vs float | time |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, t in rows:
             v = t.get("verification") or {}
             status = t["status"]
@@ -404,9 +415,16 @@ def to_markdown(report: dict) -> str:
                 f"`{t['sha256'][:12]}`" if t["sha256"] else "",
                 f"{rel:.2e}" if isinstance(rel, (int, float)) else "",
                 f"{top1:.0%}" if isinstance(top1, (int, float)) else "",
+                *_quality_cells(t.get("quality") or {}),
                 f"{t['seconds']:.1f} s"]) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _quality_cells(q: dict) -> list[str]:
+    if q.get("kld_mean") is None:
+        return ["not measured" if q.get("measured") is False else "", ""]
+    return [f"{q['kld_mean']:.2e}", f"{q['top1']:.0%}"]
 
 
 def write_reports(report: dict, json_path=None, junit_path=None, summary_path=None) -> list[str]:

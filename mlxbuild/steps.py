@@ -26,6 +26,8 @@ class StepKind(StrEnum):
     REFERENCE = "reference"
     LOWER = "lower"
     VERIFY = "verify"
+    BASELINE = "baseline"
+    QUALITY = "quality"
     PACKAGE = "package"
 
 
@@ -114,12 +116,32 @@ class VerifyParams(Params):
     tokenizer: str | None = None
 
 
+class BaselineParams(ExportSpec):
+    """The unquantized model's next-token log-probabilities on the evaluation sequences:
+    ``evaluation`` is their spec (the dataset's file and sha256, or the seeded tokens')."""
+    weights: str
+    dtype: Dtype
+    evaluation: dict[str, Any]
+    tokenizer: str | None = None
+
+
+class QualityParams(Params):
+    lower: str
+    baseline: str
+    backend: str
+    task: str
+    max_prefill_chunk: int
+    gate: dict[str, float | None]
+    speed: bool = False
+
+
 class PackageParams(Params):
     lower: str
     verify: str
     quantize: str
     tokenizer: str | None = None
     preprocessor: str | None = None
+    quality: str | None = None
     out_dir: str
     stem: str
     record: dict[str, Any]
@@ -129,7 +151,7 @@ PARAMS: dict[StepKind, type[Params]] = {
     StepKind.WEIGHTS: WeightsParams, StepKind.TOKENIZER: TokenizerParams,
     StepKind.PREPROCESSOR: PreprocessorParams, StepKind.QUANTIZE: QuantizeParams, StepKind.EXPORT: ExportParams,
     StepKind.REFERENCE: ReferenceParams, StepKind.LOWER: LowerParams, StepKind.VERIFY: VerifyParams,
-    StepKind.PACKAGE: PackageParams,
+    StepKind.BASELINE: BaselineParams, StepKind.QUALITY: QualityParams, StepKind.PACKAGE: PackageParams,
 }
 
 
@@ -180,3 +202,23 @@ class VerifyResult(Result):
     reason: str = ""
     executed: bool = False
     artifact_sha256: str | None = None
+
+
+class BaselineResult(Result):
+    FILE: ClassVar[str] = "baseline.json"
+    sequences: int
+    seq_len: int
+    text: bool  # tokenized text (perplexity is meaningful), or seeded token ids
+    source: str  # what the sequences were read from, in words
+
+
+class QualityResult(Result):
+    """The artifact against the unquantized model (``mlxbuild.quality.figures``), the gate
+    it was held to and, with ``speed``, build-host tokens per second."""
+    FILE: ClassVar[str] = "quality.json"
+    passed: bool
+    reason: str = ""
+    measured: bool = True
+    gate: dict[str, float | None] = {}
+    runtime: str | None = None
+    speed: dict[str, Any] | None = None

@@ -169,7 +169,7 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
                     stage(step.kind).run(step.params.model_copy(update={"label": step.label}), cache, out)
             except VerificationError as e:
                 # The figures are in the entry about to be discarded: keep them for the report.
-                raise _WithFigures(e, _read_json(out / "verify.json")) from None
+                raise _WithFigures(e, _read_json(out / f"{step.kind}.json")) from None
     remote.push_entry(cache, step.kind, step.key)
 
 

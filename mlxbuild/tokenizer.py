@@ -183,3 +183,8 @@ def check(folder: Path, constant_methods: dict) -> list[str]:
     if bos is not None and tok.bos_tok() != bos:
         problems.append(f"{folder}: BOS id {tok.bos_tok()}, the program's get_bos_id is {bos}")
     return problems
+
+
+def encode_text(folder: Path, text: str) -> list[int]:
+    """``text`` as the runner's tokenizer encodes it, without BOS/EOS."""
+    return list(_cpp(folder).encode(text, 0, 0))

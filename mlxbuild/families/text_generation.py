@@ -164,3 +164,112 @@ def describe(result: dict) -> list[str]:
     lines.append(f"prefill {rate(result['prefill_tokens_per_s'])} tok/s, "
                  f"decode {rate(result['decode_tokens_per_s'])} tok/s")
     return lines
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def score(forward, tokens, chunk: int):
+    """Logits [N, L, V] of each sequence of ``tokens`` [N, L], fed from position 0 in prefill
+    chunks of at most ``chunk`` tokens, as a runner prefills a long prompt; ``forward(ids,
+    positions)`` is the artifact's method or the eager model. Each sequence starts again at
+    position 0: the static cache's later slots are masked by position, as in a runner's
+    next conversation."""
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for seq in tokens:
+            ids = torch.from_numpy(np.ascontiguousarray(seq)).view(1, -1).long()
+            rows = [forward(ids[:, s:s + chunk], torch.arange(s, min(s + chunk, ids.shape[1])))[0].float()
+                    for s in range(0, ids.shape[1], chunk)]
+            out.append(torch.cat(rows).cpu().numpy())
+    return np.stack(out)
+
+
+def eager_forward(model, params: dict):
+    """The eager model behind the same static cache the artifact has."""
+    from mlxbuild.families import hf
+
+    exportable = hf.make_exportable(model, params["max_context_length"]).eval()
+    return lambda ids, pos: exportable(input_ids=ids, cache_position=pos)
+
+
+def evaluation_tokens(spec: dict, tokenizer_dir: Path | None, vocab_size: int):
+    """The evaluation sequences [N, L] and whether they are text: the dataset's text as the
+    runner's tokenizer encodes it, cut into N consecutive windows of L tokens (the text
+    repeated if it is shorter); without a tokenizer, seeded ids over the vocabulary."""
+    import numpy as np
+
+    n, length = spec["sequences"], spec["seq_len"]
+    if tokenizer_dir is None:
+        rng = np.random.default_rng(spec.get("seed", 0))
+        return rng.integers(0, vocab_size, (n, length)).astype(np.int64), False
+    from mlxbuild import tokenizer
+
+    ids = tokenizer.encode_text(tokenizer_dir, read_dataset(spec["dataset"]))
+    if not ids:
+        raise ValueError(f"{spec['dataset'].get('file') or spec['dataset']}: no text to evaluate on")
+    while len(ids) < n * length:
+        ids = ids + ids
+    return np.asarray(ids[:n * length], dtype=np.int64).reshape(n, length), True
+
+
+def read_dataset(dataset: dict) -> str:
+    """The evaluation text of a dataset spec: a .txt file, a .jsonl file's ``text`` fields,
+    or a Hugging Face dataset's ``text`` column (through `datasets`, which honours
+    HF_DATASETS_OFFLINE)."""
+    import json
+
+    if "hf" in dataset:
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"quality.dataset hf:{dataset['hf']} needs the `datasets` package "
+                             "(pip install datasets)") from None
+        rows = datasets.load_dataset(dataset["hf"], split=dataset.get("split") or "test")
+        return "\n".join(t for t in rows[dataset.get("column") or "text"] if t)
+    path = Path(dataset["file"])
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{i}: not a JSON object with a 'text' field") from None
+        return "\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def speed(forward, prompt, chunk: int, runs: int = 3, decode_steps: int = 16) -> dict:
+    """Build-host tokens per second: a prefill of ``prompt`` (in chunks), then
+    ``decode_steps`` single-token steps; the median of ``runs`` runs of each, with the host
+    and its load average (a shared build machine is noisy: these are not device figures)."""
+    import os
+    import platform
+    import statistics
+    import time
+
+    import torch
+
+    ids = torch.from_numpy(prompt).view(1, -1).long()
+    n = ids.shape[1] - decode_steps  # the decode steps write the last positions
+    prefill, decode = [], []
+    with torch.no_grad():
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for s in range(0, n, chunk):
+                forward(ids[:, s:min(s + chunk, n)], torch.arange(s, min(s + chunk, n)))
+            t1 = time.perf_counter()
+            for pos in range(n, n + decode_steps):
+                forward(ids[:, pos:pos + 1], torch.tensor([pos]))
+            t2 = time.perf_counter()
+            prefill.append(n / (t1 - t0))
+            decode.append(decode_steps / (t2 - t1))
+    return {"prefill_tokens_per_s": round(statistics.median(prefill), 1),
+            "decode_tokens_per_s": round(statistics.median(decode), 1),
+            "prompt_tokens": n, "decode_steps": decode_steps, "runs": runs, "where": "build host",
+            "host": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)",
+            "load_average": [round(x, 2) for x in os.getloadavg()]}

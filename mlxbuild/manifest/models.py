@@ -608,6 +608,45 @@ class Scheme(_Model):
                 and not any(r.quantized for r in self.rules))
 
 
+class QualityGate(_Model):
+    """Thresholds a target's quality figures must meet to be published (mlxbuild.quality);
+    unset fields keep the default for the scheme's narrowest bit width."""
+
+    max_kld: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="highest mean KL divergence (nats) of next-token distributions "
+        "against the unquantized model")
+    min_top1: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="lowest fraction of positions whose most likely next token is the "
+        "unquantized model's")
+    max_ppl_increase: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="highest relative perplexity increase on the evaluation text "
+        "(0.1 = 10%)")
+
+
+class QualitySpec(QualityGate):
+    """How targets are measured against the unquantized model, and the gate they meet."""
+
+    enabled: StrictBool = Field(True, description="measure and gate quality (false: neither)")
+    dataset: NonEmptyStr | None = Field(
+        None, description="evaluation text: a .txt or .jsonl file (its 'text' fields), relative "
+        "to the manifest, or hf:OWNER/NAME[:SPLIT] (a Hugging Face dataset through `datasets`, "
+        "honouring HF_DATASETS_OFFLINE); default: the text that ships with mlxbuild. Models "
+        "without a tokenizer are scored on seeded token sequences instead")
+    sequences: StrictInt = Field(4, ge=1, le=256, description="evaluation sequences")
+    seq_len: StrictInt | None = Field(
+        None, ge=2, description="tokens per sequence (default min(64, export.max_context_length))")
+    schemes: dict[SchemeRef, QualityGate] = Field(
+        default_factory=dict, description="per-scheme thresholds (over the manifest-wide ones)")
+    measure_speed: StrictBool = Field(
+        False, description="also record prefill/decode tokens per second on the build host "
+        "(as `doit build --measure-speed`)")
+
+    @field_validator("schemes", mode="before")
+    @classmethod
+    def schemes_null(cls, v: Any) -> Any:
+        return _none_to_empty(v)
+
+
 def _target_schema_extra(schema: dict[str, Any]) -> None:
     rules = []
     for b in capabilities.SUPPORTED_BACKENDS:
@@ -648,6 +687,9 @@ class Target(_Model):
         "with their weights, and keeping them while lowering took a Qwen3-0.6B-sized lower "
         "step from 2.9 to 10.4 GB of memory (benchmarks/results/step-process-2026-12-05-*.json)",
     )
+
+    quality: QualityGate | None = Field(
+        None, description="this target's quality thresholds (over the scheme's and the manifest's)")
 
     def backend_options(self) -> capabilities.BackendOptions:
         """``options`` parsed with the backend's options model (already validated)."""
@@ -693,6 +735,8 @@ class Manifest(_Model):
         default_factory=dict, description="named quantization schemes"
     )
     targets: list[Target] = Field(min_length=1, description="artifacts to build")
+    quality: QualitySpec = Field(default_factory=QualitySpec,
+                                 description="measure every target against the unquantized model")
     settings: Settings = Field(default_factory=Settings, description="how to build (not what)")
 
     _manifest_path: Path | None = PrivateAttr(None)
@@ -718,6 +762,36 @@ class Manifest(_Model):
     @classmethod
     def quantization_null(cls, v: Any) -> Any:
         return _none_to_empty(v)
+
+    @field_validator("quality", mode="before")
+    @classmethod
+    def quality_null(cls, v: Any) -> Any:
+        return _none_to_empty(v)
+
+    @model_validator(mode="after")
+    def check_quality(self) -> "Manifest":
+        q = self.quality
+        for name in q.schemes:
+            if name != NO_QUANTIZATION and name not in self.quantization:
+                defined = ", ".join([*self.quantization, NO_QUANTIZATION])
+                raise _Issue(("quality", "schemes", name),
+                             f"unknown quantization scheme {name!r}; defined: {defined}")
+        if q.seq_len is not None and q.seq_len > self.export.max_context_length:
+            raise _Issue(("quality", "seq_len"),
+                         f"{q.seq_len} tokens do not fit the KV cache "
+                         f"(export.max_context_length: {self.export.max_context_length})")
+        return self
+
+    def quality_gate(self, target: "Target") -> dict:
+        """The thresholds ``target`` meets: the default for its scheme's narrowest width,
+        then the manifest's, the scheme's and the target's own, field by field."""
+        from mlxbuild import quality
+
+        scheme = self.scheme_for(target).model_dump(mode="json")
+        per_scheme = self.quality.schemes.get(target.quantization)
+        return quality.thresholds(scheme, self.quality.model_dump(),
+                                  per_scheme.model_dump() if per_scheme else None,
+                                  target.quality.model_dump() if target.quality else None)
 
     @model_validator(mode="after")
     def check_targets(self) -> "Manifest":

@@ -16,7 +16,7 @@ from types import ModuleType
 from mlxbuild.steps import StepKind
 
 CACHED = (StepKind.WEIGHTS, StepKind.TOKENIZER, StepKind.PREPROCESSOR, StepKind.QUANTIZE, StepKind.EXPORT, StepKind.REFERENCE, StepKind.LOWER,
-          StepKind.VERIFY)
+          StepKind.VERIFY, StepKind.BASELINE, StepKind.QUALITY)
 
 
 def stage(kind: StepKind | str) -> ModuleType:

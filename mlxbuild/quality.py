@@ -1,0 +1,110 @@
+"""What quantization cost: an artifact's next-token distributions against the unquantized
+model's on the same evaluation sequences, and the gate a target must pass to be published.
+
+Verification proves a lowering is faithful to the eager model *quantized the same way*;
+this module measures the quantized artifact against the float model of the same
+checkpoint (the ``baseline`` step) and so says whether the quantized model is any good.
+
+Figures (over every scored position of every sequence):
+- ``kld_mean`` / ``kld_p99``: KL(float ‖ artifact) of the next-token distributions, in nats;
+- ``top1``: how often the artifact's most likely next token is the float model's;
+- ``ppl_float`` / ``ppl`` / ``ppl_increase``: perplexity of the evaluation text under both
+  and the relative increase (only when the sequences are tokenized text).
+
+Torch-free at import (the plan reads the default thresholds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# The evaluation text when a manifest names none: English prose about building and
+# shipping models, written for mlxbuild (not the synthetic tokenizer's training corpus).
+DEFAULT_TEXT = Path(__file__).parent / "data" / "eval.txt"
+
+# The gate a target meets unless the manifest says otherwise, by the narrowest weight
+# width its scheme uses (``none``: an unquantized target, which differs from the float
+# model by its dtype and runtime only). Chosen from what the published KL figures of
+# llama.cpp and mlx-lm quantizations of 0.5B-8B models span (8-bit ~0.001-0.005 nats,
+# 4-bit group-wise ~0.02-0.1, 2-bit ~0.5 and up), with room for small models, which lose
+# more per bit. A team tightens them per scheme or target.
+DEFAULT_GATES: dict[str, dict[str, float]] = {
+    "none": {"max_kld": 0.01, "min_top1": 0.95, "max_ppl_increase": 0.02},
+    "8": {"max_kld": 0.05, "min_top1": 0.90, "max_ppl_increase": 0.05},
+    "4": {"max_kld": 0.25, "min_top1": 0.75, "max_ppl_increase": 0.30},
+    "2": {"max_kld": 1.50, "min_top1": 0.40, "max_ppl_increase": 2.00},
+}
+FIELDS = ("max_kld", "min_top1", "max_ppl_increase")
+
+# Evaluation inputs unless the manifest's ``quality:`` says otherwise.
+DEFAULT_SEQUENCES = 4
+DEFAULT_SEQ_LEN = 64
+SPEED_RUNS = 3  # timed runs per figure; the median is recorded
+SPEED_DECODE = 16  # single-token steps per decode run
+
+
+def narrowest_bits(scheme: dict) -> str:
+    """The narrowest weight width a scheme quantizes any layer to ("none" if it quantizes
+    nothing): what picks its default gate. nvfp4 and cuda_int4 are 4-bit."""
+    widths = []
+    for q in [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]:
+        if not q or q.get("format", "affine") == "none":
+            continue
+        widths.append(int(q.get("bits") or 4) if q.get("format", "affine") == "affine" else 4)
+    return str(min(widths)) if widths else "none"
+
+
+def thresholds(scheme: dict, *overrides: dict | None) -> dict[str, float | None]:
+    """The gate of one target: the default for its scheme's narrowest width, then each
+    override in turn (manifest-wide, per scheme, per target), field by field."""
+    gate: dict[str, Any] = dict(DEFAULT_GATES[narrowest_bits(scheme)])
+    for o in overrides:
+        for k in FIELDS:
+            if o and o.get(k) is not None:
+                gate[k] = o[k]
+    return gate
+
+
+def log_softmax(logits):
+    import numpy as np
+
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def figures(float_logp, logits, tokens, text: bool) -> dict:
+    """Figures of ``logits`` [N, L, V] (the artifact's) against ``float_logp`` [N, L, V] (the
+    float model's log-probabilities) on ``tokens`` [N, L]; perplexity only for text."""
+    import numpy as np
+
+    p_log = float_logp.astype(np.float64)
+    q_log = log_softmax(logits)
+    kld = (np.exp(p_log) * (p_log - q_log)).sum(axis=-1)  # [N, L]
+    kld = np.maximum(kld, 0.0)  # rounding leaves tiny negatives where the two agree
+    top1 = (p_log.argmax(-1) == q_log.argmax(-1)).mean()
+    out = {"positions": int(kld.size), "kld_mean": float(kld.mean()),
+           "kld_p99": float(np.percentile(kld, 99)), "top1": float(top1)}
+    if text:
+        # Row t predicts token t+1: the last row of each sequence predicts nothing here.
+        nxt = tokens[:, 1:, None]
+        nll_f = -np.take_along_axis(p_log[:, :-1], nxt, -1).mean()
+        nll_q = -np.take_along_axis(q_log[:, :-1], nxt, -1).mean()
+        out.update(ppl_float=float(np.exp(nll_f)), ppl=float(np.exp(nll_q)),
+                   ppl_increase=float(np.exp(nll_q - nll_f) - 1.0))
+    return out
+
+
+def failures(fig: dict, gate: dict) -> list[str]:
+    """Each threshold the figures miss, as 'figure value > threshold'."""
+    bad = []
+    if gate.get("max_kld") is not None and fig["kld_mean"] > gate["max_kld"]:
+        bad.append(f"KL divergence {fig['kld_mean']:.4g} > max_kld {gate['max_kld']:g}")
+    if gate.get("min_top1") is not None and fig["top1"] < gate["min_top1"]:
+        bad.append(f"top-1 agreement {fig['top1']:.4g} < min_top1 {gate['min_top1']:g}")
+    if gate.get("max_ppl_increase") is not None and fig.get("ppl_increase") is not None \
+            and fig["ppl_increase"] > gate["max_ppl_increase"]:
+        bad.append(f"perplexity increase {fig['ppl_increase']:.4g} > max_ppl_increase "
+                   f"{gate['max_ppl_increase']:g}")
+    return bad

@@ -1,0 +1,36 @@
+"""The unquantized model on the evaluation sequences: the float reference every target's
+quality is measured against (``mlxbuild.quality``). One per (weights, dtype, evaluation
+inputs), shared by every scheme and backend of that dtype.
+
+Writes ``tokens.npy`` [N, L], ``logprobs.npy`` [N, L, V] (float32 next-token
+log-probabilities) and ``baseline.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlxbuild import families, progress, quality
+from mlxbuild.families.hf import load_model, text_config
+from mlxbuild.steps import BaselineParams, BaselineResult
+
+
+def run(params: BaselineParams, cache, out: Path) -> BaselineResult:
+    import numpy as np
+
+    kind = families.get(params.task)
+    spec = params.evaluation
+    tok_dir = cache.read("tokenizer", params.tokenizer) if params.tokenizer else None
+    model = load_model(cache.read("weights", params.weights), params.dtype)
+    tokens, text = kind.evaluation_tokens(spec, tok_dir, text_config(model).get("vocab_size") or 2)
+    progress.note(f"scoring {tokens.shape[0]} x {tokens.shape[1]} tokens")
+    logits = kind.score(kind.eager_forward(model, params.plain()), tokens, params.max_prefill_chunk)
+    np.save(out / "tokens.npy", tokens)
+    np.save(out / "logprobs.npy", quality.log_softmax(logits).astype(np.float32))
+    dataset = spec.get("dataset") or {}
+    source = (f"hf:{dataset['hf']}" if "hf" in dataset else Path(dataset["file"]).name) if text \
+        else f"seeded token ids (seed {spec.get('seed', 0)})"
+    result = BaselineResult(sequences=int(tokens.shape[0]), seq_len=int(tokens.shape[1]), text=text,
+                            source=source)
+    result.write(out)
+    return result

@@ -1,0 +1,191 @@
+"""Quality against the float model: every runnable target's artifact, through its own
+runtime, against the unquantized model of the same checkpoint on the evaluation
+sequences (KL divergence, top-1, perplexity), and the gate that keeps a target that
+misses its thresholds from being published."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from buildlog import STEP_LINE, doit_command
+from mlxbuild import quality
+from mlxbuild.manifest import parse_manifest
+
+# A tiny Qwen3 whose weights are drawn wide (initializer_range 0.3): its next-token
+# distributions are peaked, as a trained model's are, so rounding its weights moves them
+# measurably (the default init gives near-uniform outputs that no width disturbs).
+BITS = """\
+name: quality-bits
+version: 0.1.0
+model:
+  source:
+    synthetic:
+      architecture: qwen3
+      seed: 0
+      config: {vocab_size: 512, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+               num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, tie_word_embeddings: true,
+               initializer_range: 0.3, bos_token_id: 1, eos_token_id: 2}
+  dtype: fp32
+export: {max_context_length: 64}
+quality:
+  sequences: 2
+  seq_len: 32
+  dataset: eval.txt
+  schemes:
+    w2: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+    w4: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+    a8w4: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+quantization:
+  w8: {linear: {bits: 8, group_size: 32}}
+  w4: {linear: {bits: 4, group_size: 32}}
+  w2: {linear: {bits: 2, group_size: 32}}
+  a8w4: {linear: {bits: 4, group_size: 32, activations: int8_dynamic}}
+targets:
+  - {name: mlx-fp32, backend: mlx}
+  - {name: mlx-w8, backend: mlx, quantization: w8}
+  - {name: mlx-w4, backend: mlx, quantization: w4}
+  - {name: mlx-w2, backend: mlx, quantization: w2}
+  - {name: xnnpack-a8w4, backend: xnnpack, quantization: a8w4}
+  - {name: coreml-fp32, backend: coreml}
+"""
+TEXT = (Path(quality.__file__).parent / "data" / "eval.txt").read_text()
+
+
+def _build(folder: Path, env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*doit_command(), "build", "--plain", *args, "m.yaml"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _records(folder: Path) -> dict:
+    return {json.loads(p.read_text())["target"]: json.loads(p.read_text())
+            for p in (folder / "artifacts" / "quality-bits" / "0.1.0").glob("quality-bits-*.json")}
+
+
+def _ran(p: subprocess.CompletedProcess) -> set[str]:
+    return {f"{m[2]} {m[3]}" for m in map(STEP_LINE.match, p.stdout.splitlines()) if m and m[1] == "ok "}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, subprocess_env):
+    folder = tmp_path_factory.mktemp("quality")
+    (folder / "m.yaml").write_text(BITS)
+    (folder / "eval.txt").write_text(TEXT)
+    env = subprocess_env(MLXBUILD_CACHE=folder / "cache", MLXBUILD_ARTIFACTS=folder / "artifacts")
+    p = _build(folder, env, "--measure-speed", "--report", "report.json", "--junit", "report.xml")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return folder, env, p
+
+
+def test_kld_is_zero_for_a_float_target_and_grows_as_bits_shrink(built):
+    folder, _, _ = built
+    q = {t: r["quality"] for t, r in _records(folder).items()}
+    assert q["mlx-fp32"]["kld_mean"] < 1e-6 and q["mlx-fp32"]["top1"] == 1.0, q["mlx-fp32"]
+    assert abs(q["mlx-fp32"]["ppl_increase"]) < 1e-5
+    assert q["mlx-fp32"]["kld_mean"] < q["mlx-w8"]["kld_mean"] < q["mlx-w4"]["kld_mean"] < q["mlx-w2"]["kld_mean"]
+    assert q["mlx-w8"]["top1"] >= q["mlx-w4"]["top1"] >= q["mlx-w2"]["top1"]
+    # both backends' 4-bit artifacts were measured through their own runtimes
+    assert q["xnnpack-a8w4"]["runtime"] == "executorch.runtime" and "MLX" in q["mlx-w4"]["runtime"]
+    assert q["mlx-w4"]["positions"] == 64 and q["mlx-w4"]["evaluation"]["text"] is True
+    assert q["mlx-w4"]["evaluation"]["source"] == "eval.txt"
+    # the gate each was held to: the default for 8 bits, the manifest's per-scheme one for 4
+    assert q["mlx-w8"]["gate"] == quality.DEFAULT_GATES["8"]
+    assert q["mlx-w4"]["gate"]["max_kld"] == 100
+    # Core ML has no runtime here: said, not measured
+    assert q["coreml-fp32"] == {"measured": False,
+                                "reason": "no coreml runtime on a build host: its outputs cannot be compared"}
+
+
+def test_speed_figures_and_reports_carry_quality(built):
+    folder, _, _ = built
+    rec = _records(folder)["mlx-w4"]
+    assert rec["speed"]["prefill_tokens_per_s"] > 0 and rec["speed"]["decode_tokens_per_s"] > 0
+    assert rec["speed"]["where"] == "build host" and len(rec["speed"]["load_average"]) == 3
+    report = json.loads((folder / "report.json").read_text())
+    target = next(t for t in report["manifests"][0]["targets"] if t["target"] == "mlx-w2")
+    assert target["quality"]["kld_mean"] == _records(folder)["mlx-w2"]["quality"]["kld_mean"]
+    xml = (folder / "report.xml").read_text()
+    assert 'name="quality.kld_mean"' in xml and 'name="speed.decode_tokens_per_s"' in xml
+
+
+def test_the_float_reference_is_shared_and_rekeyed_by_the_dataset(built):
+    """One baseline for the dtype, whatever the scheme or backend; a changed evaluation text
+    reruns the baseline and the quality steps only."""
+    folder, env, _ = built
+    assert not _ran(_build(folder, env, "--measure-speed"))  # the same build again does nothing
+    (folder / "eval.txt").write_text(TEXT.replace("phone", "laptop"))
+    p = _build(folder, env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    kinds = {line.split()[0] for line in _ran(p)}
+    assert kinds == {"baseline", "quality", "package"}, _ran(p)
+    assert sum(line.startswith("baseline ") for line in _ran(p)) == 1
+
+
+def test_a_target_below_its_gate_fails_with_exit_4_and_keeps_the_last_good_artifact(built):
+    folder, env, _ = built
+    out = folder / "artifacts" / "quality-bits" / "0.1.0"
+    before = (out / "quality-bits-mlx-w8.pte").read_bytes()
+    text = BITS.replace("  - {name: mlx-w8, backend: mlx, quantization: w8}",
+                        "  - {name: mlx-w8, backend: mlx, quantization: w8, quality: {max_kld: 1.0e-9}}")
+    (folder / "m.yaml").write_text(text)
+    try:
+        p = _build(folder, env, "--continue")
+    finally:
+        (folder / "m.yaml").write_text(BITS)
+    assert p.returncode == 4, p.stdout[-2000:] + p.stderr[-2000:]
+    line = next(ln for ln in (p.stdout + p.stderr).splitlines() if "quality gate" in ln)
+    assert "quality-bits/mlx-w8: quality gate: KL divergence" in line and "> max_kld 1e-09" in line, line
+    assert (out / "quality-bits-mlx-w8.pte").read_bytes() == before
+    assert json.loads((out / "quality-bits-mlx-w8.json").read_text())["quality"]["gate"]["max_kld"] != 1e-9
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_figures_of_identical_and_shifted_distributions():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)) * 3
+    tokens = rng.integers(0, 11, (2, 5))
+    same = quality.figures(quality.log_softmax(logits), logits, tokens, text=True)
+    assert same["kld_mean"] < 1e-12 and same["top1"] == 1.0 and abs(same["ppl_increase"]) < 1e-12
+    moved = quality.figures(quality.log_softmax(logits), logits + rng.normal(size=logits.shape), tokens, text=False)
+    assert moved["kld_mean"] > 0.01 and "ppl" not in moved and moved["positions"] == 10
+
+
+def test_gate_defaults_follow_the_narrowest_width_and_overrides_stack():
+    m = parse_manifest(BITS.replace("  schemes:\n", "  max_kld: 0.5\n  schemes:\n")
+                       .replace("  - {name: mlx-w2, backend: mlx, quantization: w2}",
+                                "  - {name: mlx-w2, backend: mlx, quantization: w2, quality: {min_top1: 0.2}}"),
+                       "m.yaml")
+    gate = {t.name: m.quality_gate(t) for t in m.targets}
+    assert gate["mlx-fp32"] == {**quality.DEFAULT_GATES["none"], "max_kld": 0.5}
+    assert gate["mlx-w8"] == {**quality.DEFAULT_GATES["8"], "max_kld": 0.5}
+    assert gate["mlx-w2"] == {"max_kld": 100, "min_top1": 0.2, "max_ppl_increase": 100}
+    assert quality.narrowest_bits({"linear": {"format": "affine", "bits": 8},
+                                   "rules": [{"format": "affine", "bits": 2}]}) == "2"
+    assert quality.narrowest_bits({"linear": {"format": "nvfp4"}}) == "4"
+    assert quality.failures({"kld_mean": 0.3, "top1": 0.5, "ppl_increase": 0.1},
+                            {"max_kld": 0.25, "min_top1": 0.75, "max_ppl_increase": 0.3}) == [
+        "KL divergence 0.3 > max_kld 0.25", "top-1 agreement 0.5 < min_top1 0.75"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("  dataset: eval.txt", "quality.dataset: no such file"),
+    ("  seq_len: 32", "quality.seq_len: 65 tokens do not fit the KV cache (export.max_context_length: 64)"),
+    ("    w2: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}",
+     "quality.schemes.w3: unknown quantization scheme 'w3'"),
+])
+def test_bad_quality_settings_are_one_line_errors(tmp_path, subprocess_env, edit, message):
+    replacement = {"  dataset: eval.txt": "  dataset: missing.txt", "  seq_len: 32": "  seq_len: 65",
+                   "    w2: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}": "    w3: {max_kld: 1}"}[edit]
+    (tmp_path / "m.yaml").write_text(BITS.replace(edit, replacement))
+    env = subprocess_env(MLXBUILD_CACHE=tmp_path / "cache", MLXBUILD_ARTIFACTS=tmp_path / "artifacts")
+    p = _build(tmp_path, env)
+    assert p.returncode == 3, p.stdout + p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "m.yaml:" in errors[0], p.stderr
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.pte"))
