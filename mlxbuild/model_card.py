@@ -70,7 +70,7 @@ def render(lock: dict) -> str:
             "Each program's next-token distributions on the evaluation sequences, run through its own "
             "runtime, against the unquantized model of the same checkpoint and dtype (KL divergence in "
             "nats; perplexity where the sequences are text). A target below its gate is not published.", "",
-            "| target | KLD mean (p99) | top-1 vs float | perplexity (float → program) | gate | evaluated on |",
+            "| target | KLD mean (p99) | top-1 vs float (where decisive) | perplexity (float → program) | gate | evaluated on |",
             "|---|---|---|---|---|---|"]
     for t, e in sorted(targets.items()):
         q = e.get("quality") or {}
@@ -82,7 +82,8 @@ def render(lock: dict) -> str:
         gate = ", ".join(f"{k} {v:g}" for k, v in sorted((q.get("gate") or {}).items()) if v is not None)
         ev = q.get("evaluation") or {}
         where = f"{ev.get('sequences')} × {ev.get('seq_len')} tokens of {ev.get('source')}" if ev else "—"
-        out.append(f"| `{t}` | {_num(q['kld_mean'])} ({_num(q.get('kld_p99'))}) | {_pct(q.get('top1'))} | "
+        out.append(f"| `{t}` | {_num(q['kld_mean'])} ({_num(q.get('kld_p99'))}) | {_pct(q.get('top1'))} "
+                   f"({_pct(q.get('top1_decisive'))} of {q.get('decisive_positions', '—')}) | "
                    f"{ppl} | {gate} | {where} |")
     out.append("")
 

@@ -36,7 +36,7 @@ NAME, VERSION = "qwen3-tiny", "0.1.0"
 TARGETS = ("mlx-4w", "xnnpack-8da4w", "portable-fp32")
 # One weights step feeds three schemes; every target gets its own lower/verify/package.
 COLD_STEPS = {"weights": 1, "tokenizer": 1, "quantize": 3, "export": 3, "reference": 3,
-              "lower": 3, "verify": 3, "package": 3}
+              "lower": 3, "verify": 3, "baseline": 1, "quality": 3, "package": 3}
 ALL_STEPS = sum(COLD_STEPS.values())
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -243,11 +243,12 @@ def test_cold_build_record(cold, target):
         assert versions[tool] == metadata.version(tool), tool
     assert versions["mlxbuild"] == mlxbuild.__version__, versions
     # Our code is recorded per step, as the code hash each key covers.
-    assert set(rec["code"]) == {"weights", "tokenizer", "quantize", "export", "reference", "lower", "verify", "package"}
+    assert set(rec["code"]) == {"weights", "tokenizer", "quantize", "export", "reference", "lower", "verify",
+                                "baseline", "quality", "package"}
     assert all(re.fullmatch(r"[0-9a-f]{16}", h) for h in rec["code"].values()), rec["code"]
 
     # Content keys of every step that made it, each a complete cache entry.
-    assert set(rec["keys"]) == {"weights", "tokenizer", "quantize", "export", "lower", "verify"}
+    assert set(rec["keys"]) == {"weights", "tokenizer", "quantize", "export", "lower", "verify", "quality"}
     for kind, key in rec["keys"].items():
         assert HEX64.match(key), (kind, key)
         assert (ws.entry(kind, key) / ".complete").exists(), kind
@@ -332,13 +333,13 @@ def test_changing_one_target_rebuilds_only_that_target(warm):
     assert result.rc == 0, result
     # The 4w scheme feeds only the mlx target: its chain re-runs, nothing else does.
     assert result.ran_kinds() == Counter(quantize=1, export=1, reference=1, lower=1, verify=1,
-                                         package=1), result
+                                         quality=1, package=1), result
     assert result.labels("quantize") == {f"{NAME} 4w"}, result
     assert result.labels("reference") == {f"{NAME} 4w"}, result
     assert {label.split("/")[0] for label in result.labels("export")} == {f"{NAME} 4w"}, result
     for kind in ("lower", "verify", "package"):
         assert result.labels(kind) == {f"{NAME}/mlx-4w"}, result
-    assert len(result.steps("--")) == ALL_STEPS - 6, result
+    assert len(result.steps("--")) == ALL_STEPS - 7, result
 
     assert fingerprint(artifact_files(warm, others)) == untouched
     rec = warm.record("mlx-4w")

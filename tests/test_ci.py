@@ -204,12 +204,12 @@ def test_backend_filter_plans_and_runs_only_matching_targets(matrix):
 def test_target_filter_runs_only_that_targets_steps(matrix):
     ws, runs = matrix
     r = runs["target"]
-    assert sorted(k for k, _ in r.steps(".")) == sorted(["export", "lower", "verify", "package"]), r
+    assert sorted(k for k, _ in r.steps(".")) == sorted(["export", "lower", "verify", "quality", "package"]), r
     assert r.labels("export") == {f"{NAME} none/mlx"}, r
-    for kind in ("lower", "verify", "package"):
+    for kind in ("lower", "verify", "quality", "package"):
         assert r.labels(kind) == {f"{NAME}/mlx-fp32"}, r
     # Shared upstream steps were built by the first run: up to date now.
-    assert {k for k, _ in r.steps("--")} == {"weights", "tokenizer", "quantize", "reference"}, r
+    assert {k for k, _ in r.steps("--")} == {"weights", "tokenizer", "quantize", "reference", "baseline"}, r
     assert "portable" not in r.out, r
     assert targets_of(ws.json("reports/target.json"))["mlx-fp32"]["status"] == "built"
 

@@ -268,10 +268,10 @@ BAD = [
      "29:1: name: duplicate key 'name' (first defined on line 2)"),
     ("top-level-list", "- name: a\n- name: b\n",
      "1:1: the top level must be a mapping with: name, version, model, export, quantization, "
-     "targets, settings; got a list"),
+     "targets, quality, settings; got a list"),
     ("empty-file", "# nothing\n",
      "1:1: manifest is empty; expected a mapping with: name, version, model, export, "
-     "quantization, targets, settings"),
+     "quantization, targets, quality, settings"),
     ("missing-name", sub("name: qwen3-tiny\n", ""),
      "2:1: name: required field is missing"),
     ("missing-export", MINIMAL.replace("export:\n  max_context_length: 64\n", ""),
@@ -285,12 +285,12 @@ BAD = [
     ("version-number", sub("version: 0.1.0", "version: 1.0"),
      "3:1: version: expected a semantic version string, got a number (1.0)"),
     ("unknown-top-field", BASE + "foo: 1\n",
-     "29:1: foo: unknown field 'foo'; allowed: name, version, model, export, quantization, targets, settings"),
+     "29:1: foo: unknown field 'foo'; allowed: name, version, model, export, quantization, targets, quality, settings"),
     ("unknown-nested-field", sub("  task: text-generation\n", "  task: text-generation\n  quant: 4\n"),
      "9:3: model.quant: unknown field 'quant'; allowed: source, dtype, task, tokenizer"),
     ("model-not-mapping", sub("model:\n  source:", "model: 3\nmodel2:\n  source:"),
      "5:1: model2: unknown field 'model2'; allowed: name, version, model, export, "
-     "quantization, targets, settings"),
+     "quantization, targets, quality, settings"),
     ("model-scalar", MINIMAL.replace(
         "model:\n  source:\n    synthetic: {architecture: llama}\n", "model: llama\n"),
      "3:1: model: expected a mapping, got a string ('llama')"),
@@ -429,7 +429,7 @@ BAD = [
      "(it takes no options)"),
     ("unknown-target-field", sub("    options: {}\n", "    option: {}\n"),
      "25:5: targets[0].option: unknown field 'option'; allowed: name, backend, quantization, "
-     "options, dtype, etrecord"),
+     "options, dtype, etrecord, quality"),
     ("target-not-mapping", sub("  - name: xnn\n    backend: xnnpack\n    quantization: 8da4w\n",
                                "  - xnn\n"),
      "26:5: targets[1]: expected a mapping, got a string ('xnn')"),

@@ -168,9 +168,24 @@ def test_gate_defaults_follow_the_narrowest_width_and_overrides_stack():
     assert quality.narrowest_bits({"linear": {"format": "affine", "bits": 8},
                                    "rules": [{"format": "affine", "bits": 2}]}) == "2"
     assert quality.narrowest_bits({"linear": {"format": "nvfp4"}}) == "4"
-    assert quality.failures({"kld_mean": 0.3, "top1": 0.5, "ppl_increase": 0.1},
+    assert quality.failures({"kld_mean": 0.3, "top1": 0.2, "top1_decisive": 0.5, "decisive_positions": 8,
+                             "ppl_increase": 0.1},
                             {"max_kld": 0.25, "min_top1": 0.75, "max_ppl_increase": 0.3}) == [
-        "KL divergence 0.3 > max_kld 0.25", "top-1 agreement 0.5 < min_top1 0.75"]
+        "KL divergence 0.3 > max_kld 0.25",
+        "top-1 agreement 0.5 (at the 8 decisive positions) < min_top1 0.75"]
+    # no decisive position (an untrained model's near-uniform outputs): nothing to hold top-1 to
+    assert quality.failures({"kld_mean": 0.0, "top1": 0.1, "top1_decisive": None, "decisive_positions": 0},
+                            {"min_top1": 0.75}) == []
+
+
+def test_top1_is_held_only_where_the_float_model_is_decisive():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1, 6, 7))
+    logits[0, :3, 0] += 5.0  # three decisive positions (token 0 far ahead)
+    moved = logits.copy()
+    moved[0, 3:] = logits[0, 3:] * -1.0  # the near-uniform rest flips
+    fig = quality.figures(quality.log_softmax(logits), moved, None, text=False)
+    assert fig["decisive_positions"] >= 3 and fig["top1_decisive"] >= 3 / fig["decisive_positions"] - 1e-9
 
 
 @pytest.mark.parametrize("edit, message", [

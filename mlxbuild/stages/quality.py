@@ -40,7 +40,7 @@ def run(params: QualityParams, cache, out: Path) -> QualityResult:
                            speed=speed, evaluation=info.model_dump(mode="json"), **figures)
     result.write(out)
     if bad:
-        raise VerificationError(f"{params.label}: quality gate: {result.reason}")
+        raise VerificationError(f"quality gate: {result.reason}")
     return result
 
 
