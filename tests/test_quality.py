@@ -204,3 +204,16 @@ def test_bad_quality_settings_are_one_line_errors(tmp_path, subprocess_env, edit
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "m.yaml:" in errors[0], p.stderr
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.pte"))
+
+
+def test_a_jsonl_dataset_reads_its_text_fields_and_names_a_bad_line(tmp_path):
+    from mlxbuild.errors import BuildError
+    from mlxbuild.evaluation import read_dataset, tokens
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "first"}\n\n{"text": "second"}\n')
+    assert read_dataset({"file": str(good)}) == "first\nsecond"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "first"}\n["no"]\n')
+    with pytest.raises(BuildError, match=r"bad.jsonl:2: not a JSON object with a 'text' field"):
+        tokens({"sequences": 1, "seq_len": 4, "dataset": {"file": str(bad)}}, tmp_path, 10)

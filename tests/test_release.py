@@ -165,7 +165,7 @@ def test_model_card(released):
     card = (released.out_dir / "README.md").read_text()
     lock = released.lock()
     assert card.startswith(f"# {NAME} {VERSION}\n")
-    for section in ("## Targets", "## Quantization", "## Verification", "## Speed", "## Loading",
+    for section in ("## Targets", "## Quantization", "## Verification", "## Quality", "## Speed", "## Loading",
                     "### Python (`executorch.runtime`)", "### C++ (`Module`)", "### iOS and macOS (Swift)",
                     "### Android (Java)", "## Licence"):
         assert f"\n{section}\n" in card, section
@@ -174,6 +174,10 @@ def test_model_card(released):
         assert re.search(rf"^\| `{t}` \| [^|]*`{NAME}-{t}\.pte`[^|]* \| [^|]+ \| fp32 \| {entry['scheme']} \| [\d.]+ KB \|$",
                          card, re.M), t
         assert f"- `{t}`: not measured" in card  # the records carry no speed
+        q = entry["quality"]  # the lock holds each target's quality figures; the card shows them
+        assert q["passed"] is True and q["gate"] and q["positions"] == 256, q
+        kld = f"{q['kld_mean']:.3g}"
+        assert re.search(rf"^\| `{t}` \| {re.escape(kld)} \(", card, re.M), t
         err = f"{entry['verification']['max_abs_error']:.3g}"
         assert re.search(rf"^\| `{t}` \| [^|]+ \| {re.escape(err)} \|", card, re.M), t
     assert "- `mlx-4w` (scheme `4w`): linear: affine 4-bit, group 32; embedding: affine 4-bit, group 32" in card

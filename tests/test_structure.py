@@ -143,19 +143,22 @@ def test_keys_cover_exactly_the_code_of_each_step(source_copy, tmp_path):
                 any(s == f"{k}:qwen3-tiny/{t}" for k in kinds)}
 
     # A node handler of the MLX runtime runs only when an MLX artifact is verified.
-    assert _changed_by(source_copy, tmp_path, "mlx_runtime/nodes/conv.py") == of("mlx", "verify", "package")
+    # (and the quality step, which runs the artifact through the same runtime)
+    assert _changed_by(source_copy, tmp_path, "mlx_runtime/nodes/conv.py") == of("mlx", "verify", "quality", "package")
     # The XNNPACK backend lowers and verifies XNNPACK targets, nothing else.
-    assert _changed_by(source_copy, tmp_path, "backends/xnnpack.py") == of("xnnpack", "lower", "verify", "package")
+    assert _changed_by(source_copy, tmp_path, "backends/xnnpack.py") == of("xnnpack", "lower", "verify", "quality",
+                                                                            "package")
     # Whisper is not in a Qwen manifest's steps at all.
     assert _changed_by(source_copy, tmp_path, "mlxbuild/families/whisper.py") == set()
     # The weights loader decides every byte downstream, but not the tokenizer's.
     tokenizer = {s for s in steps if s.startswith("tokenizer")}
     assert len(tokenizer) == 1
     assert _changed_by(source_copy, tmp_path, "mlxbuild/stages/weights.py") == steps - tokenizer
-    # The tokenizer code is run by the tokenizer step and by the runner check (reference and
-    # verify stages): weights, quantization, exports and lowerings stay as they are.
+    # The tokenizer code is run by the tokenizer step, by the runner check (reference and
+    # verify stages) and to encode the evaluation text (baseline, and the quality steps that
+    # read it): weights, quantization, exports and lowerings stay as they are.
     assert _changed_by(source_copy, tmp_path, "mlxbuild/tokenizer.py") == tokenizer | {
-        s for s in steps if s.startswith(("reference:", "verify:", "package:"))}
+        s for s in steps if s.startswith(("reference:", "verify:", "baseline:", "quality:", "package:"))}
 
 
 def test_a_family_edit_reaches_its_manifests_from_export_on(source_copy, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlxbuild import families, progress, quality
+from mlxbuild import evaluation, families, progress, quality
 from mlxbuild.families.hf import load_model, text_config
 from mlxbuild.steps import BaselineParams, BaselineResult
 
@@ -22,7 +22,7 @@ def run(params: BaselineParams, cache, out: Path) -> BaselineResult:
     spec = params.evaluation
     tok_dir = cache.read("tokenizer", params.tokenizer) if params.tokenizer else None
     model = load_model(cache.read("weights", params.weights), params.dtype)
-    tokens, text = kind.evaluation_tokens(spec, tok_dir, text_config(model).get("vocab_size") or 2)
+    tokens, text = evaluation.tokens(spec, tok_dir, text_config(model).get("vocab_size") or 2)
     progress.note(f"scoring {tokens.shape[0]} x {tokens.shape[1]} tokens")
     logits = kind.score(kind.eager_forward(model, params.plain()), tokens, params.max_prefill_chunk)
     np.save(out / "tokens.npy", tokens)
