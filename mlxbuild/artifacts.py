@@ -148,6 +148,8 @@ def publish(params: PackageParams, cache, package_key: str) -> dict:
         measured = QualityResult.read(cache.read("quality", params.quality)).model_dump(mode="json")
         record["speed"] = measured.pop("speed", None)
         record["quality"] = measured
+    elif params.record.get("quality_skipped"):
+        record["quality"] = {"measured": False, "reason": params.record["quality_skipped"]}
     if params.preprocessor:
         # What the preprocessor step checked its program against (mlxbuild.stages.preprocessor).
         check = json.loads((cache.read("preprocessor", params.preprocessor) / "preprocessor.json").read_text())

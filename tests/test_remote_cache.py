@@ -33,8 +33,8 @@ BUCKET = "mlxbuild-ci"
 ACCESS_KEY, SECRET_KEY = "remote-cache-test", "remote-cache-secret"
 TARGET = "portable-fp32"
 NAME, VERSION = "qwen3-tiny", "0.1.0"
-CACHE_KINDS = ("weights", "tokenizer", "quantize", "export", "reference", "lower", "verify")
-STEP = re.compile(r"^(\.  |ok |-- )(weights|tokenizer|quantize|export|reference|lower|verify|package) ")
+CACHE_KINDS = ("weights", "tokenizer", "quantize", "export", "reference", "lower", "verify", "baseline", "quality")
+STEP = re.compile(r"^(\.  |ok |-- )(weights|tokenizer|quantize|export|reference|lower|verify|baseline|quality|package) ")
 NOTE = re.compile(r"^   (\w+) .+?: (downloaded from remote cache|not in remote cache|uploaded to remote cache)")
 
 
@@ -250,13 +250,13 @@ def test_second_machine_downloads_only_what_its_steps_need(first, s3, tmp_path, 
     run = b.build()
     assert run.rc == 0, run
     # The package step reads the lowered program, its verification, the quantize entry's
-    # layer table and the tokenizer it publishes; the weights, the export and the reference
-    # are never needed here.
-    assert run.notes("downloaded") == {"tokenizer", "quantize", "lower", "verify"}, run
-    assert run.steps(".") == {"tokenizer", "quantize", "lower", "verify", "package"}, run
-    assert run.steps("--") == {"weights", "export", "reference"}, run
+    # layer table, the quality figures and the tokenizer it publishes; the weights, the
+    # export, the reference and the float baseline are never needed here.
+    assert run.notes("downloaded") == {"tokenizer", "quantize", "lower", "verify", "quality"}, run
+    assert run.steps(".") == {"tokenizer", "quantize", "lower", "verify", "quality", "package"}, run
+    assert run.steps("--") == {"weights", "export", "reference", "baseline"}, run
     assert run.notes("uploaded") == set(), run
-    for kind in ("weights", "export", "reference"):
+    for kind in ("weights", "export", "reference", "baseline"):
         assert b.entries(kind) == [], kind
     assert b.pte.read_bytes() == a.pte.read_bytes()
     record_a = json.loads(a.pte.with_suffix(".json").read_text())
@@ -288,7 +288,7 @@ def test_corrupt_remote_object_is_detected_and_built_locally(first, s3, tmp_path
     assert len(bad) == 1 and "verify/" in bad[0] and "sha256" in bad[0], run
     # verify was built here; the reference it reads was skipped as not needed, then fetched.
     # Verifying again runs TextLLMRunner with the tokenizer: that comes down too.
-    assert run.notes("downloaded") == {"tokenizer", "quantize", "lower", "reference"}, run
+    assert run.notes("downloaded") == {"tokenizer", "quantize", "lower", "reference", "quality"}, run
     assert "verify" in run.notes("uploaded"), run
     assert c.pte.read_bytes() == a.pte.read_bytes()
     # The local rebuild replaced the bad entry: its marker now names a sound archive.
