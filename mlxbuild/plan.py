@@ -74,7 +74,7 @@ def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
 
 
 def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | None = None,
-              backend: str | None = None) -> tuple[str, ...]:
+              backend: str | None = None, gptq: bool = False) -> tuple[str, ...]:
     """The modules whose code decides a step's bytes (``mlxbuild.fingerprint``'s rule): the
     stage, and what it combines: the task's family modules, the export flavour, the
     backend and, for verification, the backend's runtime and the structural check."""
@@ -96,6 +96,8 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
         roots = ["mlxbuild.artifacts"]
     if kind == "tokenizer":
         roots.append("mlxbuild.tokenizer")
+    if kind == "quantize" and gptq:  # imported by name where a GPTQ scheme runs them
+        roots += ["mlxbuild.gptq", "mlxbuild.evaluation"]
     if kind == "preprocessor":
         roots.append("backends.xnnpack")  # the stage's BACKEND
     return tuple(roots)
@@ -156,12 +158,22 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         other = [tdtype] if tdtype != dtype else []
         tag = f"{scheme_name}-{tdtype}" if other else scheme_name
 
+        # GPTQ's codes depend on its calibration text (by content, through the tokenizer that
+        # encodes it), not on where the manifest says the file lies.
+        calib = _calibration(manifest, manifest_dir, hasher, tokenizer, scheme_name) \
+            if scheme.get("method") == "gptq" else None
+        calib_tok = tokenizer if calib and calib["text"] else None
+        hashed = {k: v for k, v in scheme.items() if k != "calibration"}
+        extra = [calib["identity"], calib_tok.key if calib_tok else None] if calib else []
         quant = plan.add(Step(
             kind=StepKind.QUANTIZE,
-            name=f"quantize:{tag}.{_short(stable_hash(weights.key, scheme, *other))}",
-            key=stable_hash("quantize", weights.key, scheme, *other,
-                            _versions("torch", "torchao", code=step_code("quantize"))),
-            deps=[weights.name], params={"weights": weights.key, "scheme": scheme, "dtype": tdtype},
+            name=f"quantize:{tag}.{_short(stable_hash(weights.key, hashed, *other, *extra))}",
+            key=stable_hash("quantize", weights.key, hashed, *other, *extra,
+                            _versions("torch", "torchao", code=step_code("quantize", gptq=bool(calib)))),
+            deps=[weights.name, *([calib_tok.name] if calib_tok else [])],
+            params={"weights": weights.key, "scheme": scheme, "dtype": tdtype,
+                    "calibration": calib["params"] if calib else None,
+                    "tokenizer": calib_tok.key if calib_tok else None},
             label=f"{manifest.name} {scheme_name}" + (f" ({tdtype})" if other else "")))
 
         flavour = backend.FLAVOUR
@@ -262,7 +274,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             # Per step, the hash of the code that decides its bytes (the keys hold them too):
             # a release lock names the step whose code changed, and an upgrade that changes
             # none of them leaves a release rebuildable as it is.
-            "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize")),
+            "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize", gptq=bool(calib))),
                      **({"tokenizer": code_hash(*step_code("tokenizer"))} if tokenizer else {}),
                      **({"preprocessor": code_hash(*step_code("preprocessor"))} if preprocessor else {}),
                      "export": code_hash(*step_code("export", task=task, flavour=flavour)),
@@ -312,18 +324,34 @@ def _evaluation(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer) -> 
     q = manifest.quality
     spec = {"sequences": q.sequences, "seed": 0,
             "seq_len": q.seq_len or min(quality.DEFAULT_SEQ_LEN, manifest.export.max_context_length)}
+    return _text_spec(manifest, manifest_dir, hasher, tokenizer, spec, q.dataset, quality.DEFAULT_TEXT,
+                      ("quality", "dataset"))
+
+
+def _calibration(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer, scheme_name: str) -> dict:
+    """A GPTQ scheme's calibration sequences, as :func:`_evaluation` has the evaluation's."""
+    from mlxbuild.tokenizer import CORPUS
+
+    c = manifest.quantization[scheme_name].calibration
+    samples, seq_len, dataset = (c.samples, c.seq_len, c.dataset) if c else (8, 64, None)
+    spec = {"sequences": samples, "seq_len": seq_len, "seed": 1}
+    return _text_spec(manifest, manifest_dir, hasher, tokenizer, spec, dataset, CORPUS,
+                      ("quantization", scheme_name, "calibration", "dataset"))
+
+
+def _text_spec(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer, spec: dict, name,
+               default: Path, field: tuple) -> dict:
     if tokenizer is None:
         return {"params": {**spec, "dataset": None}, "identity": {**spec, "dataset": None}, "text": False}
-    name = q.dataset
     if name and name.startswith("hf:"):
         repo, _, split = name[3:].partition(":")
         dataset = {"hf": repo, "split": split or None}
         return {"params": {**spec, "dataset": dataset}, "identity": {**spec, "dataset": dataset}, "text": True}
-    path = (manifest_dir / name) if name else quality.DEFAULT_TEXT
+    path = (manifest_dir / name) if name else default
     if not path.is_file():
-        raise manifest.error_at(("quality", "dataset"), f"no such file: {path}")
+        raise manifest.error_at(field, f"no such file: {path}")
     if path.suffix not in (".txt", ".jsonl", ".md"):
-        raise manifest.error_at(("quality", "dataset"), f"{path.name}: expected a .txt, .md or .jsonl "
+        raise manifest.error_at(field, f"{path.name}: expected a .txt, .md or .jsonl "
                                 "file, or hf:OWNER/NAME[:SPLIT]")
     digest = hasher.hash(path)
     return {"params": {**spec, "dataset": {"file": str(path.resolve()), "sha256": digest}},

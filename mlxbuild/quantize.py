@@ -207,8 +207,10 @@ def _fits(module, q: dict) -> bool:
     return q["group_size"] == "per_channel" or module.weight.shape[-1] % int(q["group_size"]) == 0
 
 
-def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
-    """Quantize in place; return {module name: its final quantization}.
+def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor | None = None) -> dict[str, dict]:
+    """Quantize in place; return {module name: its final quantization}. A scheme with
+    ``method: gptq`` takes ``calibration`` token ids [samples, seq_len]: its affine linears
+    get GPTQ's codes (``mlxbuild.gptq``), the rest is rounded as usual.
 
     Each entry has ``format`` (and ``bits`` / ``group_size`` / ``activations`` when
     quantized), ``rule`` (which rule set it), and for a tied output projection
@@ -246,6 +248,24 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
         elif not same:
             layers[out_name]["untied_from"] = emb_name
 
+    floats, hs = {}, {}
+    if scheme.get("method") == "gptq":
+        import importlib
+
+        # By name, as mlxbuild.stages.quantize imports the evaluation text: GPTQ's code is in
+        # the keys of GPTQ schemes only (mlxbuild.plan.step_code).
+        gptq = importlib.import_module("mlxbuild.gptq")
+
+        chosen = [n for key, names in groups.items() if json.loads(key)["format"] == "affine"
+                  for n in names if assigned[n][0] == "linear"]
+        if calibration is None:
+            raise BuildError("method gptq needs calibration tokens")
+        # Every layer's inputs from the float model, before any layer is quantized.
+        hs = gptq.hessians(model, chosen, calibration)
+        floats = {n: model.get_submodule(n).weight.detach() for n in chosen}
+        for n in chosen:
+            layers[n]["method"] = "gptq"
+
     for key, names in groups.items():
         if names:
             q = json.loads(key)
@@ -255,6 +275,9 @@ def apply_scheme(model: torch.nn.Module, scheme: dict) -> dict[str, dict]:
                 _quantize_on_gpu(model, names, _config(q))
                 continue
             quantize_(model, _config(q), filter_fn=lambda m, fqn, w=wanted: fqn in w)
+            for name in names:
+                if name in floats:
+                    gptq.apply(model.get_submodule(name), floats.pop(name), hs.pop(name))
             for name, dtype in half.items():
                 module = model.get_submodule(name)
                 # Back to the model's dtype without dequantizing: only the output dtype changes.

@@ -77,6 +77,9 @@ class QuantizeParams(Params):
     weights: str
     scheme: dict[str, Any]
     dtype: Dtype
+    # GPTQ's calibration sequences (``mlxbuild.evaluation``'s spec) and their tokenizer.
+    calibration: dict[str, Any] | None = None
+    tokenizer: str | None = None
 
 
 class ExportParams(ExportSpec):

@@ -380,7 +380,7 @@ BAD = [
      "20:3: quantization.none: 'none' is reserved (it means no quantization); choose another "
      "scheme name"),
     ("unknown-scheme-field", sub("  fp:        {}", "  fp:        {conv: {bits: 4}}"),
-     "20:15: quantization.fp.conv: unknown field 'conv'; allowed: linear, embedding, rules"),
+     "20:15: quantization.fp.conv: unknown field 'conv'; allowed: linear, embedding, rules, method, calibration"),
     ("empty-targets", BASE[: BASE.index("targets:")] + "targets: []\n",
      "21:1: targets: must not be empty (at least 1 item required)"),
     ("targets-not-list", BASE[: BASE.index("targets:")] + "targets: {name: a}\n",

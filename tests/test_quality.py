@@ -40,17 +40,23 @@ quality:
     w2: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     w4: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     a8w4: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+    w4g: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+    a8w4g: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
 quantization:
   w8: {linear: {bits: 8, group_size: 32}}
   w4: {linear: {bits: 4, group_size: 32}}
   w2: {linear: {bits: 2, group_size: 32}}
   a8w4: {linear: {bits: 4, group_size: 32, activations: int8_dynamic}}
+  w4g: {linear: {bits: 4, group_size: 32}, method: gptq, calibration: {samples: 8, seq_len: 64}}
+  a8w4g: {linear: {bits: 4, group_size: 32, activations: int8_dynamic}, method: gptq}
 targets:
   - {name: mlx-fp32, backend: mlx}
   - {name: mlx-w8, backend: mlx, quantization: w8}
   - {name: mlx-w4, backend: mlx, quantization: w4}
   - {name: mlx-w2, backend: mlx, quantization: w2}
   - {name: xnnpack-a8w4, backend: xnnpack, quantization: a8w4}
+  - {name: mlx-w4g, backend: mlx, quantization: w4g}
+  - {name: xnnpack-a8w4g, backend: xnnpack, quantization: a8w4g}
   - {name: coreml-fp32, backend: coreml}
 """
 TEXT = (Path(quality.__file__).parent / "data" / "eval.txt").read_text()
@@ -98,6 +104,24 @@ def test_kld_is_zero_for_a_float_target_and_grows_as_bits_shrink(built):
     # Core ML has no runtime here: said, not measured
     assert q["coreml-fp32"] == {"measured": False,
                                 "reason": "no coreml runtime on a build host: its outputs cannot be compared"}
+
+
+def test_gptq_lowers_kl_divergence_against_rounding_at_the_same_bits(built):
+    """GPTQ (on the HQQ grid plain rounding uses) against plain rounding, same bits and group
+    size, on MLX and on XNNPACK (int8 dynamic activations): both verified, both closer to
+    the float model."""
+    folder, _, _ = built
+    rec = _records(folder)
+    for rtn, gptq in (("mlx-w4", "mlx-w4g"), ("xnnpack-a8w4", "xnnpack-a8w4g")):
+        assert rec[gptq]["verification"]["passed"] and rec[gptq]["quality"]["measured"]
+        assert rec[gptq]["quality"]["kld_mean"] < 0.95 * rec[rtn]["quality"]["kld_mean"], (rtn, gptq)
+        layers = rec[gptq]["layer_quantization"]["layers"]
+        assert {n for n, v in layers.items() if v.get("method") == "gptq"} == {
+            n for n, v in layers.items() if v["format"] == "affine" and n != "model.embed_tokens"}
+    # the same bits and group size: GPTQ changes the codes, not the format or the size
+    assert rec["mlx-w4g"]["layer_quantization"]["summary"]["counts"] == \
+        rec["mlx-w4"]["layer_quantization"]["summary"]["counts"]
+    assert abs(rec["mlx-w4g"]["size"] - rec["mlx-w4"]["size"]) < 0.02 * rec["mlx-w4"]["size"]
 
 
 def test_speed_figures_and_reports_carry_quality(built):
@@ -217,3 +241,31 @@ def test_a_jsonl_dataset_reads_its_text_fields_and_names_a_bad_line(tmp_path):
     bad.write_text('{"text": "first"}\n["no"]\n')
     with pytest.raises(BuildError, match=r"bad.jsonl:2: not a JSON object with a 'text' field"):
         tokens({"sequences": 1, "seq_len": 4, "dataset": {"file": str(bad)}}, tmp_path, 10)
+
+
+def test_gptq_calibration_text_keys_only_the_gptq_chain(tmp_path):
+    from mlxbuild.fingerprint import FileHasher
+    from mlxbuild.plan import Plan, plan_manifest
+
+    text = BITS.replace("calibration: {samples: 8, seq_len: 64}",
+                        "calibration: {dataset: calib.txt, samples: 8, seq_len: 64}")
+    (tmp_path / "eval.txt").write_text(TEXT)
+    (tmp_path / "m.yaml").write_text(text)
+
+    def keys(calib: str) -> dict:
+        (tmp_path / "calib.txt").write_text(calib)
+        plan = Plan()
+        plan_manifest(parse_manifest(text, str(tmp_path / "m.yaml")), plan,
+                      FileHasher(None), tmp_path / "artifacts")
+        return {n: s.key for n, s in plan.steps.items()}
+
+    before, after = keys("one calibration text"), keys("another calibration text")
+    changed = {n.split(":")[0] + ":" + n.split(":")[1].split(".")[0] for n in before if before[n] != after.get(n, "")}
+    assert changed == {"quantize:w4g", "export:w4g", "reference:w4g", "lower:quality-bits/mlx-w4g",
+                       "verify:quality-bits/mlx-w4g", "quality:quality-bits/mlx-w4g",
+                       "package:quality-bits/mlx-w4g"}, changed
+    # and the quantize step reads the tokenizer that encodes it
+    plan = Plan()
+    plan_manifest(parse_manifest(text, str(tmp_path / "m.yaml")), plan, FileHasher(None), tmp_path / "a")
+    step = next(s for n, s in plan.steps.items() if n.startswith("quantize:w4g"))
+    assert any(d.startswith("tokenizer:") for d in step.deps) and step.params.calibration["dataset"]["sha256"]

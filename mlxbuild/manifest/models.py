@@ -558,6 +558,18 @@ class QuantRule(_Model):
         return self.format != "none"
 
 
+class Calibration(_Model):
+    """The text a calibration-based method (GPTQ) sees its layers' inputs on."""
+
+    dataset: NonEmptyStr | None = Field(
+        None, description="a .txt, .md or .jsonl file relative to the manifest, or "
+        "hf:OWNER/NAME[:SPLIT]; default: the text the synthetic tokenizer is trained on "
+        "(mlxbuild/data/corpus.txt), not the quality step's evaluation text. Models without a "
+        "tokenizer are calibrated on seeded token ids")
+    samples: StrictInt = Field(8, ge=1, le=1024, description="calibration sequences")
+    seq_len: StrictInt = Field(64, ge=2, description="tokens per calibration sequence")
+
+
 class Scheme(_Model):
     """A named quantization scheme; omitted (or null) layers stay unquantized."""
 
@@ -568,16 +580,33 @@ class Scheme(_Model):
         description="per-layer rules, first match wins; layers no rule picks use linear/embedding",
     )
 
+    method: _choice("rtn", "gptq") = Field(  # type: ignore[valid-type]
+        "rtn", description="rtn: round each weight to its grid (HQQ scales); gptq: choose the "
+        "affine linears' codes by GPTQ on calibration text, so the layers' outputs move least")
+    calibration: Calibration | None = Field(
+        None, description="what gptq calibrates on (default: see Calibration)")
+
     @field_validator("rules", mode="before")
     @classmethod
     def rules_null(cls, v: Any) -> Any:
         return [] if v is None else v
 
+    @model_validator(mode="after")
+    def check_method(self) -> "Scheme":
+        if self.calibration is not None and self.method != "gptq":
+            raise _Issue(("calibration",), "calibration is only read by method: gptq")
+        return self
+
     @model_serializer(mode="wrap")
     def drop_unused(self, handler) -> dict:
         # A scheme without rules dumps (and so hashes into cache keys and records) as it
-        # did before rules existed; a rule dumps only the selectors it uses.
+        # did before rules existed; a rule dumps only the selectors it uses. Likewise
+        # method and calibration only when GPTQ is asked for.
         out = handler(self)
+        if out.get("method") == "rtn":
+            out.pop("method", None)
+        if out.get("calibration") is None:
+            out.pop("calibration", None)
         if not out.get("rules"):
             out.pop("rules", None)
         else:

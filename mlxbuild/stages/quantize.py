@@ -10,6 +10,7 @@ step copies into the artifact's record.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -24,10 +25,22 @@ from mlxbuild.steps import QuantizeParams
 
 def run(params: QuantizeParams, cache, out: Path) -> dict:
     model = load_model(cache.read("weights", params.weights), params.dtype)
+    calibration = None
+    if params.calibration is not None:
+        from mlxbuild.families.hf import text_config
+
+        # Imported by name: only GPTQ schemes run it, and only their keys hash it
+        # (mlxbuild.plan.step_code), so an edit of the tokenizer code leaves RTN schemes be.
+        evaluation = importlib.import_module("mlxbuild.evaluation")
+
+        tok = cache.read("tokenizer", params.tokenizer) if params.tokenizer else None
+        ids, _ = evaluation.tokens(params.calibration, tok, text_config(model).get("vocab_size") or 2)
+        calibration = torch.from_numpy(ids)
+        progress.note(f"calibrating on {ids.shape[0]} x {ids.shape[1]} tokens")
     progress.note("quantizing")
     with torch.no_grad():
         try:
-            layers = apply_scheme(model, params.scheme)
+            layers = apply_scheme(model, params.scheme, calibration)
         except BuildError as e:
             raise BuildError(f"{params.label or 'quantize'}: {e}") from None
     save(model, layers, out)
