@@ -74,7 +74,7 @@ def _versions(*names: str, code: tuple[str, ...] = ()) -> dict:
 
 
 def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | None = None,
-              backend: str | None = None, gptq: bool = False) -> tuple[str, ...]:
+              backend: str | None = None, calibrated: bool = False) -> tuple[str, ...]:
     """The modules whose code decides a step's bytes (``mlxbuild.fingerprint``'s rule): the
     stage, and what it combines: the task's family modules, the export flavour, the
     backend and, for verification, the backend's runtime and the structural check."""
@@ -96,8 +96,8 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
         roots = ["mlxbuild.artifacts"]
     if kind == "tokenizer":
         roots.append("mlxbuild.tokenizer")
-    if kind == "quantize" and gptq:  # imported by name where a GPTQ scheme runs them
-        roots += ["mlxbuild.gptq", "mlxbuild.evaluation"]
+    if kind == "quantize" and calibrated:  # imported by name where a GPTQ/AWQ scheme runs them
+        roots += ["mlxbuild.gptq", "mlxbuild.awq", "mlxbuild.evaluation"]
     if kind == "preprocessor":
         roots.append("backends.xnnpack")  # the stage's BACKEND
     return tuple(roots)
@@ -161,7 +161,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         # GPTQ's codes depend on its calibration text (by content, through the tokenizer that
         # encodes it), not on where the manifest says the file lies.
         calib = _calibration(manifest, manifest_dir, hasher, tokenizer, scheme_name) \
-            if scheme.get("method") == "gptq" else None
+            if scheme.get("method") in ("gptq", "awq") else None
         calib_tok = tokenizer if calib and calib["text"] else None
         hashed = {k: v for k, v in scheme.items() if k != "calibration"}
         extra = [calib["identity"], calib_tok.key if calib_tok else None] if calib else []
@@ -169,7 +169,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             kind=StepKind.QUANTIZE,
             name=f"quantize:{tag}.{_short(stable_hash(weights.key, hashed, *other, *extra))}",
             key=stable_hash("quantize", weights.key, hashed, *other, *extra,
-                            _versions("torch", "torchao", code=step_code("quantize", gptq=bool(calib)))),
+                            _versions("torch", "torchao", code=step_code("quantize", calibrated=bool(calib)))),
             deps=[weights.name, *([calib_tok.name] if calib_tok else [])],
             params={"weights": weights.key, "scheme": scheme, "dtype": tdtype,
                     "calibration": calib["params"] if calib else None,
@@ -274,7 +274,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             # Per step, the hash of the code that decides its bytes (the keys hold them too):
             # a release lock names the step whose code changed, and an upgrade that changes
             # none of them leaves a release rebuildable as it is.
-            "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize", gptq=bool(calib))),
+            "code": {"weights": code_hash(*step_code("weights")), "quantize": code_hash(*step_code("quantize", calibrated=bool(calib))),
                      **({"tokenizer": code_hash(*step_code("tokenizer"))} if tokenizer else {}),
                      **({"preprocessor": code_hash(*step_code("preprocessor"))} if preprocessor else {}),
                      "export": code_hash(*step_code("export", task=task, flavour=flavour)),
@@ -329,7 +329,7 @@ def _evaluation(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer) -> 
 
 
 def _calibration(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer, scheme_name: str) -> dict:
-    """A GPTQ scheme's calibration sequences, as :func:`_evaluation` has the evaluation's."""
+    """A GPTQ or AWQ scheme's calibration sequences, as :func:`_evaluation` has the evaluation's."""
     from mlxbuild.tokenizer import CORPUS
 
     c = manifest.quantization[scheme_name].calibration

@@ -209,8 +209,9 @@ def _fits(module, q: dict) -> bool:
 
 def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor | None = None) -> dict[str, dict]:
     """Quantize in place; return {module name: its final quantization}. A scheme with
-    ``method: gptq`` takes ``calibration`` token ids [samples, seq_len]: its affine linears
-    get GPTQ's codes (``mlxbuild.gptq``), the rest is rounded as usual.
+    ``method: gptq`` or ``awq`` takes ``calibration`` token ids [samples, seq_len]: its affine
+    linears get GPTQ's codes (``mlxbuild.gptq``) or are rounded after AWQ's scales are folded
+    in (``mlxbuild.awq``); the rest is rounded as usual.
 
     Each entry has ``format`` (and ``bits`` / ``group_size`` / ``activations`` when
     quantized), ``rule`` (which rule set it), and for a tied output projection
@@ -249,22 +250,32 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
             layers[out_name]["untied_from"] = emb_name
 
     floats, hs = {}, {}
-    if scheme.get("method") == "gptq":
+    method = scheme.get("method") or "rtn"
+    if method in ("gptq", "awq"):
         import importlib
-
-        # By name, as mlxbuild.stages.quantize imports the evaluation text: GPTQ's code is in
-        # the keys of GPTQ schemes only (mlxbuild.plan.step_code).
-        gptq = importlib.import_module("mlxbuild.gptq")
 
         chosen = [n for key, names in groups.items() if json.loads(key)["format"] == "affine"
                   for n in names if assigned[n][0] == "linear"]
         if calibration is None:
-            raise BuildError("method gptq needs calibration tokens")
-        # Every layer's inputs from the float model, before any layer is quantized.
-        hs = gptq.hessians(model, chosen, calibration)
-        floats = {n: model.get_submodule(n).weight.detach() for n in chosen}
-        for n in chosen:
-            layers[n]["method"] = "gptq"
+            raise BuildError(f"method {method} needs calibration tokens")
+        # Imported by name, as mlxbuild.stages.quantize imports the calibration text: their
+        # code is in the keys of calibrated schemes only (mlxbuild.plan.step_code).
+        if method == "awq":
+            awq = importlib.import_module("mlxbuild.awq")
+            widths = {n: (int(layers[n]["bits"]),
+                          None if layers[n]["group_size"] == "per_channel" else int(layers[n]["group_size"]))
+                      for n in chosen}
+            alphas = awq.apply(model, widths, calibration)
+            for n in chosen:
+                if n in alphas:
+                    layers[n].update(method="awq", awq_alpha=alphas[n])
+        else:
+            gptq = importlib.import_module("mlxbuild.gptq")
+            # Every layer's inputs from the float model, before any layer is quantized.
+            hs = gptq.hessians(model, chosen, calibration)
+            floats = {n: model.get_submodule(n).weight.detach() for n in chosen}
+            for n in chosen:
+                layers[n]["method"] = "gptq"
 
     for key, names in groups.items():
         if names:

@@ -57,7 +57,8 @@ def identify(source, manifest_dir: Path, hasher: FileHasher) -> dict:
     """Return {'identity': ..., 'checkpoint': {file: sha256}, 'load': how to load}."""
     if source.synthetic is not None:
         s = source.synthetic
-        recipe = {"architecture": s.architecture, "config": s.config, "seed": s.seed}
+        recipe = {"architecture": s.architecture, "config": s.config, "seed": s.seed,
+                  **({"outliers": s.outliers.model_dump()} if s.outliers else {})}
         return {"identity": {"synthetic": recipe}, "checkpoint": {}, "load": {"synthetic": recipe}}
     if source.path is not None:
         folder = _resolve(manifest_dir, source.path)

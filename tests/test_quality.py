@@ -41,6 +41,7 @@ quality:
     w4: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     a8w4: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     w4g: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+    w4a: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     a8w4g: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
 quantization:
   w8: {linear: {bits: 8, group_size: 32}}
@@ -49,6 +50,7 @@ quantization:
   a8w4: {linear: {bits: 4, group_size: 32, activations: int8_dynamic}}
   w4g: {linear: {bits: 4, group_size: 32}, method: gptq, calibration: {samples: 8, seq_len: 64}}
   a8w4g: {linear: {bits: 4, group_size: 32, activations: int8_dynamic}, method: gptq}
+  w4a: {linear: {bits: 4, group_size: 32}, method: awq}
 targets:
   - {name: mlx-fp32, backend: mlx}
   - {name: mlx-w8, backend: mlx, quantization: w8}
@@ -57,6 +59,7 @@ targets:
   - {name: xnnpack-a8w4, backend: xnnpack, quantization: a8w4}
   - {name: mlx-w4g, backend: mlx, quantization: w4g}
   - {name: xnnpack-a8w4g, backend: xnnpack, quantization: a8w4g}
+  - {name: mlx-w4a, backend: mlx, quantization: w4a}
   - {name: coreml-fp32, backend: coreml}
 """
 TEXT = (Path(quality.__file__).parent / "data" / "eval.txt").read_text()
@@ -118,6 +121,12 @@ def test_gptq_lowers_kl_divergence_against_rounding_at_the_same_bits(built):
         layers = rec[gptq]["layer_quantization"]["layers"]
         assert {n for n, v in layers.items() if v.get("method") == "gptq"} == {
             n for n, v in layers.items() if v["format"] == "affine" and n != "model.embed_tokens"}
+    # AWQ (scales folded into the norms and up/v projections, then the same rounding)
+    assert rec["mlx-w4a"]["verification"]["passed"]
+    assert rec["mlx-w4a"]["quality"]["kld_mean"] < 0.98 * rec["mlx-w4"]["quality"]["kld_mean"]
+    awq = {n: v for n, v in rec["mlx-w4a"]["layer_quantization"]["layers"].items() if v.get("method") == "awq"}
+    assert "model.layers.0.self_attn.q_proj" in awq and 0 <= awq["model.layers.0.self_attn.q_proj"]["awq_alpha"] < 1
+    assert "model.layers.0.self_attn.o_proj" not in awq  # grouped heads: v's outputs are repeated into o
     # the same bits and group size: GPTQ changes the codes, not the format or the size
     assert rec["mlx-w4g"]["layer_quantization"]["summary"]["counts"] == \
         rec["mlx-w4"]["layer_quantization"]["summary"]["counts"]
@@ -269,3 +278,49 @@ def test_gptq_calibration_text_keys_only_the_gptq_chain(tmp_path):
     plan_manifest(parse_manifest(text, str(tmp_path / "m.yaml")), plan, FileHasher(None), tmp_path / "a")
     step = next(s for n, s in plan.steps.items() if n.startswith("quantize:w4g"))
     assert any(d.startswith("tokenizer:") for d in step.deps) and step.params.calibration["dataset"]["sha256"]
+
+
+def test_awq_scales_leave_the_float_model_unchanged_and_refuse_other_layouts():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mlxbuild import awq
+    from mlxbuild.errors import BuildError
+
+    def tiny(model_type, **extra):
+        config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      head_dim=16, **extra)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    model = tiny("qwen3")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+        chosen = {n: (4, 32) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+        alphas = awq.apply(model, chosen, ids)
+        after = model(input_ids=ids).logits
+    # no grouped heads here, so o_proj is scaled through v too
+    assert "model.layers.1.self_attn.o_proj" in alphas and "model.layers.0.mlp.down_proj" in alphas
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()  # the same function ...
+    assert any(a > 0 for a in alphas.values()) and not torch.equal(q_before, model.model.layers[0].self_attn.q_proj.weight)
+    with pytest.raises(BuildError, match="method awq folds its scales into the layers of llama"):
+        awq.apply(tiny("gemma3_text", sliding_window=8), {}, ids)
+
+
+def test_synthetic_outlier_channels_scale_the_same_channels_of_every_norm():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mlxbuild.stages.weights import _outliers
+
+    config = AutoConfig.for_model("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(config)
+    _outliers(model, 32, {"channels": 3, "scale": 8.0}, seed=0)
+    norms = [m.weight for m in model.modules() if type(m).__name__.endswith("RMSNorm") and m.weight.shape == (32,)]
+    assert len(norms) == 5  # two per layer and the final one; q/k norms are head-sized
+    for w in norms:
+        assert sorted(w.tolist()).count(8.0) == 3 and torch.equal(w == 8.0, norms[0] == 8.0)

@@ -255,6 +255,14 @@ class _Model(BaseModel):
 # --------------------------------------------------------------------------- model
 
 
+class Outliers(_Model):
+    """A few hidden channels whose RMSNorm weights are multiplied by ``scale`` (seeded), so
+    those channels carry large activations into every linear, as in trained LLMs."""
+
+    channels: StrictInt = Field(ge=1, description="how many hidden channels")
+    scale: Annotated[float, Field(gt=0)] = Field(description="their norm weights' factor")
+
+
 class SyntheticSource(_Model):
     """A randomly initialised model of a known architecture (for tests and CI)."""
 
@@ -263,6 +271,9 @@ class SyntheticSource(_Model):
     config: FreeDict = Field(
         default_factory=dict, description="architecture config overrides, e.g. hidden_size"
     )
+    outliers: Outliers | None = Field(
+        None, description="give the weights the outlier channels trained LLMs have, so "
+        "quantization methods can be compared on a synthetic model")
 
 
 class Source(_Model):
@@ -559,7 +570,7 @@ class QuantRule(_Model):
 
 
 class Calibration(_Model):
-    """The text a calibration-based method (GPTQ) sees its layers' inputs on."""
+    """The text a calibration-based method (GPTQ, AWQ) sees its layers' inputs on."""
 
     dataset: NonEmptyStr | None = Field(
         None, description="a .txt, .md or .jsonl file relative to the manifest, or "
@@ -580,9 +591,11 @@ class Scheme(_Model):
         description="per-layer rules, first match wins; layers no rule picks use linear/embedding",
     )
 
-    method: _choice("rtn", "gptq") = Field(  # type: ignore[valid-type]
+    method: _choice("rtn", "gptq", "awq") = Field(  # type: ignore[valid-type]
         "rtn", description="rtn: round each weight to its grid (HQQ scales); gptq: choose the "
-        "affine linears' codes by GPTQ on calibration text, so the layers' outputs move least")
+        "affine linears' codes by GPTQ on calibration text, so the layers' outputs move least; "
+        "awq: scale the affine linears' input channels by their activations (AWQ, folded into "
+        "the preceding norm or linear: Llama, Mistral, Qwen2, Qwen3) before rounding")
     calibration: Calibration | None = Field(
         None, description="what gptq calibrates on (default: see Calibration)")
 
@@ -593,15 +606,15 @@ class Scheme(_Model):
 
     @model_validator(mode="after")
     def check_method(self) -> "Scheme":
-        if self.calibration is not None and self.method != "gptq":
-            raise _Issue(("calibration",), "calibration is only read by method: gptq")
+        if self.calibration is not None and self.method == "rtn":
+            raise _Issue(("calibration",), "calibration is only read by method: gptq or awq")
         return self
 
     @model_serializer(mode="wrap")
     def drop_unused(self, handler) -> dict:
         # A scheme without rules dumps (and so hashes into cache keys and records) as it
         # did before rules existed; a rule dumps only the selectors it uses. Likewise
-        # method and calibration only when GPTQ is asked for.
+        # method and calibration only when GPTQ or AWQ is asked for.
         out = handler(self)
         if out.get("method") == "rtn":
             out.pop("method", None)

@@ -45,7 +45,19 @@ def _synthetic(recipe: dict, dtype):
     torch.manual_seed(recipe["seed"])
     auto = getattr(transformers, auto_class_name(config.model_type))
     model = auto.from_config(config, dtype=torch.float32)
+    if recipe.get("outliers"):
+        _outliers(model, config.hidden_size, recipe["outliers"], recipe["seed"])
     return model.to(dtype).eval()
+
+
+def _outliers(model, hidden: int, spec: dict, seed: int) -> None:
+    """Multiply the same seeded hidden channels of every hidden-sized RMSNorm weight."""
+    channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed + 1))[:spec["channels"]]
+    with torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if type(module).__name__.endswith("RMSNorm") and w is not None and tuple(w.shape) == (hidden,):
+                w[channels] *= spec["scale"]
 
 
 # What a Hugging Face folder's model is read from (the checkpoint check has vouched for them),
