@@ -202,8 +202,11 @@ def test_check_names_missing_files_and_refuses_an_empty_tree(ws):
 
 def _popen(ws, *args, **env):
     full = ws.make_env(MLXBUILD_CACHE=ws.cache, MLXBUILD_ARTIFACTS=ws.root / "artifacts", PYTHONUNBUFFERED="1", **env)
+    # SIGINT as a terminal delivers it: a suite started as a background job (`pytest &` in a
+    # script) passes SIGINT on ignored, and the build would rightly keep ignoring it.
     return subprocess.Popen([*doit_command(), "build", *args, "m.yaml"], cwd=ws.root, env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _scratch(ws) -> list[str]:
