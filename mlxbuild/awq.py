@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from mlxbuild.calibration import feed
 from mlxbuild.errors import BuildError
 
 # The decoders whose layers are laid out as below (RMSNorm weights multiply, not 1 + w).
@@ -75,16 +76,7 @@ def apply(model, chosen: dict[str, tuple[int, int | None]], calibration: torch.T
 def _inputs(model, names: list[str], calibration: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each named linear's inputs over the calibration tokens, [tokens, in_features], float32."""
     out: dict[str, list] = {n: [] for n in names}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: out[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
-        for n in names]
-    try:
-        with torch.no_grad():
-            for row in calibration:
-                model(input_ids=row.view(1, -1), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    feed(model, names, calibration, lambda n, x: out[n].append(x))
     return {n: torch.cat(xs) for n, xs in out.items()}
 
 

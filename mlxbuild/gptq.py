@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from mlxbuild import calibration
+
 
 def hessians(model, names: list[str], batches: torch.Tensor) -> dict[str, torch.Tensor]:
     """X^T X of each named linear's input over ``batches`` [B, T] of token ids (float32,
@@ -29,21 +31,11 @@ def hessians(model, names: list[str], batches: torch.Tensor) -> dict[str, torch.
     out: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name):
-        def collect(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            out[name] = out.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return collect
+    def collect(name, x):
+        out[name] = out.get(name, 0) + x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for row in batches:
-                model(input_ids=row.view(1, -1), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    calibration.feed(model, names, batches, collect)
     return {n: h / max(counts[n], 1) for n, h in out.items()}
 
 

@@ -97,7 +97,7 @@ def step_code(kind: StepKind | str, *, task: str | None = None, flavour: str | N
     if kind == "tokenizer":
         roots.append("mlxbuild.tokenizer")
     if kind == "quantize" and calibrated:  # imported by name where a GPTQ/AWQ scheme runs them
-        roots += ["mlxbuild.gptq", "mlxbuild.awq", "mlxbuild.evaluation"]
+        roots += ["mlxbuild.gptq", "mlxbuild.awq", "mlxbuild.evaluation"]  # (+ what they import)
     if kind == "preprocessor":
         roots.append("backends.xnnpack")  # the stage's BACKEND
     return tuple(roots)
