@@ -117,9 +117,16 @@ def run(step, cache_root: Path, out: Path) -> int:
     finally:
         spec.unlink(missing_ok=True)
     proc.returncode = code = os.waitstatus_to_exitcode(status)
-    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
     if code == 0:
-        return peak
+        try:
+            # The child's own high-water mark: wait4's ru_maxrss also counts, at exec, the
+            # memory of the build process the child was spawned from (Linux folds the old
+            # address space's peak in), which can be the larger.
+            return int(json.loads(error.read_text())["peak_rss"])
+        except (OSError, ValueError, KeyError):
+            return usage.ru_maxrss * 1024  # kilobytes on Linux
+        finally:
+            error.unlink(missing_ok=True)
     try:
         info = json.loads(error.read_text())
     except (OSError, ValueError):
@@ -173,7 +180,18 @@ def main(spec_path: str, out: str, error_path: str) -> int:
         return fail({"type": type(e).__name__, "message": str(e), "reported": True}, 2)
     except BaseException as e:  # noqa: BLE001 - everything else is a crash the parent logs
         return fail({"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}, 1)
+    Path(error_path).write_text(json.dumps({"peak_rss": peak_rss()}))
     return 0
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: since its exec, this program's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     cb = sub.add_parser("check-bundle", help="check a release bundle end to end (checksums, lock, artifacts run)")
     cb.add_argument("bundles", nargs="+")
     cb.add_argument("--no-run", action="store_true", help="deserialize the artifacts but do not run them")
+    rp = sub.add_parser("report", help="one self-contained HTML page of a build (its --report JSON) or a "
+                        "release (its release.lock.json or version folder): size, quality, speed, timeline")
+    rp.add_argument("source", metavar="REPORT.json|release.lock.json|VERSION_DIR")
+    rp.add_argument("-o", "--output", metavar="PATH.html", help="default: beside a build report (report.html); "
+                    "for a release, NAME-VERSION-report.html here")
     ins = sub.add_parser("inspect", help="methods, constant methods, delegates, ops and segments of a .pte")
     ins.add_argument("pte")
     ins.add_argument("--json", action="store_true")
@@ -241,6 +246,10 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
         from mlxbuild.bundle import main as check_bundle_main
 
         return check_bundle_main(args.bundles, run=not args.no_run)
+    if args.cmd == "report":
+        from mlxbuild.html_report import main as report_main
+
+        return report_main(args.source, args.output)
     if args.cmd == "inspect":
         from mlxbuild.pte_inspect import main as inspect_main
 

@@ -229,7 +229,7 @@ class Build(Run):
             rep = report.build_report(getattr(self.loader, "plan", None),
                                       self.recorder.outcomes if self.recorder else {}, code,
                                       error=error, started=started, seconds=time.monotonic() - t0,
-                                      argv=[Path(sys.argv[0]).name, *sys.argv[1:]])
+                                      argv=[Path(sys.argv[0]).name, *sys.argv[1:]], t0=t0)
             for problem in report.write_reports(rep, params.get("report"), params.get("junit"), summary):
                 print(f"error: {problem}", file=sys.stderr)
                 code = code or report.EXIT_BUILD

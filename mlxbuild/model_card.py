@@ -86,6 +86,16 @@ def render(lock: dict) -> str:
                    f"({_pct(q.get('top1_decisive'))} of {q.get('decisive_positions', '—')}) | "
                    f"{ppl} | {gate} | {where} |")
     out.append("")
+    ruled = [(t, e["quality"]["rules"]) for t, e in sorted(targets.items()) if (e.get("quality") or {}).get("rules")]
+    if ruled:
+        out += ["Per rule of a mixed-precision scheme: the float model with only that rule's layers "
+                "quantized (eager torch), so the rule that costs the most stands out.", "",
+                "| target | rule | layers | quantization | KLD mean | top-1 vs float |", "|---|---|---|---|---|---|"]
+        for t, rules in ruled:
+            for r in rules.values():
+                out.append(f"| `{t}` | {r['rule']} | {r['layers']} | {r['quantization']} | "
+                           f"{_num(r['kld_mean'])} | {_pct(r.get('top1'))} |")
+        out.append("")
 
     out += ["## Speed", ""]
     for t, e in sorted(targets.items()):

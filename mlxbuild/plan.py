@@ -247,11 +247,16 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             quality_params = {"lower": lower.key, "baseline": baseline.key, "backend": target.backend,
                               "task": task, "max_prefill_chunk": exp.max_prefill_chunk, "gate": gate,
                               "speed": measure_speed}
+            if scheme.get("rules"):  # mixed precision: also what each rule costs on its own
+                quality_params["rules"] = {"weights": weights.key, "scheme": scheme, "dtype": tdtype,
+                                           "max_context_length": exp.max_context_length}
             quality = plan.add(Step(
                 kind=StepKind.QUALITY, name=f"quality:{tname}",
                 key=stable_hash("quality", quality_params,
-                                _versions("executorch", code=step_code("quality", task=task, backend=target.backend))),
-                deps=[lower.name, baseline.name], params=quality_params, label=tname))
+                                _versions("executorch", "torchao",
+                                          code=step_code("quality", task=task, backend=target.backend))),
+                deps=[lower.name, baseline.name, *([weights.name] if scheme.get("rules") else [])],
+                params=quality_params, label=tname))
 
         out_dir = artifacts_root / manifest.name / manifest.version
         record = {

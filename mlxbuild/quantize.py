@@ -207,7 +207,8 @@ def _fits(module, q: dict) -> bool:
     return q["group_size"] == "per_channel" or module.weight.shape[-1] % int(q["group_size"]) == 0
 
 
-def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor | None = None) -> dict[str, dict]:
+def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor | None = None,
+                 only: set[str] | None = None) -> dict[str, dict]:
     """Quantize in place; return {module name: its final quantization}. A scheme with
     ``method: gptq`` or ``awq`` takes ``calibration`` token ids [samples, seq_len]: its affine
     linears get GPTQ's codes (``mlxbuild.gptq``) or are rounded after AWQ's scales are folded
@@ -217,10 +218,14 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
     quantized), ``rule`` (which rule set it), and for a tied output projection
     ``tied_to`` (it shares the embedding's quantized tensor) or ``untied_from``
     (its rule differs from the embedding's, so it keeps its own copy).
+
+    With ``only``, the layers outside it stay as they are (what one rule costs on its own).
     """
     from torchao.quantization.quant_api import quantize_
 
     assigned = assign_rules(model, scheme)
+    if only is not None:
+        assigned = {n: (k, r, q if n in only else dict(NONE)) for n, (k, r, q) in assigned.items()}
     layers: dict[str, dict] = {}
     groups: dict[str, list[str]] = {}
     for name, (_kind, rule, q) in assigned.items():

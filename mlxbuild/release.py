@@ -53,7 +53,8 @@ class Release(Build):
 
         paths = list(dict.fromkeys(list(params.get("manifests") or []) + manifest_args(args)))
         try:
-            for bundle in release_manifests(paths or [DEFAULT_MANIFEST], roots()):
+            for bundle in release_manifests(paths or [DEFAULT_MANIFEST], roots(),
+                                            measure_speed=bool(params.get("measure_speed"))):
                 print(f"released {bundle['name']} {bundle['version']}: {bundle['path']} "
                       f"({bundle['size']} bytes, sha256 {bundle['sha256']})")
         except MlxbuildError as e:
@@ -62,12 +63,13 @@ class Release(Build):
         return 0
 
 
-def release_manifests(paths, roots) -> list[dict]:
-    """Lock and bundle each manifest's version; every target must be built already."""
+def release_manifests(paths, roots, measure_speed: bool = False) -> list[dict]:
+    """Lock and bundle each manifest's version; every target must be built already (with
+    ``measure_speed`` as the build had it: it is part of the quality steps' keys)."""
     from mlxbuild.build import plan_manifests
     from mlxbuild.manifest import load_manifest
 
-    plan = plan_manifests(paths, roots)  # refuses inputs that differ from an existing lock
+    plan = plan_manifests(paths, roots, measure_speed=measure_speed)  # refuses inputs that differ from an existing lock
     return [release_one(load_manifest(path), plan, [plan.steps[n] for n in plan.groups[path]])
             for path in paths]
 

@@ -63,6 +63,7 @@ class Outcome:
     figures: dict | None = None
     log: str | None = None  # a crashed step's traceback log
     peak_rss_mb: float | None = None  # a step run in its own process (mlxbuild.child)
+    remote: bool = False  # its entry came from the remote cache rather than being built here
 
 
 def failure_kind(fail) -> str:
@@ -102,7 +103,9 @@ class Recorder:
         o = self._get(task)
         o.status = "ran"
         o.seconds = _since(o.started)
-        o.peak_rss_mb = (getattr(task, "values", None) or {}).get("peak_rss_mb")
+        values = getattr(task, "values", None) or {}
+        o.peak_rss_mb = values.get("peak_rss_mb")
+        o.remote = values.get("cache") == "remote"
         self.inner.add_success(task)
 
     def add_failure(self, task, fail):
@@ -168,11 +171,12 @@ def exit_code(outcomes: dict[str, Outcome], doit_result: int) -> int:
 
 def build_report(plan, outcomes: dict[str, Outcome], code: int, *, error: dict | None = None,
                  started: float | None = None, seconds: float | None = None,
-                 argv: list[str] | None = None) -> dict:
-    """The JSON report: per manifest, per target, what happened and what was published."""
+                 argv: list[str] | None = None, t0: float | None = None) -> dict:
+    """The JSON report: per manifest, per target, what happened and what was published.
+    ``t0`` (time.monotonic() when the build began) gives each step its ``start`` offset."""
     manifests = []
     for path, packages in (plan.groups.items() if plan is not None else ()):
-        targets = [_target(plan, plan.steps[p], outcomes) for p in packages]
+        targets = [_target(plan, plan.steps[p], outcomes, t0) for p in packages]
         first = plan.steps[packages[0]].params.record if packages else {}
         manifests.append({"path": str(path), "name": first.get("name"), "version": first.get("version"),
                           "targets": targets})
@@ -204,13 +208,25 @@ def _chain(plan, step) -> list:
     return [s for n, s in plan.steps.items() if n in seen]
 
 
-def _target(plan, package, outcomes) -> dict:
+def _cache(o: Outcome) -> str | None:
+    """How the step's cache entry was come by: ``hit`` (up to date), ``remote`` (downloaded
+    from the remote cache), ``built``; None when it did not run."""
+    if o.status == "up-to-date":
+        return "hit"
+    if o.status == "ran":
+        return "remote" if o.remote else "built"
+    return None
+
+
+def _target(plan, package, outcomes, t0: float | None = None) -> dict:
     rec = package.params.record
     chain = _chain(plan, package)
     steps = []
     for s in chain:
         o = outcomes.get(s.name, Outcome())
-        steps.append({"step": s.kind, "task": s.name, "status": o.status, "seconds": o.seconds,
+        steps.append({"step": s.kind, "task": s.name, "label": s.label, "status": o.status,
+                      "cache": _cache(o), "seconds": o.seconds,
+                      "start": None if t0 is None or o.started is None else round(o.started - t0, 3),
                       **({"peak_rss_mb": o.peak_rss_mb} if o.peak_rss_mb is not None else {})})
     root = next(((s, outcomes[s.name]) for s in chain
                  if s.name in outcomes and outcomes[s.name].status == "failed"
@@ -280,6 +296,10 @@ def write_atomic(path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp's 0600 would make a CI artifact unreadable to anyone else: as open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

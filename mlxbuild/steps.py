@@ -128,6 +128,16 @@ class BaselineParams(ExportSpec):
     tokenizer: str | None = None
 
 
+class RuleAblation(BaseModel):
+    """A mixed scheme's rules measured one at a time: the float model with only the layers
+    one rule picks quantized (``mlxbuild.stages.quality.rule_figures``)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weights: str
+    scheme: dict[str, Any]
+    dtype: Dtype
+    max_context_length: int
+
+
 class QualityParams(Params):
     lower: str
     baseline: str
@@ -136,6 +146,7 @@ class QualityParams(Params):
     max_prefill_chunk: int
     gate: dict[str, float | None]
     speed: bool = False
+    rules: RuleAblation | None = None
 
 
 class PackageParams(Params):
@@ -225,3 +236,5 @@ class QualityResult(Result):
     gate: dict[str, float | None] = {}
     runtime: str | None = None
     speed: dict[str, Any] | None = None
+    # Mixed precision: per rule, the eager float model with only that rule's layers quantized.
+    rules: dict[str, Any] | None = None

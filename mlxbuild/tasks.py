@@ -153,8 +153,11 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
                 print(f"warning: {step.kind} {step.label}: {e}; evicted, rebuilding it", file=sys.stderr,
                       flush=True)
             cache.remove(step.kind, step.key)
-        if cache.has(step.kind, step.key) or remote.fetch_entry(cache, step.kind, step.key):
-            return  # (another build made it meanwhile; the remote cache may have it)
+        if cache.has(step.kind, step.key):
+            return  # (another build made it meanwhile)
+        if remote.fetch_entry(cache, step.kind, step.key):
+            figures["cache"] = "remote"
+            return
         from mlxbuild.stages import stage
 
         from mlxbuild import child

@@ -43,6 +43,7 @@ quality:
     w4g: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     w4a: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
     a8w4g: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
+    mix: {max_kld: 100, min_top1: 0, max_ppl_increase: 100}
 quantization:
   w8: {linear: {bits: 8, group_size: 32}}
   w4: {linear: {bits: 4, group_size: 32}}
@@ -51,6 +52,7 @@ quantization:
   w4g: {linear: {bits: 4, group_size: 32}, method: gptq, calibration: {samples: 8, seq_len: 64}}
   a8w4g: {linear: {bits: 4, group_size: 32, activations: int8_dynamic}, method: gptq}
   w4a: {linear: {bits: 4, group_size: 32}, method: awq}
+  mix: {linear: {bits: 2, group_size: 32}, rules: [{blocks: [0], bits: 8}]}
 targets:
   - {name: mlx-fp32, backend: mlx}
   - {name: mlx-w8, backend: mlx, quantization: w8}
@@ -61,6 +63,7 @@ targets:
   - {name: xnnpack-a8w4g, backend: xnnpack, quantization: a8w4g}
   - {name: mlx-w4a, backend: mlx, quantization: w4a}
   - {name: coreml-fp32, backend: coreml}
+  - {name: mlx-mix, backend: mlx, quantization: mix}
 """
 TEXT = (Path(quality.__file__).parent / "data" / "eval.txt").read_text()
 
@@ -143,6 +146,152 @@ def test_speed_figures_and_reports_carry_quality(built):
     assert target["quality"]["kld_mean"] == _records(folder)["mlx-w2"]["quality"]["kld_mean"]
     xml = (folder / "report.xml").read_text()
     assert 'name="quality.kld_mean"' in xml and 'name="speed.decode_tokens_per_s"' in xml
+
+
+def test_a_mixed_scheme_is_measured_rule_by_rule(built):
+    """Each rule of a mixed scheme on its own (the float model with only that rule's layers
+    quantized): block 0 at 8 bits costs far less than the 2-bit rest."""
+    folder, _, _ = built
+    q = _records(folder)["mlx-mix"]["quality"]
+    rules = q["rules"]
+    assert set(rules) == {"rules[0]", "linear"}, rules
+    assert rules["rules[0]"]["rule"] == "rules[0] (blocks [0])" and rules["rules[0]"]["layers"] == 7
+    assert rules["rules[0]"]["quantization"] == "8-bit, group 32"
+    assert rules["linear"]["quantization"] == "2-bit, group 32" and rules["linear"]["layers"] >= 7
+    assert rules["rules[0]"]["kld_mean"] < 0.1 * rules["linear"]["kld_mean"], rules
+    # the artifact's own figure is the whole scheme's: worse than its 8-bit part alone
+    assert q["kld_mean"] > rules["rules[0]"]["kld_mean"]
+    assert _records(folder)["mlx-w4"]["quality"]["rules"] is None  # one rule: nothing to split
+
+
+def test_html_report_of_a_build_and_a_release_renders_in_chromium(built, tmp_path, subprocess_env):
+    """`mlxbuild report` on the build's --report JSON and on the release's lock: each page is
+    one file that loads in headless Chromium with no network and no console error, with
+    every chart drawn (an SVG with its points or bars, and a screenshot that is not blank)."""
+    import shutil
+
+    page = _chromium_page()
+    # A copy to release: a released version refuses the edits the tests below make.
+    folder = tmp_path / "copy"
+    shutil.copytree(built[0], folder, symlinks=True)
+    env = subprocess_env(MLXBUILD_CACHE=folder / "cache", MLXBUILD_ARTIFACTS=folder / "artifacts")
+    build_page = tmp_path / "build.html"
+    p = _mlxbuild(folder, env, "report", "report.json", "-o", str(build_page))
+    assert p.returncode == 0 and "wrote" in p.stdout, p.stdout + p.stderr
+    rel = subprocess.run([*doit_command(), "release", "--measure-speed", "m.yaml"], cwd=folder, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert rel.returncode == 0, rel.stdout[-2000:] + rel.stderr[-2000:]
+    p = _mlxbuild(folder, env, "report", "artifacts/quality-bits/0.1.0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    release_page = folder / "quality-bits-0.1.0-report.html"
+    assert not list((folder / "artifacts" / "quality-bits" / "0.1.0").glob("*.html"))  # not in the version
+
+    records = _records(folder)
+    measured = [t for t, r in records.items() if r["quality"].get("kld_mean") is not None]
+    # build: size/quality, speed, per rule, timeline (tiny steps run in-process: no peak
+    # memory chart); release: no timeline
+    for html_file, charts in ((build_page, 4), (release_page, 3)):
+        assert "<script src=" not in html_file.read_text()
+        with page(html_file) as (view, errors):
+            assert view.locator("#targets tbody tr").count() == len(records)
+            assert view.locator(".js-plotly-plot").count() == charts, html_file
+            view.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {charts}")
+            # the size-against-quality chart has a point per measured target
+            assert view.locator("#chart-0 .scatterlayer .point").count() == len(measured)
+            # the per-rule chart has a bar per rule of the mixed target
+            rule_chart = view.locator(".js-plotly-plot", has=view.locator(".barlayer")).nth(1)
+            assert rule_chart.locator(".barlayer .point").count() >= 2
+            assert _colours(view, view.locator("#chart-0").screenshot()) > 20
+            assert not errors, errors
+    with page(build_page) as (view, errors):
+        assert "cache hit rate" in view.locator("#cache-summary").inner_text()
+        assert view.locator("#steps tbody tr").count() > len(records)
+        assert view.locator("#chart-3 .barlayer .point").count() == view.locator("#steps tbody tr").count()
+        assert not errors, errors
+
+
+def test_html_report_charts_the_peak_memory_of_child_steps():
+    from mlxbuild import html_report
+
+    steps = [{"step": "quantize", "task": "quantize:a", "label": "m 4w", "status": "ran", "cache": "built",
+              "start": 0.0, "seconds": 3.0, "peak_rss_mb": 1500.0},
+             {"step": "export", "task": "export:a", "label": "m 4w", "status": "up-to-date", "cache": "hit",
+              "start": 3.0, "seconds": 0.1}]
+    data = {"kind": "build", "title": "t", "subtitle": "", "targets": [], "steps": steps, "error": None,
+            "source": "r.json"}
+    charts = {heading: fig for heading, _, fig in html_report._figures(data)}
+    assert list(charts["Peak memory per step"].data[0].y) == [1500.0]
+    assert {t.name for t in charts["Step timeline"].data} == {"built", "hit"}
+    assert charts["Size against quality"] is None and charts["Speed on the build host"] is None
+    page = html_report.render(data)
+    assert "50% hit" not in page and "cache hit rate 50%" in page and "1500 MB" in page
+
+
+def test_html_report_refuses_what_is_not_a_report(tmp_path, subprocess_env):
+    (tmp_path / "x.json").write_text('{"format": "something else"}')
+    (tmp_path / "y.json").write_text("{not json")
+    env = subprocess_env()
+    for name, message in (("x.json", "neither a build report"), ("y.json", "not JSON"),
+                          ("missing.json", "no such file"), (".", "no release.lock.json")):
+        p = _mlxbuild(tmp_path, env, "report", name)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and message in p.stderr, (name, p.stderr)
+        assert not list(tmp_path.glob("*.html"))
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; .ci/run installs it
+
+
+def _mlxbuild(folder, env, *args) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mlxbuild.cli", *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _chromium_page():
+    """A context manager opening a file in headless Chromium through Playwright: yields the
+    page and the list of console errors and uncaught exceptions it collects."""
+    import contextlib
+    import os
+
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+
+    @contextlib.contextmanager
+    def page(path: Path):
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            try:
+                view = browser.new_page(viewport={"width": 1280, "height": 900})
+                errors: list[str] = []
+                view.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                view.on("pageerror", lambda e: errors.append(str(e)))
+                # Nothing may come from the network: the page must carry all it needs.
+                view.route("http*://**", lambda route: (errors.append(f"fetched {route.request.url}"),
+                                                        route.abort()))
+                view.goto(path.resolve().as_uri(), wait_until="load")
+                yield view, errors
+            finally:
+                browser.close()
+    return page
+
+
+def _colours(view, png: bytes) -> int:
+    """Distinct colours in a PNG, decoded by the browser itself (no image library needed)."""
+    import base64
+
+    return view.evaluate("""async (src) => {
+        const img = new Image(); img.src = src; await img.decode();
+        const c = document.createElement('canvas'); c.width = img.width; c.height = img.height;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        const d = g.getImageData(0, 0, c.width, c.height).data; const seen = new Set();
+        for (let i = 0; i < d.length; i += 4) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+        return seen.size; }""", "data:image/png;base64," + base64.b64encode(png).decode())
 
 
 def test_the_float_reference_is_shared_and_rekeyed_by_the_dataset(built):
@@ -312,15 +461,14 @@ def test_awq_scales_leave_the_float_model_unchanged_and_refuse_other_layouts():
 
 def test_synthetic_outlier_channels_scale_the_same_channels_of_every_norm():
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mlxbuild.stages.weights import _outliers
+    from mlxbuild.stages.weights import synthetic_tensors
 
-    config = AutoConfig.for_model("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    model = AutoModelForCausalLM.from_config(config)
-    _outliers(model, 32, {"channels": 3, "scale": 8.0}, seed=0)
-    norms = [m.weight for m in model.modules() if type(m).__name__.endswith("RMSNorm") and m.weight.shape == (32,)]
+    recipe = {"architecture": "qwen3", "seed": 0, "outliers": {"channels": 3, "scale": 8.0},
+              "config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}}
+    tensors = dict(synthetic_tensors(recipe, torch.float32))
+    norms = [t for n, t in tensors.items() if n.endswith("norm.weight") and t.shape == (32,)]
     assert len(norms) == 5  # two per layer and the final one; q/k norms are head-sized
     for w in norms:
         assert sorted(w.tolist()).count(8.0) == 3 and torch.equal(w == 8.0, norms[0] == 8.0)

@@ -207,10 +207,20 @@ PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 
 
 def tiny(dtype=None, **overrides):
-    from mlxbuild.stages.weights import _synthetic
+    """The synthetic model a build makes (mlxbuild.stages.weights), loaded as builds load it."""
+    import json
+    import tempfile
+    from pathlib import Path
 
-    return _synthetic({"architecture": "qwen3", "seed": 0, "config": {**CONFIG, **overrides}},
-                      dtype or torch.float32)
+    from mlxbuild.families.hf import load_model
+    from mlxbuild.stages.weights import write_synthetic
+
+    recipe = {"architecture": "qwen3", "seed": 0, "config": {**CONFIG, **overrides}}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic(recipe, dtype or torch.float32, Path(tmp))
+        (Path(tmp) / "source.json").write_text(json.dumps({"load": {"synthetic": recipe}}))
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype or torch.float32]
+        return load_model(Path(tmp), name)
 
 
 def affine(bits, group=32, activations="none"):
