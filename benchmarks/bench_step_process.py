@@ -11,6 +11,8 @@ own peak from the build report. The weights entry's size is recorded as the yard
 
     python benchmarks/bench_step_process.py                    # ~25 min on 2 cores
     python benchmarks/bench_step_process.py --modes auto       # one mode
+    python benchmarks/bench_step_process.py --modes auto --no-etrecord \
+        --manifest manifests/bench-qwen3-1.7b.yaml --target bench-qwen3-1.7b/mlx-4w
 
 Writes ``benchmarks/results/step-process-<date>.json``. A script, not a test.
 """
@@ -32,7 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(mode: str, target: str, workdir: Path, etrecord: bool = True) -> dict:
+def build(mode: str, target: str, workdir: Path, etrecord: bool = True,
+          manifest_path: Path = REPO / "manifests" / "bench-qwen3-0.6b.yaml") -> dict:
     env = {**os.environ, "MLXBUILD_STEP_PROCESS": mode, "MLXBUILD_CACHE": str(workdir / "cache"),
            "MLXBUILD_ARTIFACTS": str(workdir / "artifacts"), "MLXBUILD_PLAIN": "1"}
     # A snapshot of the code: edits made while the benchmark runs can't change its keys.
@@ -43,7 +46,7 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True) -> dict:
     doit = Path(sys.executable).with_name("doit")
     import yaml
 
-    manifest = yaml.safe_load((REPO / "manifests" / "bench-qwen3-0.6b.yaml").read_text())
+    manifest = yaml.safe_load(manifest_path.read_text())
     for t in manifest["targets"]:
         t["etrecord"] = etrecord
     (workdir / "bench.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
@@ -57,7 +60,11 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True) -> dict:
     code = os.waitstatus_to_exitcode(status)
     report = json.loads((workdir / "report.json").read_text()) if (workdir / "report.json").exists() else {}
     targets = [t for m in report.get("manifests", []) for t in m["targets"]]
-    steps = [{"step": s["step"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb")}
+    steps = [{"step": s["step"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb"),
+              "memory_estimate_mb": s.get("memory_estimate_mb"),
+              # the plan's estimate against the measured peak (mlxbuild.memory)
+              "estimate_over_peak": round(s["memory_estimate_mb"] / s["peak_rss_mb"], 3)
+              if s.get("memory_estimate_mb") and s.get("peak_rss_mb") else None}
              for t in targets for s in t["steps"]]
     weights = sum(f.stat().st_size for f in (workdir / "cache" / "weights").rglob("*") if f.is_file())
     artifacts = {p.name: p.stat().st_size for p in (workdir / "artifacts").rglob("*.pte")}
@@ -71,16 +78,18 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="bench-qwen3-0.6b/mlx-4w")
+    ap.add_argument("--manifest", type=Path, default=REPO / "manifests" / "bench-qwen3-0.6b.yaml")
     ap.add_argument("--modes", nargs="+", default=["never", "auto"])
     ap.add_argument("--no-etrecord", action="store_true", help="targets without an ETRecord")
     ap.add_argument("--output", type=Path,
-                    default=REPO / "benchmarks" / "results" / f"step-process-{dt.date.today()}.json")
+                    default=None)
     args = ap.parse_args()
     runs = []
     for mode in args.modes:
         workdir = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
         try:
-            runs.append(build(mode, args.target, workdir, etrecord=not args.no_etrecord))
+            runs.append(build(mode, args.target, workdir, etrecord=not args.no_etrecord,
+                              manifest_path=args.manifest.resolve()))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "steps"}), flush=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -90,6 +99,8 @@ def main() -> int:
     if len(runs) == 2 and runs[0]["peak_rss_mb"]:
         result["peak_ratio_auto_to_never"] = round(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
         result["wall_ratio_auto_to_never"] = round(runs[1]["wall_s"] / runs[0]["wall_s"], 3)
+    if args.output is None:
+        args.output = REPO / "benchmarks" / "results" / f"step-process-{args.target.split('/')[0]}-{dt.date.today()}.json"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.output}")

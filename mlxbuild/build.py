@@ -19,6 +19,14 @@ def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None,
     from mlxbuild import child
 
     child.mode()  # a bad MLXBUILD_STEP_PROCESS is a usage error before any step
+    from mlxbuild import memory
+
+    try:
+        memory.budget()  # ... and so is a bad MLXBUILD_MEMORY_BUDGET
+    except ValueError as e:
+        from mlxbuild.errors import UsageError
+
+        raise UsageError(f"{memory.BUDGET_ENV}: {e}") from None
     manifests = [(p, load_manifest(p)) for p in paths]  # every manifest valid before any work
     remote = remote_cache([m for _, m in manifests])  # a bad URL is an error before any work
     if select:  # --target / --backend: the other targets are not planned at all
@@ -35,6 +43,7 @@ def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None,
     for path, manifest in manifests:
         plan.groups[path] = plan_manifest(manifest, plan, hasher, roots.artifacts, measure_speed)
     hasher.save()
+    memory.annotate(plan)
     # A released version is immutable: refuse changed inputs now, before any work.
     lock.check_plan(plan)
     return plan

@@ -92,12 +92,13 @@ def _plan(paths: list[str], as_json: bool) -> int:
         return 2
     cache = Cache(r.cache)
     rows = [{"task": s.name, "kind": s.kind, "key": s.key, "done": is_done(plan, s, cache),
-             "deps": s.deps} for s in plan.steps.values()]
+             "deps": s.deps, "memory_estimate": s.memory} for s in plan.steps.values()]
     if as_json:
         print(json.dumps(rows, indent=1))
     else:
         for row in rows:
-            print(f"{'done' if row['done'] else 'todo'}  {row['key'][:12]}  {row['task']}")
+            est = f"{row['memory_estimate'] / 2**20:7.0f} MB" if row["memory_estimate"] else " " * 10
+            print(f"{'done' if row['done'] else 'todo'}  {row['key'][:12]}  {est}  {row['task']}")
     return 0
 
 

@@ -153,6 +153,10 @@ BUILD_OPTIONS = (
     {"name": "measure_speed", "long": "measure-speed", "type": bool, "default": False,
      "env_var": "MLXBUILD_MEASURE_SPEED",
      "help": "record each target's prefill/decode tokens per second on this host (median of 3 runs)"},
+    {"name": "memory_budget", "long": "memory-budget", "type": str, "default": "", "metavar": "SIZE",
+     "env_var": "MLXBUILD_MEMORY_BUDGET",
+     "help": "most memory the running steps may take together, by their estimates (12G, 800M, 75%%; "
+             "default 80%% of physical memory); a step over it alone fails before it starts"},
     {"name": "plain", "long": "plain", "type": bool, "default": False, "env_var": "MLXBUILD_PLAIN",
      "help": "plain line-by-line output even on a terminal (no status line, no colour)"},
 )
@@ -166,7 +170,8 @@ class Build(Run):
     name = "build"
     doc_purpose = "build the .pte artifacts of one or more manifests"
     doc_usage = ("[-n N] [-v 0|1|2] [--target GLOB] [--backend NAME] [--report PATH.json] "
-                 "[--junit PATH.xml] [--measure-speed] MANIFEST.yaml [MANIFEST.yaml ...] [TASK ...]")
+                 "[--junit PATH.xml] [--measure-speed] [--memory-budget SIZE] MANIFEST.yaml "
+                 "[MANIFEST.yaml ...] [TASK ...]")
     doc_description = None
     cmd_options = Run.cmd_options + BUILD_OPTIONS
     # `--backend` selects targets here; doit's own --backend (its database format) is
@@ -199,6 +204,10 @@ class Build(Run):
         started, t0 = time.time(), time.monotonic()
         if params.get("plain"):
             os.environ["MLXBUILD_PLAIN"] = "1"  # worker processes and progress notes see it too
+        if params.get("memory_budget"):
+            from mlxbuild.memory import BUDGET_ENV
+
+            os.environ[BUDGET_ENV] = params["memory_budget"]  # read by each step, in any worker
         if params.get("verbosity") == 2:
             from mlxbuild.tasks import TRACEBACK_ENV
 

@@ -199,12 +199,17 @@ def _figures(data: dict) -> list[tuple[str, str, object | None]]:
                     "was come by: built here, downloaded from the remote cache, or already up to date.", fig))
         peaks = [s for s in timed if s.get("peak_rss_mb")]
         if peaks:
-            fig = go.Figure(go.Bar(x=[_step_name(s) for s in peaks], y=[s["peak_rss_mb"] for s in peaks],
-                                   marker_color=CACHE_COLOURS["built"],
-                                   hovertemplate="%{x}: %{y:.0f} MB<extra></extra>"))
-            fig.update_layout(yaxis_title="peak RSS (MB)", margin={"t": 30}, xaxis={"automargin": True})
-            out.append(("Peak memory per step", "Steps run in their own process (mlxbuild.child); steps "
-                        "run inside the build process have no figure of their own.", fig))
+            names = [_step_name(s) for s in peaks]
+            fig = go.Figure([
+                go.Bar(name="measured peak", x=names, y=[s["peak_rss_mb"] for s in peaks],
+                       marker_color=CACHE_COLOURS["built"], hovertemplate="%{x}: %{y:.0f} MB<extra>measured</extra>"),
+                go.Bar(name="estimate", x=names, y=[s.get("memory_estimate_mb") or 0 for s in peaks],
+                       marker_color="#f58518", hovertemplate="%{x}: %{y:.0f} MB<extra>estimated</extra>")])
+            fig.update_layout(barmode="group", yaxis_title="resident memory (MB)", margin={"t": 30},
+                              xaxis={"automargin": True})
+            out.append(("Peak memory per step", "Each step run in its own process (mlxbuild.child): its "
+                        "measured peak beside the plan's estimate, which --memory-budget schedules by. "
+                        "Steps run inside the build process have no measured figure of their own.", fig))
     return out
 
 
@@ -313,9 +318,10 @@ def _cache_summary(steps: list[dict]) -> str:
 def _steps_table(steps: list[dict]) -> str:
     body = [[(s["step"], ""), (s.get("label") or s["task"], ""), (_state(s), ""),
              (f"{s['start']:.1f}" if s.get("start") is not None else "—", "n"),
-             (_secs(s.get("seconds")), "n"), (_mb(s.get("peak_rss_mb")), "n")]
+             (_secs(s.get("seconds")), "n"), (_mb(s.get("peak_rss_mb")), "n"),
+             (_mb(s.get("memory_estimate_mb")), "n")]
             for s in sorted(steps, key=lambda s: (s.get("start") is None, s.get("start") or 0))]
-    return _table(["step", "of", "cache", "started at (s)", "took", "peak RSS"], body, "steps")
+    return _table(["step", "of", "cache", "started at (s)", "took", "peak RSS", "estimate"], body, "steps")
 
 
 def _table(head: list[str], body: list[list[tuple[str, str]]], ident: str) -> str:

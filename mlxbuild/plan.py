@@ -35,6 +35,7 @@ class Step:
     params: Params  # the kind's model (mlxbuild.steps.PARAMS[kind])
     label: str
     dependents: list[str] = field(default_factory=list)
+    memory: int = 0  # estimated peak bytes (mlxbuild.memory); not an input, so not in the key
 
     def __post_init__(self):
         self.kind = StepKind(self.kind)

@@ -64,6 +64,8 @@ class Outcome:
     log: str | None = None  # a crashed step's traceback log
     peak_rss_mb: float | None = None  # a step run in its own process (mlxbuild.child)
     remote: bool = False  # its entry came from the remote cache rather than being built here
+    started_at: float | None = None  # wall clock when its work began (after any wait for memory)
+    waited: float | None = None  # seconds it waited for the memory budget
 
 
 def failure_kind(fail) -> str:
@@ -106,6 +108,9 @@ class Recorder:
         values = getattr(task, "values", None) or {}
         o.peak_rss_mb = values.get("peak_rss_mb")
         o.remote = values.get("cache") == "remote"
+        o.started_at, o.waited = values.get("started_at"), values.get("waited_s")
+        if values.get("work_s") is not None:
+            o.seconds = values["work_s"]  # the work, timed where it ran; a wait is its own field
         self.inner.add_success(task)
 
     def add_failure(self, task, fail):
@@ -176,7 +181,7 @@ def build_report(plan, outcomes: dict[str, Outcome], code: int, *, error: dict |
     ``t0`` (time.monotonic() when the build began) gives each step its ``start`` offset."""
     manifests = []
     for path, packages in (plan.groups.items() if plan is not None else ()):
-        targets = [_target(plan, plan.steps[p], outcomes, t0) for p in packages]
+        targets = [_target(plan, plan.steps[p], outcomes, t0, started) for p in packages]
         first = plan.steps[packages[0]].params.record if packages else {}
         manifests.append({"path": str(path), "name": first.get("name"), "version": first.get("version"),
                           "targets": targets})
@@ -218,7 +223,14 @@ def _cache(o: Outcome) -> str | None:
     return None
 
 
-def _target(plan, package, outcomes, t0: float | None = None) -> dict:
+def _start(o: Outcome, t0: float | None, started: float | None) -> float | None:
+    """Seconds after the build began that the step's work began."""
+    if o.started_at is not None and started is not None:
+        return round(o.started_at - started, 3)
+    return None if t0 is None or o.started is None else round(o.started - t0, 3)
+
+
+def _target(plan, package, outcomes, t0: float | None = None, started: float | None = None) -> dict:
     rec = package.params.record
     chain = _chain(plan, package)
     steps = []
@@ -226,7 +238,9 @@ def _target(plan, package, outcomes, t0: float | None = None) -> dict:
         o = outcomes.get(s.name, Outcome())
         steps.append({"step": s.kind, "task": s.name, "label": s.label, "status": o.status,
                       "cache": _cache(o), "seconds": o.seconds,
-                      "start": None if t0 is None or o.started is None else round(o.started - t0, 3),
+                      "start": _start(o, t0, started),
+                      **({"waited": o.waited} if o.waited else {}),
+                      **({"memory_estimate_mb": round(s.memory / 2**20, 1)} if s.memory else {}),
                       **({"peak_rss_mb": o.peak_rss_mb} if o.peak_rss_mb is not None else {})})
     root = next(((s, outcomes[s.name]) for s in chain
                  if s.name in outcomes and outcomes[s.name].status == "failed"

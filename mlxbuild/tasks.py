@@ -133,7 +133,7 @@ MAX_REPAIRS = 4  # entries one step may find corrupt and rebuild before it gives
 
 
 def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures: dict) -> None:
-    from mlxbuild import progress, remote
+    from mlxbuild import memory, progress, remote
 
     def waiting():
         progress.note("waiting for another build of this step")
@@ -163,7 +163,15 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
         from mlxbuild import child
 
         _make_inputs(plan, step, roots, cache)
-        with cache.writing(step.kind, step.key) as out:
+        # (after its inputs: a repair that builds one reserves its own share)
+        asked = time.monotonic()
+        with memory.reserve(roots.cache, step.memory, memory.budget(), f"{step.kind} {step.label}",
+                            on_wait=progress.note), cache.writing(step.kind, step.key) as out:
+            # When its work began (wall clock: -n N workers are other processes) and how long
+            # it waited for the memory budget; the report's timeline shows the work.
+            figures["started_at"] = time.time()
+            if time.monotonic() - asked > 0.05:
+                figures["waited_s"] = round(time.monotonic() - asked, 3)
             try:
                 if child.wanted(step, cache):
                     figures["peak_rss_mb"] = round(child.run(step, roots.cache, out) / 2**20, 1)
@@ -173,6 +181,7 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
             except VerificationError as e:
                 # The figures are in the entry about to be discarded: keep them for the report.
                 raise _WithFigures(e, _read_json(out / f"{step.kind}.json")) from None
+        figures["work_s"] = round(time.time() - figures["started_at"], 3)
     remote.push_entry(cache, step.kind, step.key)
 
 

@@ -214,13 +214,14 @@ def test_html_report_charts_the_peak_memory_of_child_steps():
     from mlxbuild import html_report
 
     steps = [{"step": "quantize", "task": "quantize:a", "label": "m 4w", "status": "ran", "cache": "built",
-              "start": 0.0, "seconds": 3.0, "peak_rss_mb": 1500.0},
+              "start": 0.0, "seconds": 3.0, "peak_rss_mb": 1500.0, "memory_estimate_mb": 1800.0},
              {"step": "export", "task": "export:a", "label": "m 4w", "status": "up-to-date", "cache": "hit",
               "start": 3.0, "seconds": 0.1}]
     data = {"kind": "build", "title": "t", "subtitle": "", "targets": [], "steps": steps, "error": None,
             "source": "r.json"}
     charts = {heading: fig for heading, _, fig in html_report._figures(data)}
     assert list(charts["Peak memory per step"].data[0].y) == [1500.0]
+    assert list(charts["Peak memory per step"].data[1].y) == [1800.0]
     assert {t.name for t in charts["Step timeline"].data} == {"built", "hit"}
     assert charts["Size against quality"] is None and charts["Speed on the build host"] is None
     page = html_report.render(data)

@@ -1,0 +1,291 @@
+"""How much memory each step will take, and the budget a build keeps to.
+
+**The estimate** of a step's peak resident memory comes from the model's size, known at plan
+time without loading anything: the parameter count (a synthetic config's shapes, or the
+checkpoint's safetensors headers), the step's dtype and, for the steps that hold the lowered
+program, the scheme's width. With W the weights in the step's dtype and A the artifact:
+
+    weights     PROCESS + 4 B x the largest piece (synthetic: generated a layer at a time in fp32);
+                a local checkpoint is linked, not loaded
+    preprocessor PROCESS                 tokenizer, package   0 (no model; a few MB)
+    quantize    PROCESS + 2.5 W       export     PROCESS + 1.65 W      reference  PROCESS + 1.55 W
+    lower       PROCESS + 2.1 W       verify     PROCESS + 4 A         baseline   PROCESS + 1.55 W + logits
+    quality     PROCESS + 4 A + logits
+
+PROCESS is what a step process holds before its work (Python, torch, transformers and
+ExecuTorch imported: 400-540 MB measured). The factors are the measured peaks of each step of
+the Qwen3-0.6B-shaped MLX 4-bit build (``benchmarks/results/step-process-*.json``) over its
+W; ``benchmarks/bench_memory.py`` compares them with what other sizes measure, and the build
+report puts each step's estimate beside its measured peak.
+
+**The budget** (``doit build --memory-budget SIZE``, ``MLXBUILD_MEMORY_BUDGET``; default
+``DEFAULT_FRACTION`` of physical memory) holds for every step, whatever process runs it: a
+step whose own estimate exceeds it fails before it starts, naming both; with ``-n N`` a step
+starts only when its estimate and those of the steps running fit in it together, else it
+waits. The running steps are noted in a ledger under the cache root, shared by every build
+using that cache on this machine (``fcntl`` lock; entries of dead processes are dropped).
+
+Torch-free: the planner calls it on every build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+from mlxbuild.errors import BuildError
+
+BUDGET_ENV = "MLXBUILD_MEMORY_BUDGET"
+DEFAULT_FRACTION = 0.8  # of physical memory: the rest is the OS's, the doit process's and the page cache's
+MB = 2**20
+PROCESS = {"export": 490 * MB, "lower": 540 * MB}
+PROCESS_DEFAULT = 400 * MB
+FACTOR = {"quantize": 2.5, "export": 1.65, "reference": 1.55, "lower": 2.1, "baseline": 1.55}
+ARTIFACT_FACTOR = 4.0  # verify and quality: the program, its runtime's copy of the weights, outputs
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+EVAL_LOGIT_COPIES = 3  # logits, float64 log-probabilities of one sequence, the baseline's
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def model_shape(load: dict) -> dict | None:
+    """{"params": count, "piece": the largest piece's parameters} of a weights source, or
+    None where it cannot be told before the weights step runs (a hub id not yet cached, a
+    ``module:`` factory)."""
+    if "synthetic" in load:
+        return _synthetic_shape(load["synthetic"].get("config") or {})
+    if "path" in load:
+        return _checkpoint_shape(Path(load["path"]))
+    return None
+
+
+def _synthetic_shape(c: dict) -> dict | None:
+    """A decoder's parameters from its config (embeddings, attention, MLP or experts);
+    an encoder-decoder's (Whisper's d_model and layer counts) the same way."""
+    h = int(c.get("hidden_size") or c.get("d_model") or 0)
+    v = int(c.get("vocab_size") or 0)
+    if not h:
+        return None
+    layers = int(c.get("num_hidden_layers") or 0) or \
+        int(c.get("encoder_layers") or 0) + int(c.get("decoder_layers") or 0)
+    inter = int(c.get("intermediate_size") or c.get("encoder_ffn_dim") or 4 * h)
+    heads = int(c.get("num_attention_heads") or c.get("encoder_attention_heads") or 1)
+    hd = int(c.get("head_dim") or h // heads)
+    kv = int(c.get("num_key_value_heads") or heads)
+    experts = int(c.get("num_experts") or 0)
+    mlp = 3 * h * int(c.get("moe_intermediate_size") or inter) * experts if experts else 3 * h * inter
+    layer = h * heads * hd * 2 + h * kv * hd * 2 + mlp
+    embed = v * h
+    tied = c.get("tie_word_embeddings", True)
+    return {"params": embed * (1 if tied else 2) + layers * layer, "piece": max(embed, layer)}
+
+
+def _checkpoint_shape(folder: Path) -> dict | None:
+    """Parameter count and largest tensor from the safetensors headers (nothing loaded)."""
+    total, largest = 0, 0
+    shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        try:
+            with open(shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError):
+            return None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            total += count
+            largest = max(largest, count)
+    return {"params": total, "piece": largest} if shards else None
+
+
+def artifact_bytes_per_param(scheme: dict | None, dtype: str) -> float:
+    """Bytes per parameter of a lowered program: the base linear rule's width plus a scale
+    and a zero point (2 bytes each) per group, or the dtype's width unquantized."""
+    q = (scheme or {}).get("linear") or {}
+    if not q or q.get("format", "affine") == "none":
+        return DTYPE_BYTES[dtype]
+    if q.get("format") == "nvfp4":
+        return 0.5 + 1 / 16
+    bits = int(q.get("bits") or 4)
+    group = q.get("group_size") or 32
+    return bits / 8 + (0 if group == "per_channel" else 4 / int(group))
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def annotate(plan) -> None:
+    """Give every planned step its estimate (``step.memory``, bytes; 0 for light steps)."""
+    for step in plan.steps.values():
+        step.memory = estimate(plan, step)
+
+
+def estimate(plan, step) -> int:
+    kind = str(step.kind)
+    base = PROCESS.get(kind, PROCESS_DEFAULT)
+    if kind == "package":
+        return 0
+    weights = _upstream(plan, step, "weights")
+    shape = model_shape(weights.params.load) if weights is not None else None
+    if kind == "tokenizer":
+        return 0  # no model, no torch: a few MB in whatever process runs it
+    if kind == "preprocessor" or shape is None:
+        return base
+    dtype = _dtype(plan, step) or "fp32"
+    w = shape["params"] * DTYPE_BYTES[dtype]
+    if kind == "weights":
+        return base + (4 * shape["piece"] if "synthetic" in step.params.load else 0)
+    if kind in FACTOR:
+        extra = _eval_logits(step, plan) if kind == "baseline" else 0
+        return int(base + FACTOR[kind] * w + extra)
+    quant = _upstream(plan, step, "quantize")
+    a = shape["params"] * artifact_bytes_per_param(quant.params.scheme if quant else None, dtype)
+    return int(base + ARTIFACT_FACTOR * a + (_eval_logits(step, plan) if kind == "quality" else 0))
+
+
+def _eval_logits(step, plan) -> int:
+    base = step if str(step.kind) == "baseline" else _upstream(plan, step, "baseline")
+    weights = _upstream(plan, step, "weights")
+    vocab = int(((weights.params.load.get("synthetic") or {}).get("config") or {}).get("vocab_size") or 0) \
+        if weights is not None else 0
+    if base is None or not vocab:
+        return 0
+    ev = base.params.evaluation
+    return EVAL_LOGIT_COPIES * int(ev.get("sequences", 4)) * int(ev.get("seq_len", 64)) * vocab * 4
+
+
+def _upstream(plan, step, kind: str):
+    """The nearest step of ``kind`` at or above ``step``."""
+    seen, todo = set(), [step.name]
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        s = plan.steps[name]
+        if str(s.kind) == kind:
+            return s
+        todo.extend(s.deps)
+    return None
+
+
+def _dtype(plan, step) -> str | None:
+    seen, todo = set(), [step.name]
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        s = plan.steps[name]
+        if getattr(s.params, "dtype", None):
+            return s.params.dtype
+        todo.extend(s.deps)
+    return None
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+def parse_size(text: str) -> int:
+    """``12G``, ``800M``, ``1.5GB``, ``512MiB``, a plain byte count, or ``75%`` of physical memory."""
+    t = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", t)
+    if m:
+        return int(physical_memory() * float(m[1]) / 100)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", t, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r}: expected a size such as 12G, 800M or 75%")
+    return int(float(m[1]) * 1024 ** " KMGT".index((m[2] or " ").upper()))
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def budget() -> int:
+    """The budget in bytes: MLXBUILD_MEMORY_BUDGET (which --memory-budget sets), else the
+    default fraction of physical memory. Raises ValueError for a value that is not a size."""
+    value = os.environ.get(BUDGET_ENV, "").strip()
+    return parse_size(value) if value else int(DEFAULT_FRACTION * physical_memory())
+
+
+def shown(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / MB:.0f} MB"
+
+
+class OverBudget(BuildError):
+    """A step whose estimate alone exceeds the budget: it fails before it starts."""
+
+
+@contextlib.contextmanager
+def reserve(root: Path, need: int, limit: int, label: str, on_wait=None):
+    """Hold ``need`` bytes of the budget ``limit`` while the block runs: wait while the steps
+    running beside it would take the total over it. Raises OverBudget when ``need`` alone
+    exceeds it."""
+    if need > limit:
+        raise OverBudget(f"{label}: needs an estimated {shown(need)}, over the memory budget of "
+                         f"{shown(limit)} (--memory-budget or {BUDGET_ENV})")
+    if need <= 0:
+        yield
+        return
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    told = False
+    while True:
+        with _ledger(root) as ledger:
+            running = sum(e["bytes"] for e in ledger.values())
+            if running + need <= limit:
+                ledger[token] = {"pid": os.getpid(), "bytes": need, "step": label}
+                break
+        if on_wait is not None and not told:
+            on_wait(f"waiting for memory: {shown(running)} of {shown(limit)} held by running steps, "
+                    f"this one needs {shown(need)}")
+            told = True
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with _ledger(root) as ledger:
+            ledger.pop(token, None)
+
+
+@contextlib.contextmanager
+def _ledger(root: Path):
+    """The ledger of running steps, locked for the block; rewritten when it ends."""
+    folder = Path(root) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "memory.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = folder / "memory.json"
+        try:
+            ledger = json.loads(path.read_text())
+        except (OSError, ValueError):
+            ledger = {}
+        ledger = {k: v for k, v in ledger.items() if _alive(v.get("pid"))}
+        yield ledger
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ledger))
+        os.replace(tmp, path)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,171 @@
+"""The plan's memory estimate per step and the budget a build keeps to (``mlxbuild.memory``):
+an oversized step fails before it starts, naming its estimate and the budget; with ``-n 2``
+two steps that don't fit together run one after the other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from buildlog import TINY_SOURCE, doit_command
+from mlxbuild import memory
+from mlxbuild.build import plan_manifests
+from mlxbuild.settings import Roots
+
+MANIFEST = f"""\
+name: mem
+version: 0.1.0
+model:
+{TINY_SOURCE}  dtype: fp32
+export: {{max_context_length: 32}}
+quality: {{enabled: false}}
+quantization:
+  8w: {{linear: {{bits: 8, group_size: 32}}}}
+targets:
+  - {{name: mlx-fp32, backend: mlx}}
+  - {{name: mlx-8w, backend: mlx, quantization: 8w}}
+"""
+BIG = """\
+name: big
+version: 0.1.0
+model:
+  source:
+    synthetic:
+      architecture: qwen3
+      seed: 0
+      config: {vocab_size: 151936, hidden_size: 1024, intermediate_size: 3072, num_hidden_layers: 28,
+               num_attention_heads: 16, num_key_value_heads: 8, head_dim: 128, tie_word_embeddings: true}
+  dtype: bf16
+export: {max_context_length: 64}
+quantization:
+  4w: {linear: {bits: 4, group_size: 32}, embedding: {bits: 4, group_size: 32}}
+targets:
+  - {name: mlx-4w, backend: mlx, quantization: 4w}
+  - {name: xnnpack-fp32, backend: xnnpack, dtype: fp32}
+"""
+
+
+def _build(root: Path, env_for, *args: str) -> subprocess.CompletedProcess:
+    env = env_for(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
+    return subprocess.run([*doit_command(), "build", "--plain", "--report", "r.json", *args, "m.yaml"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _heavy_steps(root: Path) -> list[dict]:
+    report = json.loads((root / "r.json").read_text())
+    steps = {s["task"]: s for t in report["manifests"][0]["targets"] for s in t["steps"]}
+    return [s for s in steps.values() if (s.get("memory_estimate_mb") or 0) >= 300 and s["status"] == "ran"]
+
+
+def _overlaps(steps: list[dict]) -> list[tuple[str, str]]:
+    return [(a["task"], b["task"]) for a, b in combinations(steps, 2)
+            if a["start"] < b["start"] + b["seconds"] and b["start"] < a["start"] + a["seconds"]]
+
+
+def test_estimates_follow_parameters_dtype_and_width(tmp_path):
+    (tmp_path / "m.yaml").write_text(BIG)
+    plan = plan_manifests([str(tmp_path / "m.yaml")], Roots(cache=tmp_path / "c", artifacts=tmp_path / "a"))
+    by = {s.name.split(":")[0] + ":" + s.label: s.memory for s in plan.steps.values()}
+    params = memory.model_shape(next(s for s in plan.steps.values() if s.kind == "weights").params.load)["params"]
+    assert 590e6 < params < 610e6  # Qwen3-0.6B: 596M with its tied embedding
+    q_bf16 = next(s for s in plan.steps.values() if s.kind == "quantize" and s.params.dtype == "bf16")
+    q_fp32 = next(s for s in plan.steps.values() if s.kind == "quantize" and s.params.dtype == "fp32")
+    assert q_bf16.memory == int(memory.PROCESS_DEFAULT + memory.FACTOR["quantize"] * params * 2)
+    # fp32 doubles what depends on the model, not the process
+    assert q_fp32.memory - memory.PROCESS_DEFAULT == pytest.approx(2 * (q_bf16.memory - memory.PROCESS_DEFAULT), rel=1e-6)
+    # a 4-bit program is smaller to verify than an fp32 one
+    verify = {s.label: s.memory for s in plan.steps.values() if s.kind == "verify"}
+    assert verify["big/mlx-4w"] < verify["big/xnnpack-fp32"] / 4
+    # the synthetic weights are generated a piece at a time: the embedding is the largest
+    weights = next(s for s in plan.steps.values() if s.kind == "weights")
+    assert weights.memory == memory.PROCESS_DEFAULT + 4 * 151936 * 1024
+    assert all(s.memory == 0 for s in plan.steps.values() if s.kind in ("package", "tokenizer")), by
+
+
+def test_a_checkpoint_is_measured_from_its_headers(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1
+    shape = memory.model_shape({"path": str(tmp_path / "ckpt")})
+    assert shape == {"params": sum(p.numel() for p in model.parameters()), "piece": 96 * 32}
+
+
+def test_sizes_parse_and_a_bad_budget_is_a_usage_error(tmp_path, subprocess_env):
+    assert memory.parse_size("800M") == 800 * 2**20 and memory.parse_size("1.5GB") == int(1.5 * 2**30)
+    assert memory.parse_size("512MiB") == 512 * 2**20 and memory.parse_size("4096") == 4096
+    assert memory.parse_size("50%") == memory.physical_memory() // 2
+    (tmp_path / "m.yaml").write_text(MANIFEST)
+    p = _build(tmp_path, subprocess_env, "--memory-budget", "lots")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "MLXBUILD_MEMORY_BUDGET: 'lots': expected a size such as 12G, 800M or 75%" in p.stderr
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("weights/*"))
+
+
+def test_a_step_over_the_budget_fails_before_it_starts(tmp_path, subprocess_env):
+    (tmp_path / "m.yaml").write_text(MANIFEST)
+    p = _build(tmp_path, subprocess_env, "--memory-budget", "300M")
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    line = next(ln for ln in (p.stdout + p.stderr).splitlines() if "memory budget" in ln)
+    assert "weights mem (fp32): needs an estimated 400 MB, over the memory budget of 300 MB" in line, line
+    assert "(--memory-budget or MLXBUILD_MEMORY_BUDGET)" in line
+    assert not list((tmp_path / "cache").glob("**/model.safetensors"))  # nothing written
+    assert not (tmp_path / "artifacts" / "mem").exists()
+
+
+def test_steps_that_do_not_fit_together_run_one_after_the_other(tmp_path, subprocess_env):
+    """Same manifest, -n 2: with room for every step (a large budget) some heavy steps of
+    the two targets overlap; with room for one (700 MB: each estimate is 400-540 MB) none do."""
+    for name, budget in (("roomy", "100G"), ("tight", "700M")):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "m.yaml").write_text(MANIFEST)
+        p = _build(root, subprocess_env, "-n", "2", "--memory-budget", budget)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        heavy = _heavy_steps(root)
+        assert len(heavy) >= 8, heavy
+        if name == "roomy":
+            assert _overlaps(heavy), "with -n 2 and room for both, steps should run side by side"
+            assert not any(s.get("waited") for s in heavy)
+        else:
+            assert not _overlaps(heavy), _overlaps(heavy)
+            assert any(s.get("waited") for s in heavy) and "waiting for memory" in p.stdout + p.stderr
+
+
+def test_the_ledger_waits_for_room_and_forgets_dead_holders(tmp_path):
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with memory.reserve(tmp_path, 600, 1000, "first"):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    notes = []
+    threading.Timer(0.6, release.set).start()
+    start = time.monotonic()
+    with memory.reserve(tmp_path, 600, 1000, "second", on_wait=notes.append):
+        waited = time.monotonic() - start
+    t.join()
+    assert waited >= 0.5 and len(notes) == 1 and "waiting for memory" in notes[0]
+    # an entry left by a process that died does not hold the budget
+    ledger = tmp_path / "locks" / "memory.json"
+    ledger.write_text(json.dumps({"gone": {"pid": 2**22 + 12345, "bytes": 900, "step": "x"}}))
+    start = time.monotonic()
+    with memory.reserve(tmp_path, 600, 1000, "third"):
+        assert time.monotonic() - start < 0.5
+    with pytest.raises(memory.OverBudget, match="x: needs an estimated"):
+        with memory.reserve(tmp_path, 2000, 1000, "x"):
+            pass
