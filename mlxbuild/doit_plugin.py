@@ -54,6 +54,7 @@ class ManifestLoader(TaskLoader2):
         # `build --target/--backend` (other verbs have no such options: everything)
         self.select = TargetFilter(tuple(opt_values.get("only_targets") or ()),
                                    tuple(opt_values.get("only_backends") or ()))
+        self.shard = opt_values.get("shard") or ""  # parsed when planning: a bad one is a usage error
         self.measure_speed = bool(opt_values.get("measure_speed"))
         self.plan = None
 
@@ -77,8 +78,14 @@ class ManifestLoader(TaskLoader2):
             paths = [DEFAULT_MANIFEST]
         r = roots()
         try:
-            plan = plan_manifests(paths, r, getattr(self, "select", None),
-                                  measure_speed=getattr(self, "measure_speed", False))
+            select = getattr(self, "select", None)
+            if getattr(self, "shard", ""):
+                import dataclasses
+
+                from mlxbuild.selection import parse_shard
+
+                select = dataclasses.replace(select, shard=parse_shard(self.shard))
+            plan = plan_manifests(paths, r, select, measure_speed=getattr(self, "measure_speed", False))
         except MlxbuildError as e:
             # One line, and the exit code doit uses for errors before any task runs.
             print(f"error: {e}", file=sys.stderr)
@@ -150,6 +157,8 @@ BUILD_OPTIONS = (
      "env_var": "MLXBUILD_REPORT", "help": "write a JSON build report here, also when the build fails"},
     {"name": "junit", "long": "junit", "type": str, "default": "", "metavar": "PATH.xml",
      "env_var": "MLXBUILD_JUNIT", "help": "write JUnit XML here (one testcase per target)"},
+    {"name": "shard", "long": "shard", "type": str, "default": "", "metavar": "I/N", "env_var": "MLXBUILD_SHARD",
+     "help": "build only the I-th of N deterministic shares of the targets (a CI matrix of N jobs)"},
     {"name": "measure_speed", "long": "measure-speed", "type": bool, "default": False,
      "env_var": "MLXBUILD_MEASURE_SPEED",
      "help": "record each target's prefill/decode tokens per second on this host (median of 3 runs)"},
@@ -170,7 +179,7 @@ class Build(Run):
     name = "build"
     doc_purpose = "build the .pte artifacts of one or more manifests"
     doc_usage = ("[-n N] [-v 0|1|2] [--target GLOB] [--backend NAME] [--report PATH.json] "
-                 "[--junit PATH.xml] [--measure-speed] [--memory-budget SIZE] MANIFEST.yaml "
+                 "[--junit PATH.xml] [--shard I/N] [--measure-speed] [--memory-budget SIZE] MANIFEST.yaml "
                  "[MANIFEST.yaml ...] [TASK ...]")
     doc_description = None
     cmd_options = Run.cmd_options + BUILD_OPTIONS
