@@ -72,6 +72,8 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True,
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "weights_entry_mb": round(weights / 2**20, 1), "artifacts": artifacts,
             "verified": [t.get("verification", {}) and t["verification"].get("passed") for t in targets],
+            "failures": [t["failure"]["message"] for t in targets if t.get("failure")],
+            "quality": [{k: (t.get("quality") or {}).get(k) for k in ("kld_mean", "top1", "passed")} for t in targets],
             "steps": steps}
 
 

@@ -82,7 +82,7 @@ def _from_build(rep: dict, path: Path) -> dict:
     names = sorted({m.get("name") or m.get("path") for m in rep.get("manifests") or []})
     error = rep.get("error")
     return {"kind": "build", "title": f"mlxbuild build: {', '.join(names) or 'nothing planned'}",
-            "subtitle": subtitle, "targets": targets, "steps": list(steps.values()),
+            "subtitle": subtitle, "targets": targets, "steps": list(steps.values()), "cache": rep.get("cache"),
             "error": f"{error['kind']} error: {error['message']}" if error else None, "source": str(path)}
 
 
@@ -265,7 +265,8 @@ def render(data: dict) -> str:
     if rules:
         parts += ["<h2>Per-rule figures</h2>", rules]
     if data["steps"] is not None:
-        parts += ["<h2>Steps and cache</h2>", _cache_summary(data["steps"]), _steps_table(data["steps"])]
+        parts += ["<h2>Steps and cache</h2>", _cache_summary(data["steps"], data.get("cache")),
+                  _steps_table(data["steps"])]
     made = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f"<p class=muted>Made by <code>mlxbuild report</code> from {_e(data['source'])} on {made}.</p>")
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
@@ -304,7 +305,7 @@ def _rules_table(rows: list[dict]) -> str:
                   body, "rules")
 
 
-def _cache_summary(steps: list[dict]) -> str:
+def _cache_summary(steps: list[dict], totals: dict | None = None) -> str:
     counts: dict[str, int] = {}
     for s in steps:
         counts[_state(s)] = counts.get(_state(s), 0) + 1
@@ -312,7 +313,11 @@ def _cache_summary(steps: list[dict]) -> str:
     hits = counts.get("hit", 0) + counts.get("remote", 0)
     rate = f"{hits / ran:.0%}" if ran else "—"
     words = ", ".join(f"{n} {state}" for state, n in counts.items())
-    return f"<p id=cache-summary>{len(steps)} steps: {_e(words)}; cache hit rate {rate}.</p>"
+    traffic = ""
+    if totals and (totals.get("remote_down_bytes") or totals.get("remote_up_bytes")):
+        traffic = (f" Remote cache: {_size(totals.get('remote_down_bytes'))} downloaded, "
+                   f"{_size(totals.get('remote_up_bytes'))} uploaded.")
+    return f"<p id=cache-summary>{len(steps)} steps: {_e(words)}; cache hit rate {rate}.{_e(traffic)}</p>"
 
 
 def _steps_table(steps: list[dict]) -> str:

@@ -5,8 +5,8 @@ time without loading anything: the parameter count (a synthetic config's shapes,
 checkpoint's safetensors headers), the step's dtype and, for the steps that hold the lowered
 program, the scheme's width. With W the weights in the step's dtype and A the artifact:
 
-    weights     PROCESS + 4 B x the largest piece (synthetic: generated a layer at a time in fp32);
-                a local checkpoint is linked, not loaded
+    weights     PROCESS + the largest piece (a layer, or the embeddings) x (4 B in fp32 + its cast
+                + 1.5 B of normal_'s work); a local checkpoint is linked, not loaded
     preprocessor PROCESS                 tokenizer, package   0 (no model; a few MB)
     quantize    PROCESS + 2.5 W       export     PROCESS + 1.65 W      reference  PROCESS + 1.55 W
     lower       PROCESS + 2.1 W       verify     PROCESS + 4 A         baseline   PROCESS + 1.55 W + logits
@@ -49,6 +49,7 @@ PROCESS_DEFAULT = 400 * MB
 FACTOR = {"quantize": 2.5, "export": 1.65, "reference": 1.55, "lower": 2.1, "baseline": 1.55}
 ARTIFACT_FACTOR = 4.0  # verify and quality: the program, its runtime's copy of the weights, outputs
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
 EVAL_LOGIT_COPIES = 3  # logits, float64 log-probabilities of one sequence, the baseline's
 
 
@@ -82,9 +83,9 @@ def _synthetic_shape(c: dict) -> dict | None:
     experts = int(c.get("num_experts") or 0)
     mlp = 3 * h * int(c.get("moe_intermediate_size") or inter) * experts if experts else 3 * h * inter
     layer = h * heads * hd * 2 + h * kv * hd * 2 + mlp
-    embed = v * h
-    tied = c.get("tie_word_embeddings", True)
-    return {"params": embed * (1 if tied else 2) + layers * layer, "piece": max(embed, layer)}
+    embed = v * h * (1 if c.get("tie_word_embeddings", True) else 2)
+    # the pieces: each layer, and the rest (embedding and, untied, the output head)
+    return {"params": embed + layers * layer, "piece": max(embed, layer)}
 
 
 def _checkpoint_shape(folder: Path) -> dict | None:
@@ -145,7 +146,11 @@ def estimate(plan, step) -> int:
     dtype = _dtype(plan, step) or "fp32"
     w = shape["params"] * DTYPE_BYTES[dtype]
     if kind == "weights":
-        return base + (4 * shape["piece"] if "synthetic" in step.params.load else 0)
+        if "synthetic" not in step.params.load:
+            return base
+        # the largest piece initialized in fp32, its cast copy, and normal_'s working memory
+        cast = DTYPE_BYTES[dtype] if dtype != "fp32" else 0
+        return int(base + shape["piece"] * (4 + cast + INIT_WORK_BYTES))
     if kind in FACTOR:
         extra = _eval_logits(step, plan) if kind == "baseline" else 0
         return int(base + FACTOR[kind] * w + extra)

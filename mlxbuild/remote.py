@@ -440,29 +440,33 @@ def connect(url: str | None) -> RemoteCache | None:
 # --------------------------------------------------------------------------- a step's view
 
 
-def fetch_entry(cache, kind: str, key: str) -> bool:
-    """Try the cache's remote tier for a missing entry; say in the step's notes what happened."""
+def fetch_entry(cache, kind: str, key: str) -> int | None:
+    """Try the cache's remote tier for a missing entry; say in the step's notes what happened.
+    The bytes downloaded, or None when it was not there."""
     from mlxbuild import progress
 
     if cache.remote is None:
-        return False
+        return None
     got = cache.fetch(kind, key)
     if got is not None:
         progress.note(f"downloaded from remote cache ({_mb(got.size)} in {got.seconds:.1f} s)")
-        return True
+        return got.size
     if cache.remote.available:
         progress.note("not in remote cache; building")
-    return False
+    return None
 
 
-def push_entry(cache, kind: str, key: str) -> None:
+def push_entry(cache, kind: str, key: str) -> int:
+    """Upload an entry this machine built; the bytes sent (0: none, or another got there first)."""
     from mlxbuild import progress
 
     if cache.remote is None:
-        return
+        return 0
     sent = cache.push(kind, key)
     if sent is not None:
         progress.note(f"uploaded to remote cache ({_mb(sent.size)} in {sent.seconds:.1f} s)")
+        return sent.size
+    return 0
 
 
 def _mb(size: int) -> str:

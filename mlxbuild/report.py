@@ -66,6 +66,7 @@ class Outcome:
     remote: bool = False  # its entry came from the remote cache rather than being built here
     started_at: float | None = None  # wall clock when its work began (after any wait for memory)
     waited: float | None = None  # seconds it waited for the memory budget
+    remote_bytes: tuple[int, int] = (0, 0)  # downloaded from / uploaded to the remote cache
 
 
 def failure_kind(fail) -> str:
@@ -109,6 +110,7 @@ class Recorder:
         o.peak_rss_mb = values.get("peak_rss_mb")
         o.remote = values.get("cache") == "remote"
         o.started_at, o.waited = values.get("started_at"), values.get("waited_s")
+        o.remote_bytes = (values.get("remote_down_bytes") or 0, values.get("remote_up_bytes") or 0)
         if values.get("work_s") is not None:
             o.seconds = values["work_s"]  # the work, timed where it ran; a wait is its own field
         self.inner.add_success(task)
@@ -189,6 +191,17 @@ def build_report(plan, outcomes: dict[str, Outcome], code: int, *, error: dict |
     for m in manifests:
         for t in m["targets"]:
             counts[t["status"]] += 1
+    # Per step, not per target: a step shared by targets counts once.
+    steps = {n: o for n, o in outcomes.items() if plan is not None and n in plan.steps
+             and plan.steps[n].kind != "package"}
+    hits = {"hit": 0, "remote": 0, "built": 0}
+    for o in steps.values():
+        if _cache(o):
+            hits[_cache(o)] += 1
+    ran = sum(hits.values())
+    cache = {**hits, "hit_rate": round((hits["hit"] + hits["remote"]) / ran, 3) if ran else None,
+             "remote_down_bytes": sum(o.remote_bytes[0] for o in steps.values()),
+             "remote_up_bytes": sum(o.remote_bytes[1] for o in steps.values())}
     return {
         "format": FORMAT,
         "command": argv,
@@ -198,6 +211,7 @@ def build_report(plan, outcomes: dict[str, Outcome], code: int, *, error: dict |
         "result": MEANING.get(code, "failure"),
         "error": error,
         "counts": counts,
+        "cache": cache,
         "manifests": manifests,
     }
 

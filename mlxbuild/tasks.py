@@ -111,7 +111,7 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
             except CorruptEntry as e:
                 last = e
                 repaired = _repair(step, e, roots, plan, cache)
-                if repaired is not True:
+                if not succeeded(repaired):
                     return repaired
         return StepFailed(f"{step.kind} {step.label}: cache entries kept failing their checks; "
                           f"last: {last}")
@@ -126,6 +126,11 @@ def run_step(step: Step, roots: Roots, plan: Plan | None = None):
         return crashed(step, roots, e)
     except Exception as e:  # a crash in a step (e.g. a model factory raising) is a build failure
         return crashed(step, roots, e)
+
+
+def succeeded(result) -> bool:
+    """What run_step returned means done: True, or the dict of its figures (doit's values)."""
+    return result is True or isinstance(result, dict)
 
 
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -155,8 +160,9 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
             cache.remove(step.kind, step.key)
         if cache.has(step.kind, step.key):
             return  # (another build made it meanwhile)
-        if remote.fetch_entry(cache, step.kind, step.key):
-            figures["cache"] = "remote"
+        down = remote.fetch_entry(cache, step.kind, step.key)
+        if down is not None:
+            figures["cache"], figures["remote_down_bytes"] = "remote", down
             return
         from mlxbuild.stages import stage
 
@@ -182,12 +188,14 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
                 # The figures are in the entry about to be discarded: keep them for the report.
                 raise _WithFigures(e, _read_json(out / f"{step.kind}.json")) from None
         figures["work_s"] = round(time.time() - figures["started_at"], 3)
-    remote.push_entry(cache, step.kind, step.key)
+    up = remote.push_entry(cache, step.kind, step.key)
+    if up:
+        figures["remote_up_bytes"] = up
 
 
 def _repair(step: Step, error: CorruptEntry, roots: Roots, plan: Plan | None, cache: Cache):
     """A step found an entry it reads corrupt: evict it, say so in one line, rebuild it.
-    True when rebuilt (the step is tried again), else the failure to report."""
+    True (or the rebuilt step's figures) when rebuilt: the step is tried again; else the failure."""
     import sys
 
     from mlxbuild import progress
@@ -262,7 +270,7 @@ def _make_inputs(plan: Plan | None, step: Step, roots: Roots, cache: Cache) -> N
         if dep.kind is not StepKind.PACKAGE and not cache.has(dep.kind, dep.key):
             result = run_step(dep, roots, plan)
             progress.begin(step.kind, step.label)
-            if result is not True:
+            if not succeeded(result):
                 raise MlxbuildError(getattr(result, "message", str(result)))
 
 

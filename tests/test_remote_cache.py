@@ -200,7 +200,7 @@ class Machine:
         full.pop("MLXBUILD_REMOTE_CACHE_READONLY", None)
         doit = Path(sys.executable).with_name("doit")
         start = time.monotonic()
-        p = subprocess.run([str(doit), "build", "manifests/tiny.yaml"], cwd=self.root, env=full,
+        p = subprocess.run([str(doit), "build", "--report", "report.json", "manifests/tiny.yaml"], cwd=self.root, env=full,
                            capture_output=True, text=True, timeout=600)
         return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - start)
 
@@ -232,6 +232,9 @@ def test_first_machine_misses_builds_and_uploads_every_entry(first, s3):
     assert run.notes("not in remote cache") == set(CACHE_KINDS), run
     assert run.notes("uploaded") == set(CACHE_KINDS), run
     assert run.notes("downloaded") == set(), run
+    stats = json.loads((a.root / "report.json").read_text())["cache"]
+    assert stats["built"] == len(CACHE_KINDS) and stats["remote"] == 0 and stats["hit_rate"] == 0
+    assert stats["remote_up_bytes"] > 0 and stats["remote_down_bytes"] == 0
     found = markers(s3, "fleet")
     assert set(found) == set(CACHE_KINDS)
     for kind, marker in found.items():
@@ -256,6 +259,9 @@ def test_second_machine_downloads_only_what_its_steps_need(first, s3, tmp_path, 
     assert run.steps(".") == {"tokenizer", "quantize", "lower", "verify", "quality", "package"}, run
     assert run.steps("--") == {"weights", "export", "reference", "baseline"}, run
     assert run.notes("uploaded") == set(), run
+    stats = json.loads((b.root / "report.json").read_text())["cache"]
+    assert stats["remote"] == 5 and stats["built"] == 0 and stats["hit"] == 4, stats
+    assert stats["hit_rate"] == 1.0 and stats["remote_down_bytes"] > 0 and stats["remote_up_bytes"] == 0
     for kind in ("weights", "export", "reference", "baseline"):
         assert b.entries(kind) == [], kind
     assert b.pte.read_bytes() == a.pte.read_bytes()

@@ -97,6 +97,28 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
         yield from _checkpoint_state(model, modules, saved).items()
         for _name, module in modules:
             module.to_empty(device="meta", recurse=False)  # give the memory back
+        _trim()
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system. A piece's tensors (a few MB to tens of MB
+    each, fp32 then cast) are below glibc's mmap threshold once it has adapted, so they come
+    from the heap, whose holes don't fit the next piece: without this the resident size grew
+    by most of a layer per layer (measured on Qwen3-0.6B's shapes)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):  # glibc only; elsewhere nothing to do
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _checkpoint_state(model, modules, saved: set[str]) -> dict:
