@@ -7,15 +7,18 @@ program, the scheme's width. With W the weights in the step's dtype and A the ar
 
     weights     PROCESS + the largest piece (a layer, or the embeddings) x (4 B in fp32 + its cast
                 + 1.5 B of normal_'s work); a local checkpoint is linked, not loaded
-    preprocessor PROCESS                 tokenizer, package   0 (no model; a few MB)
-    quantize    PROCESS + 2.5 W       export     PROCESS + 1.65 W      reference  PROCESS + 1.55 W
-    lower       PROCESS + 2.1 W       verify     PROCESS + 4 A         baseline   PROCESS + 1.55 W + logits
-    quality     PROCESS + 4 A + logits
+    quantize, export, reference, lower, baseline
+                PROCESS + FIXED x min(1, W / W_REF) + SLOPE x W  (+ the evaluation logits: baseline)
+    verify      PROCESS + 4 A         quality   PROCESS + 4 A + the evaluation logits
+    preprocessor PROCESS              tokenizer, package   0 (no model; a few MB)
 
 PROCESS is what a step process holds before its work (Python, torch, transformers and
-ExecuTorch imported: 400-540 MB measured). The factors are the measured peaks of each step of
-the Qwen3-0.6B-shaped MLX 4-bit build (``benchmarks/results/step-process-*.json``) over its
-W; ``benchmarks/bench_memory.py`` compares them with what other sizes measure, and the build
+ExecuTorch imported: 400-540 MB measured). SLOPE and FIXED are the line through the measured
+peaks of each step of the MLX 4-bit builds of Qwen3-0.6B's and Qwen3-1.7B's shapes
+(``benchmarks/results/step-process-*-2026-12-06.json``; W_REF is the 0.6B's 1.14 GB): each
+step holds a part that grows with the model and a part that does not (tracing and lowering
+state, the 151,936-row vocabulary's working copies), which FIXED scales down for small models
+so a tiny one is not charged for it. Beyond 1.7B the line is an extrapolation; the build
 report puts each step's estimate beside its measured peak.
 
 **The budget** (``doit build --memory-budget SIZE``, ``MLXBUILD_MEMORY_BUDGET``; default
@@ -46,7 +49,10 @@ DEFAULT_FRACTION = 0.8  # of physical memory: the rest is the OS's, the doit pro
 MB = 2**20
 PROCESS = {"export": 490 * MB, "lower": 540 * MB}
 PROCESS_DEFAULT = 400 * MB
-FACTOR = {"quantize": 2.5, "export": 1.65, "reference": 1.55, "lower": 2.1, "baseline": 1.55}
+# (SLOPE, FIXED in MB) per step kind: fitted to the 0.6B and 1.7B builds (see above).
+LINE = {"quantize": (1.27, 1368), "export": (1.26, 790), "reference": (0.87, 765), "lower": (1.60, 515),
+        "baseline": (1.0, 150)}
+W_REF = 1137 * MB  # Qwen3-0.6B's bf16 weights, where FIXED was measured
 ARTIFACT_FACTOR = 4.0  # verify and quality: the program, its runtime's copy of the weights, outputs
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
@@ -151,9 +157,10 @@ def estimate(plan, step) -> int:
         # the largest piece initialized in fp32, its cast copy, and normal_'s working memory
         cast = DTYPE_BYTES[dtype] if dtype != "fp32" else 0
         return int(base + shape["piece"] * (4 + cast + INIT_WORK_BYTES))
-    if kind in FACTOR:
+    if kind in LINE:
+        slope, fixed = LINE[kind]
         extra = _eval_logits(step, plan) if kind == "baseline" else 0
-        return int(base + FACTOR[kind] * w + extra)
+        return int(base + fixed * MB * min(1.0, w / W_REF) + slope * w + extra)
     quant = _upstream(plan, step, "quantize")
     a = shape["params"] * artifact_bytes_per_param(quant.params.scheme if quant else None, dtype)
     return int(base + ARTIFACT_FACTOR * a + (_eval_logits(step, plan) if kind == "quality" else 0))
