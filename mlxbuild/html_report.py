@@ -357,9 +357,9 @@ def _secs(x) -> str:
 
 
 def _size(n) -> str:
-    if not n:
-        return "—"
-    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
+    from mlxbuild.report import _size as size  # the Markdown summary's units
+
+    return size(n) if n else "—"
 
 
 # --------------------------------------------------------------------------- command

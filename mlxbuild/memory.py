@@ -177,33 +177,24 @@ def _eval_logits(step, plan) -> int:
     return EVAL_LOGIT_COPIES * int(ev.get("sequences", 4)) * int(ev.get("seq_len", 64)) * vocab * 4
 
 
-def _upstream(plan, step, kind: str):
-    """The nearest step of ``kind`` at or above ``step``."""
+def _upward(plan, step):
+    """The step, then the steps it reads, nearest first."""
     seen, todo = set(), [step.name]
     while todo:
         name = todo.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        s = plan.steps[name]
-        if str(s.kind) == kind:
-            return s
-        todo.extend(s.deps)
-    return None
+        if name not in seen:
+            seen.add(name)
+            yield plan.steps[name]
+            todo.extend(plan.steps[name].deps)
+
+
+def _upstream(plan, step, kind: str):
+    """The nearest step of ``kind`` at or above ``step``."""
+    return next((s for s in _upward(plan, step) if str(s.kind) == kind), None)
 
 
 def _dtype(plan, step) -> str | None:
-    seen, todo = set(), [step.name]
-    while todo:
-        name = todo.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        s = plan.steps[name]
-        if getattr(s.params, "dtype", None):
-            return s.params.dtype
-        todo.extend(s.deps)
-    return None
+    return next((s.params.dtype for s in _upward(plan, step) if getattr(s.params, "dtype", None)), None)
 
 
 # --------------------------------------------------------------------------- the budget
