@@ -188,9 +188,10 @@ def _figures(data: dict) -> list[tuple[str, str, object | None]]:
                     name=state, orientation="h", base=[s["start"] for s in mine],
                     x=[max(s["seconds"], 0.05) for s in mine], y=[_step_name(s) for s in mine],
                     marker_color=CACHE_COLOURS[state],
-                    customdata=[[s["seconds"], _mb(s.get("peak_rss_mb"))] for s in mine],
-                    hovertemplate="%{y}<br>%{customdata[0]:.2f} s, peak %{customdata[1]}<extra>" + state
-                                  + "</extra>"))
+                    customdata=[[s["seconds"], _mb(s.get("peak_rss_mb")), f"{s.get('waited') or 0:.1f} s"]
+                                for s in mine],
+                    hovertemplate="%{y}<br>%{customdata[0]:.2f} s, peak %{customdata[1]}, waited for "
+                                  "memory %{customdata[2]}<extra>" + state + "</extra>"))
             fig.update_layout(barmode="overlay", xaxis_title="seconds since the build started",
                               yaxis={"autorange": "reversed", "automargin": True, "categoryorder": "array",
                                      "categoryarray": [_step_name(s) for s in timed]},
@@ -323,10 +324,12 @@ def _cache_summary(steps: list[dict], totals: dict | None = None) -> str:
 def _steps_table(steps: list[dict]) -> str:
     body = [[(s["step"], ""), (s.get("label") or s["task"], ""), (_state(s), ""),
              (f"{s['start']:.1f}" if s.get("start") is not None else "—", "n"),
-             (_secs(s.get("seconds")), "n"), (_mb(s.get("peak_rss_mb")), "n"),
+             (_secs(s.get("seconds")), "n"), (_secs(s.get("waited")) if s.get("waited") else "—", "n"),
+             (_mb(s.get("peak_rss_mb")), "n"),
              (_mb(s.get("memory_estimate_mb")), "n")]
             for s in sorted(steps, key=lambda s: (s.get("start") is None, s.get("start") or 0))]
-    return _table(["step", "of", "cache", "started at (s)", "took", "peak RSS", "estimate"], body, "steps")
+    return _table(["step", "of", "cache", "started at (s)", "took", "waited for memory", "peak RSS", "estimate"],
+                  body, "steps")
 
 
 def _table(head: list[str], body: list[list[tuple[str, str]]], ident: str) -> str:
