@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_OK, EXIT_BUILD, EXIT_USAGE, EXIT_MANIFEST, EXIT_VERIFICATION = 0, 1, 2, 3, 4
