@@ -86,14 +86,10 @@ def _source_bytes(load: dict, dtype: str) -> int:
 
 
 def _synthetic_params(c: dict) -> int:
-    """A decoder's parameter count from its config (embeddings, attention, MLP), torch-free."""
-    h, v = int(c.get("hidden_size", 0)), int(c.get("vocab_size", 0))
-    layers, inter = int(c.get("num_hidden_layers", 0)), int(c.get("intermediate_size", 4 * h))
-    heads = int(c.get("num_attention_heads", 1))
-    hd = int(c.get("head_dim") or (h // heads if heads else 0))
-    kv = int(c.get("num_key_value_heads", heads))
-    attn = h * heads * hd * 2 + h * kv * hd * 2
-    return v * h * (1 if c.get("tie_word_embeddings", True) else 2) + layers * (attn + 3 * h * inter)
+    """A synthetic config's parameter count, torch-free (mlxbuild.memory's)."""
+    from mlxbuild.memory import model_shape
+
+    return (model_shape({"synthetic": {"config": c}}) or {"params": 0})["params"]
 
 
 def run(step, cache_root: Path, out: Path) -> int:

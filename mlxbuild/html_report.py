@@ -92,7 +92,8 @@ def _from_lock(lock: dict, path: Path) -> dict:
     return {"kind": "release", "title": f"mlxbuild release: {lock.get('name')} {lock.get('version')}",
             "subtitle": f"{len(targets)} targets locked in {path.name}; a release lock keeps no step "
                         "timeline (pass the build's --report JSON for one)",
-            "targets": targets, "steps": None, "error": None, "source": str(path)}
+            "targets": targets, "steps": None, "error": None, "source": str(path),
+            "stem": f"{lock.get('name')}-{lock.get('version')}"}
 
 
 def _row(name: str, t: dict, files: dict, status: str | None) -> dict:
@@ -373,7 +374,7 @@ def default_output(source: Path, data: dict) -> Path:
     directory (its version folder holds exactly what the lock names)."""
     if data["kind"] == "build":
         return Path(source).with_suffix(".html")
-    return Path.cwd() / (data["title"].split(": ", 1)[1].replace(" ", "-") + "-report.html")
+    return Path.cwd() / f"{data['stem']}-report.html"
 
 
 def main(source: str, output: str | None = None) -> int:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import time
@@ -106,13 +107,10 @@ def _checkpoint_shape(folder: Path) -> dict | None:
         except (OSError, ValueError):
             return None
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in info["shape"]:
-                count *= d
-            total += count
-            largest = max(largest, count)
+            if name != "__metadata__":
+                count = math.prod(info["shape"])
+                total += count
+                largest = max(largest, count)
     return {"params": total, "piece": largest} if shards else None
 
 
@@ -133,20 +131,23 @@ def artifact_bytes_per_param(scheme: dict | None, dtype: str) -> float:
 
 
 def annotate(plan) -> None:
-    """Give every planned step its estimate (``step.memory``, bytes; 0 for light steps)."""
+    """Give every planned step its estimate (``step.memory``, bytes; 0 for light steps). Each
+    weights source is measured once (a checkpoint's headers are read once per plan)."""
+    shapes: dict[str, dict | None] = {}
     for step in plan.steps.values():
-        step.memory = estimate(plan, step)
+        step.memory = estimate(plan, step, shapes)
 
 
-def estimate(plan, step) -> int:
+def estimate(plan, step, shapes: dict | None = None) -> int:
     kind = str(step.kind)
-    base = PROCESS.get(kind, PROCESS_DEFAULT)
-    if kind == "package":
-        return 0
-    weights = _upstream(plan, step, "weights")
-    shape = model_shape(weights.params.load) if weights is not None else None
-    if kind == "tokenizer":
+    if kind in ("package", "tokenizer"):
         return 0  # no model, no torch: a few MB in whatever process runs it
+    base = PROCESS.get(kind, PROCESS_DEFAULT)
+    weights = _upstream(plan, step, "weights")
+    shapes = {} if shapes is None else shapes
+    if weights is not None and weights.name not in shapes:
+        shapes[weights.name] = model_shape(weights.params.load)
+    shape = shapes.get(weights.name) if weights is not None else None
     if kind == "preprocessor" or shape is None:
         return base
     dtype = _dtype(plan, step) or "fp32"

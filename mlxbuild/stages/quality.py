@@ -64,20 +64,21 @@ def rule_figures(params: QualityParams, cache, float_logp, tokens, text: bool) -
     scheme = {k: v for k, v in spec.scheme.items() if k not in ("method", "calibration")}
     weights = cache.read("weights", spec.weights)
     export = {"max_context_length": spec.max_context_length}
-    rules = scheme.get("rules") or []
+    described = {f"rules[{i}]": describe_rule(i, r) for i, r in enumerate(scheme.get("rules") or [])}
+    model = load_model(weights, spec.dtype)
     by_rule: dict[str, list[str]] = {}
-    for name, (_kind, rule, q) in assign_rules(load_model(weights, spec.dtype), scheme).items():
+    for name, (_kind, rule, q) in assign_rules(model, scheme).items():
         if q["format"] != "none":
             by_rule.setdefault(rule, []).append(name)
     out = {}
     for rule, names in by_rule.items():
         progress.note(f"rule {rule} on its own ({len(names)} layers)")
-        model = load_model(weights, spec.dtype)
+        model = model or load_model(weights, spec.dtype)  # each rule on a fresh float model
         layers = apply_scheme(model, scheme, only=set(names))
         logits = kind.score(kind.eager_forward(model, export), tokens, params.max_prefill_chunk)
-        i = int(rule[6:-1]) if rule.startswith("rules[") else None
+        model = None
         quantized = [layers[n] for n in names if layers[n]["format"] != "none"]
-        out[rule] = {"rule": describe_rule(i, rules[i]) if i is not None else rule,
+        out[rule] = {"rule": described.get(rule, rule),
                      "layers": len(quantized), "quantization": _short(quantized[0]) if quantized else "none",
                      "method": "rtn" if spec.scheme.get("method", "rtn") != "rtn" else None,
                      **quality.figures(float_logp, logits, tokens, text)}

@@ -13,7 +13,9 @@ the manifest's dtype."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -105,20 +107,20 @@ def _trim() -> None:
     each, fp32 then cast) are below glibc's mmap threshold once it has adapted, so they come
     from the heap, whose holes don't fit the next piece: without this the resident size grew
     by most of a layer per layer (measured on Qwen3-0.6B's shapes)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
     import ctypes
     import ctypes.util
 
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):  # glibc only; elsewhere nothing to do
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def _checkpoint_state(model, modules, saved: set[str]) -> dict:
@@ -187,7 +189,7 @@ def write_synthetic(recipe: dict, dtype, out: Path) -> int:
     shards: list[list[tuple]] = [[]]
     size = 0
     for entry in layout:
-        nbytes = _numel(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+        nbytes = math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -242,13 +244,6 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 # What a Hugging Face folder's model is read from (the checkpoint check has vouched for them),
 # and the tokenizer and processor files beside it (preprocessor_config.json: a speech model's
 # feature extractor).
@@ -259,20 +254,12 @@ _TOKENIZER_FILES = ("tokenizer*", "*.model", "special_tokens_map.json", "preproc
 def _reference_checkpoint(src: Path, out: Path) -> int:
     """Link the checkpoint's files into ``out``; return its parameter count (from the
     safetensors headers, nothing loaded)."""
-    from safetensors import safe_open
+    from mlxbuild.memory import model_shape
 
     names = sorted({p.name for pattern in _MODEL_FILES + _TOKENIZER_FILES for p in src.glob(pattern) if p.is_file()})
     for name in names:
         _link(src / name, out / name)
-    count = 0
-    for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                n = 1
-                for d in f.get_slice(key).get_shape():
-                    n *= d
-                count += n
-    return count
+    return (model_shape({"path": str(out)}) or {"params": 0})["params"]
 
 
 def _link(src: Path, dst: Path) -> None:
