@@ -17,7 +17,9 @@ A backend module provides:
 - ``lower(programs, options, constant_methods)``: ``(edge, program manager)``; ``options``
   are the target's, validated by the backend's model in ``capabilities.py``;
 - optionally ``preflight()``: raise ``BackendError`` when this host cannot lower for the
-  backend at all (checked once per build, before any step runs).
+  backend at all (checked once per build, before any step runs);
+- optionally ``NEEDS_GPU``: its lowering and verification need a GPU host (a distributed
+  build schedules them on GPU nodes and runs ``preflight()`` there).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ FLAVOUR = "plain"
 # Lowering needs a CUDA GPU (preflight), so verification runs where one is: the compiled
 # kernels on the GPU through torch's AOTI runner (backends.cuda_runtime).
 VERIFY = "runtime"
+# Lowering and verification run on a host with a CUDA GPU: a distributed build places them on
+# GPU nodes (mlxbuild.ray_executor asks for a GPU) and checks preflight() there, not on the driver.
+NEEDS_GPU = True
 RUNTIME = "backends.cuda_runtime"
 BACKEND_ID = "CudaBackend"
 TITLE = "CUDA"

@@ -14,7 +14,9 @@ from mlxbuild.settings import Roots, remote_cache
 
 
 def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None,
-                   measure_speed: bool = False) -> Plan:
+                   measure_speed: bool = False, gpu_elsewhere: bool = False) -> Plan:
+    """``gpu_elsewhere``: the steps run on other hosts (a Ray cluster), so a backend that
+    needs a GPU host (``NEEDS_GPU``) is checked there, not here."""
     toolchain.check()  # a version known to break refuses the build before any step
     from mlxbuild import child
 
@@ -31,12 +33,7 @@ def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None,
     remote = remote_cache([m for _, m in manifests])  # a bad URL is an error before any work
     if select:  # --target / --backend: the other targets are not planned at all
         manifests = select.apply(manifests)
-    # A backend that cannot lower on this host says so now, not after hours of quantizing.
-    for backend in sorted({t.backend for _, m in manifests for t in m.targets}):
-        try:
-            backends.preflight(backend)
-        except BackendError as e:
-            raise BuildError(str(e)) from None
+    preflight({t.backend for _, m in manifests for t in m.targets}, gpu_elsewhere)
     hasher = FileHasher(roots.hash_state)
     plan = Plan()
     plan.remote_cache = remote
@@ -47,3 +44,14 @@ def plan_manifests(paths, roots: Roots, select: TargetFilter | None = None,
     # A released version is immutable: refuse changed inputs now, before any work.
     lock.check_plan(plan)
     return plan
+
+
+def preflight(names, gpu_elsewhere: bool = False) -> None:
+    """Each backend that cannot lower on this host says so now, not after hours of quantizing."""
+    for backend in sorted(names):
+        if gpu_elsewhere and getattr(backends.backend(backend), "NEEDS_GPU", False):
+            continue
+        try:
+            backends.preflight(backend)
+        except BackendError as e:
+            raise BuildError(str(e)) from None

@@ -56,6 +56,8 @@ class ManifestLoader(TaskLoader2):
                                    tuple(opt_values.get("only_backends") or ()))
         self.shard = opt_values.get("shard") or ""  # parsed when planning: a bad one is a usage error
         self.measure_speed = bool(opt_values.get("measure_speed"))
+        self.executor_text = opt_values.get("executor") or "local"  # parsed when planning
+        self.executor = None  # a mlxbuild.ray_executor.RayExecutor once connected
         self.plan = None
 
     def load_doit_config(self):
@@ -78,6 +80,9 @@ class ManifestLoader(TaskLoader2):
             paths = [DEFAULT_MANIFEST]
         r = roots()
         try:
+            from mlxbuild import ray_executor
+
+            spec = ray_executor.parse(getattr(self, "executor_text", "local"))
             select = getattr(self, "select", None)
             if getattr(self, "shard", ""):
                 import dataclasses
@@ -85,7 +90,14 @@ class ManifestLoader(TaskLoader2):
                 from mlxbuild.selection import parse_shard
 
                 select = dataclasses.replace(select, shard=parse_shard(self.shard))
-            plan = plan_manifests(paths, r, select, measure_speed=getattr(self, "measure_speed", False))
+            plan = plan_manifests(paths, r, select, measure_speed=getattr(self, "measure_speed", False),
+                                  gpu_elsewhere=spec.mode != "local")
+            if getattr(cmd, "name", None) in ("build", "release"):
+                self.executor = ray_executor.start(spec, plan)  # None: this machine
+                if self.executor is None and spec.mode != "local":  # auto fell back to this machine
+                    from mlxbuild.build import preflight
+
+                    preflight({s.params.backend for s in plan.steps.values() if s.kind == "lower"})
         except MlxbuildError as e:
             # One line, and the exit code doit uses for errors before any task runs.
             print(f"error: {e}", file=sys.stderr)
@@ -101,7 +113,8 @@ class ManifestLoader(TaskLoader2):
         from mlxbuild.cache import Cache
 
         Cache(r.cache).clean_scratch()  # what builds killed earlier left behind
-        return generate_tasks("mlxbuild", task_dicts(plan, r))
+        run = self.executor.run if getattr(self, "executor", None) else None
+        return generate_tasks("mlxbuild", task_dicts(plan, r, **({"run": run} if run else {})))
 
 
 def writable(*folders: Path) -> None:
@@ -166,6 +179,11 @@ BUILD_OPTIONS = (
      "env_var": "MLXBUILD_MEMORY_BUDGET",
      "help": "most memory the running steps may take together, by their estimates (12G, 800M, 75%%; "
              "default 80%% of physical memory); a step over it alone fails before it starts"},
+    {"name": "executor", "long": "executor", "type": str, "default": "local",
+     "metavar": "local|ray[=ADDRESS]|auto[=ADDRESS]", "env_var": "MLXBUILD_EXECUTOR",
+     "help": "where steps run: this machine (local), a Ray cluster (ray; ADDRESS or RAY_ADDRESS, "
+             "else the cluster `ray start` made here), or a cluster when one answers, else here (auto); "
+             "Ray workers exchange entries through the remote cache"},
     {"name": "plain", "long": "plain", "type": bool, "default": False, "env_var": "MLXBUILD_PLAIN",
      "help": "plain line-by-line output even on a terminal (no status line, no colour)"},
 )
@@ -179,7 +197,8 @@ class Build(Run):
     name = "build"
     doc_purpose = "build the .pte artifacts of one or more manifests"
     doc_usage = ("[-n N] [-v 0|1|2] [--target GLOB] [--backend NAME] [--report PATH.json] "
-                 "[--junit PATH.xml] [--shard I/N] [--measure-speed] [--memory-budget SIZE] MANIFEST.yaml "
+                 "[--junit PATH.xml] [--shard I/N] [--measure-speed] [--memory-budget SIZE] "
+                 "[--executor local|ray[=ADDRESS]|auto] MANIFEST.yaml "
                  "[MANIFEST.yaml ...] [TASK ...]")
     doc_description = None
     cmd_options = Run.cmd_options + BUILD_OPTIONS
@@ -200,7 +219,7 @@ class Build(Run):
         from mlxbuild.report import EXIT_USAGE
 
         try:
-            return super().parse_execute(in_args)
+            return super().parse_execute(_executor_value(in_args))
         except (CmdParseError, InvalidCommand) as e:
             if isinstance(e, InvalidCommand):
                 e.cmd_used, e.bin_name = self.name, self.bin_name
@@ -241,6 +260,9 @@ class Build(Run):
             code = report.exit_code(self.recorder.outcomes if self.recorder else {}, doit_result)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            executor = getattr(self.loader, "executor", None)
+            if executor is not None:
+                executor.shutdown()  # cancels what still runs (an interrupt), then disconnects
         summary = (os.environ.get("GITHUB_STEP_SUMMARY")
                    if os.environ.get("MLXBUILD_STEP_SUMMARY", "1") != "0" else None)
         if params.get("report") or params.get("junit") or summary:
@@ -264,6 +286,10 @@ class Build(Run):
         # doit's Run, with its reporter wrapped in a Recorder that notes every outcome.
         from mlxbuild.report import Recorder
 
+        executor = getattr(self.loader, "executor", None)
+        if executor is not None:
+            # Steps wait on Ray in threads of this process; Ray decides how many run at once.
+            par_type, num_process = "thread", max(num_process, executor.slots())
         cls = self.reporters[reporter] if isinstance(reporter, str) else reporter
         stream = codecs.open(outfile, "w", encoding="utf-8") if isinstance(outfile, str) else outfile
         try:
@@ -275,6 +301,24 @@ class Build(Run):
         finally:
             if isinstance(outfile, str):
                 stream.close()
+
+
+def _executor_value(args: list[str]) -> list[str]:
+    """doit takes every argument ``NAME=VALUE`` for a command-line variable before the command
+    parses its options, so ``--executor ray=HOST:PORT`` reaches us as a bare ``--executor``
+    and a variable ``ray``: put the value back where it was."""
+    from doit import get_var
+
+    from mlxbuild.ray_executor import MODES
+
+    args = list(args)
+    for i, a in enumerate(args):
+        if a == "--executor" and (i + 1 == len(args) or args[i + 1].partition("=")[0] not in MODES):
+            for mode in ("ray", "auto"):
+                if get_var(mode) is not None:
+                    args.insert(i + 1, f"{mode}={get_var(mode)}")
+                    break
+    return args
 
 
 class ProgressReporter(ConsoleReporter):

