@@ -163,9 +163,13 @@ class Cache:
         return files
 
     def read(self, kind: str, key: str) -> Path:
-        """The entry's directory, after checking every file against its inventory."""
+        """The entry's directory, after checking every file against its inventory. Marks the
+        entry used now (its marker's mtime: what `mlxbuild cache gc` ages entries by)."""
         root = self.path(kind, key)
-        for rel, want in self.files(kind, key).items():
+        files = self.files(kind, key)
+        with contextlib.suppress(OSError):
+            os.utime(root / COMPLETE)
+        for rel, want in files.items():
             path = root / rel
             try:
                 size = path.stat().st_size

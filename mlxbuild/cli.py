@@ -172,6 +172,48 @@ def _run(args) -> int:
     return 0
 
 
+GC_DAYS = 30.0
+
+
+def _gc(args) -> int:
+    from mlxbuild import gc
+    from mlxbuild.errors import MlxbuildError
+    from mlxbuild.memory import parse_size
+    from mlxbuild.settings import REMOTE_ENV, remote_cache, roots
+
+    try:
+        max_size = None
+        if args.max_size:
+            if args.max_size.strip().endswith("%"):
+                raise ValueError("a size such as 50G, not a share of memory")
+            max_size = parse_size(args.max_size)
+        url = None
+        if args.remote is not None or args.remote_only:
+            if args.remote:
+                from mlxbuild.remote import parse_url
+
+                try:
+                    url = str(parse_url(args.remote))
+                except ValueError as e:
+                    raise MlxbuildError(f"--remote {args.remote}: {e}") from None
+            else:
+                url = remote_cache([])
+                if url is None:
+                    raise MlxbuildError(f"--remote: no remote cache is set (give its URL, or set {REMOTE_ENV} "
+                                        "or [tool.mlxbuild] remote_cache)")
+        r = roots()
+        keep = [Path(p) for p in args.keep] or [r.artifacts]
+        keep = [p for p in keep if p.exists() or args.keep]  # no artifacts folder yet: nothing to keep
+        return gc.run(Path(args.cache).absolute() if args.cache else r.cache, keep, args.older_than, max_size,
+                      args.dry_run, url, local=not args.remote_only)
+    except ValueError as e:
+        print(f"error: --max-size {args.max_size}: {e}", file=sys.stderr)
+        return 2
+    except MlxbuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None, parse_only: bool = False):
     """Run the command line `argv`. With `parse_only`, run nothing: return the parsed
     argparse namespace, or for the commands doit runs, the argument list given to doit
@@ -211,6 +253,23 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     rp.add_argument("source", metavar="REPORT.json|release.lock.json|VERSION_DIR")
     rp.add_argument("-o", "--output", metavar="PATH.html", help="default: beside a build report (report.html); "
                     "for a release, NAME-VERSION-report.html here")
+    cache = sub.add_parser("cache", help="the build cache (gc: trim the local and the remote tier)")
+    gc = cache.add_subparsers(dest="cache_cmd", required=True).add_parser(
+        "gc", help="remove cache entries no lock, record or report references, by age and size")
+    gc.add_argument("--keep", action="append", default=[], metavar="PATH",
+                    help="a release lock, a published record, a build report (--report JSON) or a folder "
+                         "of them: every entry they name stays (repeatable; default: $MLXBUILD_ARTIFACTS "
+                         "or ./artifacts)")
+    gc.add_argument("--older-than", type=float, default=GC_DAYS, metavar="DAYS",
+                    help=f"remove other entries unused for this long (default {GC_DAYS:g}; remote: since upload)")
+    gc.add_argument("--max-size", metavar="SIZE", help="then remove the least recently used until the tier "
+                    "fits (e.g. 50G)")
+    gc.add_argument("--remote", nargs="?", const="", metavar="s3://BUCKET/PREFIX",
+                    help="also the remote tier (default URL: $MLXBUILD_REMOTE_CACHE or pyproject's "
+                         "[tool.mlxbuild] remote_cache)")
+    gc.add_argument("--remote-only", action="store_true", help="only the remote tier")
+    gc.add_argument("--cache", metavar="DIR", help="the local cache (default: $MLXBUILD_CACHE or ./.mlxbuild)")
+    gc.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     ins = sub.add_parser("inspect", help="methods, constant methods, delegates, ops and segments of a .pte")
     ins.add_argument("pte")
     ins.add_argument("--json", action="store_true")
@@ -251,6 +310,8 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
         from mlxbuild.html_report import main as report_main
 
         return report_main(args.source, args.output)
+    if args.cmd == "cache":
+        return _gc(args)
     if args.cmd == "inspect":
         from mlxbuild.pte_inspect import main as inspect_main
 

@@ -85,6 +85,10 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+class RemoteError(Exception):
+    """A housekeeping call (listing, deleting) failed: for `mlxbuild cache gc`, an error."""
+
+
 class _Unavailable(Exception):
     """The remote cannot be used (network, permissions, missing bucket)."""
 
@@ -323,6 +327,39 @@ class RemoteCache:
             self._call("delete_object", Key=name)
         except (_NotFound, _Conflict, _Unavailable):
             pass  # an orphan archive only costs storage
+
+    # -- housekeeping (`mlxbuild cache gc`): here a remote failure is an error, not a miss
+
+    def objects(self) -> list[tuple[str, str, str, int, float]]:
+        """(kind, key, name, size, modified epoch seconds) of every object of this layout."""
+        top = "/".join(p for p in (self.url.prefix, LAYOUT) if p) + "/"
+        found = []
+        try:
+            pages = self._s3().get_paginator("list_objects_v2").paginate(Bucket=self.url.bucket, Prefix=top)
+            for page in pages:
+                for o in page.get("Contents", []):
+                    parts = o["Key"][len(top):].split("/")
+                    if len(parts) == 3:
+                        found.append((parts[0], parts[1], parts[2], int(o["Size"]),
+                                      o["LastModified"].timestamp()))
+        except _Unavailable as e:
+            raise RemoteError(f"remote cache {self.url}: {e}") from None
+        except Exception as e:
+            raise RemoteError(f"remote cache {self.url}: cannot list it ({_reason(e)})") from None
+        return found
+
+    def delete_entry(self, kind: str, key: str, names: list[str]) -> None:
+        """Remove an entry: its marker first, so no reader ever sees a marker without its archive."""
+        ordered = sorted(names, key=lambda n: n != MARKER)
+        for name in ordered:
+            try:
+                self._call("delete_object", Key=self._object(kind, key, name))
+            except _NotFound:
+                pass
+            except (_Unavailable, _Conflict) as e:
+                raise RemoteError(f"remote cache {self.url}: cannot delete {kind}/{key[:12]}/{name} "
+                                  f"({e})") from None
+        self._markers.pop((kind, key), None)
 
     def _turn_off(self, why: str) -> None:
         if self._down is None:

@@ -253,7 +253,7 @@ def _target(plan, package, outcomes, t0: float | None = None, started: float | N
     steps = []
     for s in chain:
         o = outcomes.get(s.name, Outcome())
-        steps.append({"step": s.kind, "task": s.name, "label": s.label, "status": o.status,
+        steps.append({"step": s.kind, "task": s.name, "label": s.label, "key": s.key, "status": o.status,
                       "cache": _cache(o), "seconds": o.seconds,
                       "start": _start(o, t0, started),
                       **({"waited": o.waited} if o.waited else {}),

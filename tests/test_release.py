@@ -236,6 +236,35 @@ def test_deleted_files_are_rebuilt_to_the_locked_bytes(ws):
         == locked[ws.pte("mlx-4w").name]
 
 
+def test_cache_gc_keeps_what_the_lock_references(ws):
+    """`mlxbuild cache gc --older-than 0` removes every entry the lock does not name; the
+    release can still be republished from what stays, without building anything else."""
+    def entries():
+        return sorted(p.relative_to(ws.root / "cache").as_posix()
+                      for p in (ws.root / "cache").glob("*/*/*") if (p / ".complete").exists())
+
+    before = entries()
+    lock = ws.out_dir / "release.lock.json"
+    dry = ws.run("mlxbuild", "cache", "gc", "--older-than", "0", "--keep", str(lock), "--dry-run")
+    assert dry.returncode == 0, show(dry)
+    assert entries() == before
+    named = {k for t in ws.lock()["targets"].values() for k in t["inputs"]["keys"].values()}
+    would = [ln.split()[2] for ln in dry.stdout.splitlines() if ln.startswith("  would remove ")]
+    assert would and all(w.split("/")[1] not in {k[:12] for k in named} for w in would), show(dry)
+    p = ws.run("mlxbuild", "cache", "gc", "--older-than", "0", "--keep", str(lock))
+    assert p.returncode == 0, show(p)
+    after = entries()
+    assert len(after) == len(before) - len(would) and {e.split("/")[2] for e in after} <= named
+    assert {"reference", "baseline"} & {w.split("/")[0] for w in would}, show(dry)
+
+    ws.pte("mlx-4w").unlink()
+    (ws.out_dir / f"{NAME}-mlx-4w.json").unlink()
+    b = ws.run("doit", "build", MANIFEST)
+    assert b.returncode == 0, show(b)
+    assert {k for m, k in STEP.findall(b.stdout) if m == ".  "} == {"package"}, show(b)
+    assert sha256(ws.pte("mlx-4w")) == ws.lock()["targets"]["mlx-4w"]["files"][ws.pte("mlx-4w").name]["sha256"]
+
+
 def test_rebuilt_bytes_that_differ_from_the_lock_are_not_published(ws):
     # Stand in for a non-reproducible build: the lock vouches for other bytes than the
     # ones the (unchanged) inputs produce.

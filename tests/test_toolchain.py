@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,13 @@ def test_lock_pins_every_requirement_inside_pyproject_ranges():
         assert name in pins, f"{req.name} is not in the lock"
         assert req.specifier.contains(Version(pins[name]).public, prereleases=True), (
             f"lock {name}=={pins[name]} is outside pyproject's {req}")
-        for extra in req.extras:  # mlx[cpu] → mlx-cpu
-            assert canonicalize_name(f"{req.name}-{extra}") in pins
+        for extra in req.extras:  # what the extra pulls in (mlx[cpu] → mlx-cpu), pinned too
+            pulled = [Requirement(r) for r in metadata.requires(req.name) or []]
+            wanted = [r for r in pulled if r.marker is not None and r.marker.evaluate({"extra": extra})
+                      and not r.marker.evaluate({"extra": ""})]
+            assert wanted, f"{req.name}[{extra}] pulls in nothing"
+            for r in wanted:
+                assert canonicalize_name(r.name) in pins, f"{r.name} (from {req.name}[{extra}]) is not in the lock"
 
 
 def test_tested_set_starts_with_the_lock():
