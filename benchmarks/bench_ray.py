@@ -56,8 +56,8 @@ def _doit() -> str:
 def build(workdir: Path, env: dict, executor: str | None) -> dict:
     workdir.mkdir(parents=True)
     shutil.copy(MANIFEST, workdir / "m.yaml")
-    args = [_doit(), "build", "--report", "report.json", "m.yaml"]
-    args += ["--executor", executor] if executor else ["-n", "2"]
+    args = [_doit(), "build", "--report", "report.json"]
+    args += (["--executor", executor] if executor else ["-n", "2"]) + ["m.yaml"]
     t0 = time.monotonic()
     p = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
