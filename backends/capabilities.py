@@ -45,12 +45,21 @@ class MlxOptions(BackendOptions):
     """Options for the MLX delegate (none yet)."""
 
 
+EXTERNAL_WEIGHTS = ("write the weights to a .ptd beside the .pte (ExecuTorch's external constants: "
+                    "the app loads both; the program stays small and the weights can be shared or "
+                    "updated apart from it)")
+
+
 class XnnpackOptions(BackendOptions):
-    """Options for the XNNPACK delegate (none yet)."""
+    """Options for the XNNPACK delegate."""
+
+    external_weights: bool = Field(False, description=EXTERNAL_WEIGHTS)
 
 
 class PortableOptions(BackendOptions):
-    """Options for the portable (no delegate) backend (none yet)."""
+    """Options for the portable (no delegate) backend."""
+
+    external_weights: bool = Field(False, description=EXTERNAL_WEIGHTS)
 
 
 # Core ML deployment targets (coremltools' ``ct.target`` names; the macOS names are

@@ -7,16 +7,21 @@ import re
 
 def to_executorch(programs: dict, partitioners: list, constant_methods: dict, *,
                   transform_passes=None, skip_dim_order: bool = False, alloc_graph_input: bool = False,
-                  cpu_kernels: bool = False, edit_edge=None, etrecord: bool = False):
+                  cpu_kernels: bool = False, edit_edge=None, etrecord: bool = False,
+                  external_weights: bool = False):
     """`cpu_kernels` applies what ExecuTorch's LLM export does for programs whose leftover
     ops run on CPU kernels: fuse torchao's dequantize+embedding patterns into the
     quantized embedding kernels, turn leftover matmuls back into linear, and bound
     dynamic shapes from the export's range constraints. `edit_edge(edge)` sees the lowered
     edge program before it is emitted (e.g. to make delegate payloads reproducible).
-    `etrecord` has ExecuTorch record the programs for an ETRecord (`save_etrecord`)."""
+    `etrecord` has ExecuTorch record the programs for an ETRecord (`save_etrecord`).
+    `external_weights` puts every weight, the delegate's and the CPU kernels', into the
+    program's external data under the tag ``model`` (written as ``model.ptd``)."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
+    if external_weights:
+        transform_passes = list(transform_passes or []) + [_weights_tagger(programs)]
     edge = to_edge_transform_and_lower(
         programs,
         transform_passes=transform_passes,
@@ -35,12 +40,39 @@ def to_executorch(programs: dict, partitioners: list, constant_methods: dict, *,
         edge = edge.transform([ConvertToLinearPass()])
         extra = {"do_quant_fusion_and_const_prop": True,
                  "sym_shape_eval_pass": ConstraintBasedSymShapeEvalPass()}
+    if external_weights:  # the weights left to CPU kernels (spec.const placeholders)
+        extra["external_constants"] = lambda node: WEIGHTS_TAG
     config = ExecutorchBackendConfig(
         extract_delegate_segments=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=alloc_graph_input),
         **extra,
     )
     return edge, edge.to_executorch(config=config)
+
+
+WEIGHTS_TAG = "model"  # the external data's name: model.ptd
+
+
+def _weights_tagger(programs: dict):
+    """A transform pass (after to_edge, before partitioning) that tags the placeholders of
+    parameters and lifted constants, never buffers (the KV cache), for the delegate to put
+    in the named data store's external file: what ExecuTorch's LLM export does with
+    ``delegate_external_constants_pass_unlifted`` on the unlifted graph, done on the lifted
+    one so the saved program need not be exported again."""
+    from executorch.exir.pass_base import PassResult
+
+    names = set()
+    for ep in programs.values():
+        sig = ep.graph_signature
+        names |= set(sig.inputs_to_parameters) | set(sig.inputs_to_lifted_tensor_constants)
+
+    def tag_weights(gm):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" and node.name in names:
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+        return PassResult(gm, True)
+
+    return tag_weights
 
 
 # ExecuTorch's ETRecord names graphs and modules by Python object ids (``id(graph)`` in every

@@ -15,4 +15,5 @@ LLM_RUNNER = True
 def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     from backends.lowering import to_executorch
 
-    return to_executorch(programs, [], constant_methods, cpu_kernels=True, etrecord=etrecord)
+    return to_executorch(programs, [], constant_methods, cpu_kernels=True, etrecord=etrecord,
+                         external_weights=bool(options.get("external_weights")))

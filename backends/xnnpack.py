@@ -16,4 +16,4 @@ def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool 
     from backends.lowering import to_executorch
 
     return to_executorch(programs, [XnnpackPartitioner()], constant_methods, cpu_kernels=True,
-                         etrecord=etrecord)
+                         etrecord=etrecord, external_weights=bool(options.get("external_weights")))

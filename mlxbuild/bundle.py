@@ -314,7 +314,7 @@ def _check_artifacts(lock: dict, files: dict, hashes: dict, run: bool) -> tuple[
 
                     with native_stderr_captured():
                         prompt, _ = tok.runner_prompt(tokenizer, 8)
-                        pieces = text_llm_generate(files[name], tokenizer, prompt)
+                        pieces = text_llm_generate(files[name], tokenizer, prompt, ptds[0] if ptds else None)
                     notes.append(f"{name}: TextLLMRunner with the bundle's tokenizer: {len(pieces)} "
                                  f"tokens after an 8-token prompt")
                 except Exception as e:  # noqa: BLE001 - the runner's failure is this artifact's

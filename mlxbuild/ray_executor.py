@@ -42,6 +42,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def _run_on_worker(step, plan, expected: str, versions: dict):
     from mlxbuild import remote, settings, tasks
     from mlxbuild.cache import Cache
 
+    began = time.time()
     where = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
     if identity() != expected:
         mine = _worker_versions()
@@ -162,6 +164,8 @@ def _run_on_worker(step, plan, expected: str, versions: dict):
             return tasks.StepFailed(f"{step.kind} {step.label}: built on {where}, but the remote cache "
                                     f"{plan.remote_cache} did not take the entry, so no other machine "
                                     "can read it (see the worker's log for the remote's warning)"), where
+        if isinstance(result, dict):
+            result["task_began"] = began  # (the driver counts the distribution's cost from it)
     return result, where
 
 
@@ -235,11 +239,18 @@ class RayExecutor:
                 with self._lock:
                     self._running.pop(id(ref), None)
             if tasks.succeeded(result):
+                got = time.time()
                 connection = remote.connect(plan.remote_cache)
                 if connection is not None:
                     connection.forget()  # its miss for this entry, remembered before the step ran
                 figures = result if isinstance(result, dict) else {}
                 figures.update(node=where, attempts=attempt + 1)
+                began = figures.pop("task_began", None)
+                if began is not None and figures.get("work_s") is not None:
+                    # What distributing the step cost, beside its work: fetching its inputs
+                    # from the remote cache, pushing its entry, the checks, the reply (not the
+                    # wait for a free worker, which a local build has too).
+                    figures["overhead_s"] = round(max(0.0, got - began - figures["work_s"]), 3)
                 return figures
             return result
         return tasks.StepFailed(f"{step.kind} {step.label}: its Ray worker died {1 + MAX_RETRIES} times "

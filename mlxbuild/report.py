@@ -69,6 +69,7 @@ class Outcome:
     remote_bytes: tuple[int, int] = (0, 0)  # downloaded from / uploaded to the remote cache
     node: str | None = None  # the Ray node that ran it (--executor ray)
     attempts: int | None = None  # tries on Ray, when its worker died (mlxbuild.ray_executor)
+    overhead: float | None = None  # seconds a Ray step spent beside its work (inputs, upload, reply)
 
 
 def failure_kind(fail) -> str:
@@ -113,7 +114,7 @@ class Recorder:
         o.remote = values.get("cache") == "remote"
         o.started_at, o.waited = values.get("started_at"), values.get("waited_s")
         o.remote_bytes = (values.get("remote_down_bytes") or 0, values.get("remote_up_bytes") or 0)
-        o.node, o.attempts = values.get("node"), values.get("attempts")
+        o.node, o.attempts, o.overhead = values.get("node"), values.get("attempts"), values.get("overhead_s")
         if values.get("work_s") is not None:
             o.seconds = values["work_s"]  # the work, timed where it ran; a wait is its own field
         self.inner.add_success(task)
@@ -259,7 +260,8 @@ def _target(plan, package, outcomes, t0: float | None = None, started: float | N
                       **({"waited": o.waited} if o.waited else {}),
                       **({"memory_estimate_mb": round(s.memory / 2**20, 1)} if s.memory else {}),
                       **({"peak_rss_mb": o.peak_rss_mb} if o.peak_rss_mb is not None else {}),
-                      **({"node": o.node, "attempts": o.attempts} if o.node else {})})
+                      **({"node": o.node, "attempts": o.attempts} if o.node else {}),
+                      **({"overhead": o.overhead} if o.overhead is not None else {})})
     root = next(((s, outcomes[s.name]) for s in chain
                  if s.name in outcomes and outcomes[s.name].status == "failed"
                  and outcomes[s.name].kind != "dependency"), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -34,6 +35,8 @@ quantization:
 targets:
   - {{name: xnnpack-8da4w, backend: xnnpack, quantization: 8da4w, etrecord: true}}
   - {{name: portable-fp32, backend: portable, quantization: none, etrecord: true}}
+  - {{name: xnnpack-8da4w-ptd, backend: xnnpack, quantization: 8da4w, options: {{external_weights: true}}}}
+  - {{name: portable-fp32-ptd, backend: portable, quantization: none, options: {{external_weights: true}}}}
 """
 
 
@@ -120,6 +123,39 @@ def test_published_tokenizer_runs_the_artifact_through_textllmrunner(released):
     assert len(ids) == 40
     pieces = text_llm_generate(version / "runner-tiny-portable-fp32.pte", version, prompt)
     assert 1 <= len(pieces) <= 48 - 40
+
+
+def test_external_weights_ship_in_a_ptd_that_the_runners_load(released):
+    """`options: {external_weights: true}`: the weights go to a .ptd beside the .pte; the
+    program alone does not run, the pair gives the same logits as the program with its
+    weights inside, and TextLLMRunner and `mlxbuild run` load the pair."""
+    import torch
+    from executorch.runtime import Runtime
+
+    from backends.et_runtime import text_llm_generate
+    from mlxbuild import tokenizer
+
+    version = released[2] / "0.1.0"
+    inputs = [torch.tensor([[3, 4, 5]]), torch.arange(3)]
+    for target, inline in (("xnnpack-8da4w-ptd", "xnnpack-8da4w"), ("portable-fp32-ptd", "portable-fp32")):
+        pte, ptd = version / f"runner-tiny-{target}.pte", version / f"runner-tiny-{target}.ptd"
+        record = json.loads((version / f"runner-tiny-{target}.json").read_text())
+        assert record["files"][ptd.name]["sha256"] == hashlib.sha256(ptd.read_bytes()).hexdigest()
+        verification = record["verification"]
+        assert verification["passed"] and verification["runner"]["passed"], verification
+        assert "bundled-program loader" in verification["bundled_program"]["skipped"]
+        whole = version / f"runner-tiny-{inline}.pte"
+        assert pte.stat().st_size < 0.5 * whole.stat().st_size and ptd.stat().st_size > pte.stat().st_size
+        expected = Runtime.get().load_program(str(whole)).load_method("forward").execute(inputs)[0]
+        got = Runtime.get().load_program(str(pte), data_path=str(ptd)).load_method("forward").execute(inputs)[0]
+        assert torch.equal(got, expected), target
+        with pytest.raises(Exception):
+            Runtime.get().load_program(str(pte)).load_method("forward").execute(inputs)
+        prompt, _ = tokenizer.runner_prompt(version, 8)
+        assert len(text_llm_generate(pte, version, prompt, ptd)) >= 1
+        run = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "run", str(pte), "--max-new-tokens", "4",
+                              "--json"], capture_output=True, text=True, env=released[1], timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_a_context_length_past_the_cache_fails_verification(released):

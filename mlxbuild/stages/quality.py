@@ -15,7 +15,7 @@ from pathlib import Path
 import backends
 from mlxbuild import families, progress, quality
 from mlxbuild.errors import VerificationError
-from mlxbuild.steps import BaselineResult, QualityParams, QualityResult
+from mlxbuild.steps import BaselineResult, LowerResult, QualityParams, QualityResult
 
 
 def run(params: QualityParams, cache, out: Path) -> QualityResult:
@@ -28,7 +28,9 @@ def run(params: QualityParams, cache, out: Path) -> QualityResult:
     info = BaselineResult.read(base)
     tokens = np.load(base / "tokens.npy")
     with native_stderr_captured():
-        program = backends.open_program(cache.read("lower", params.lower) / "model.pte", params.backend)
+        lowered = cache.read("lower", params.lower)
+        data = [lowered / name for name in LowerResult.read(lowered).ptd]
+        program = backends.open_program(lowered / "model.pte", params.backend, data)
         forward = lambda ids, pos: program.run("forward", [ids, pos])[0]  # noqa: E731
         progress.note(f"scoring {tokens.shape[0]} x {tokens.shape[1]} tokens")
         logits = kind.score(forward, tokens, params.max_prefill_chunk)

@@ -21,9 +21,10 @@ def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
     backend = backends.backend(params.backend)
     kind = families.get(params.task)
     lowered = cache.read("lower", params.lower)
+    data = [lowered / name for name in LowerResult.read(lowered).ptd]  # external weights (.ptd)
     if backend.VERIFY == "runtime":
         result = numerical(lowered / "model.pte", cache.read("reference", params.reference),
-                           params.tolerance, params.backend, kind)
+                           params.tolerance, params.backend, kind, data)
         if result["passed"] and hasattr(backend, "OUTSIDE_OPS"):
             # A runtime that runs any leftover op (the MLX one runs them with torch)
             # proves the numbers, not the partitioning: check that too.
@@ -33,12 +34,12 @@ def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
                 result.update(passed=False, reason=f"structure: {shape['reason']}")
         if result["passed"] and params.tokenizer:
             result["runner"] = runner(lowered / "model.pte", cache.read("tokenizer", params.tokenizer),
-                                      cache.read("reference", params.reference), result)
+                                      cache.read("reference", params.reference), result, data)
             if not result["runner"]["passed"]:
                 result.update(passed=False, reason=f"runner: {result['runner']['reason']}")
         if result["passed"] and getattr(backend, "LLM_RUNNER", False) and params.task == "text-generation":
             result["bundled_program"] = bundled(lowered / "model.pte", cache.read("reference", params.reference),
-                                                params.tolerance, out)
+                                                params.tolerance, out, data)
             if not result["bundled_program"]["passed"]:
                 result.update(passed=False, reason=f"bundled program: {result['bundled_program']['reason']}")
     else:
@@ -67,7 +68,8 @@ def coverage(lowered: LowerResult) -> dict:
             "portable": dict(sorted(outside.items()))}
 
 
-def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None, kind=None) -> dict:
+def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None, kind=None,
+              data_files=()) -> dict:
     """Open ``pte`` on its backend's runtime and let the task kind drive and compare it; a
     runtime error is a verification failure (with the native runtime's last log lines)."""
     from backends.et_runtime import native_stderr_captured
@@ -77,7 +79,7 @@ def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None,
     info = ReferenceResult.read(reference).model_dump(mode="json")
     try:
         with native_stderr_captured() as log:
-            program = backends.open_program(pte, backend)
+            program = backends.open_program(pte, backend, data_files)
             result = kind.verify(program, reference, info, tol)
             # Which runtime executed it (the CUDA one runs the shipped kernels through torch).
             result.setdefault("runtime", getattr(program, "runs_on", None))
@@ -86,7 +88,7 @@ def numerical(pte: Path, reference: Path, tol: dict, backend: str | None = None,
         return runtime_failure(e, log)
 
 
-def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict) -> dict:
+def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, data_files=()) -> dict:
     """The artifact as an app runs it: ExecuTorch's TextLLMRunner with the tokenizer that
     ships beside it, the family's runner reference prompt, generation to the context limit."""
     import json
@@ -101,7 +103,7 @@ def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict) -> di
     prompt = json.loads((reference / text_runner.RUNNER_FILE).read_text())["prompt"]
     try:
         with native_stderr_captured() as log:
-            pieces = text_llm_generate(pte, tokenizer_dir, prompt)
+            pieces = text_llm_generate(pte, tokenizer_dir, prompt, data_files[0] if data_files else None)
     except Exception as e:  # noqa: BLE001 - the binding raises RuntimeError("Generation failed")
         tail = " | ".join(log["text"].strip().splitlines()[-3:])
         return {"passed": False, "reason": f"TextLLMRunner failed: {e}" + (f" ({tail})" if tail else "")}
@@ -112,7 +114,7 @@ BUNDLED = "model.bpte"
 BUNDLED_DTYPES = ("float32", "float16")
 
 
-def bundled(pte: Path, reference: Path, tol: dict, out: Path) -> dict:
+def bundled(pte: Path, reference: Path, tol: dict, out: Path, data_files=()) -> dict:
     """A self-testing program (ExecuTorch's ``.bpte``) with the verification prefill and the
     eager logits, checked here by ExecuTorch's own checker with the bound verification
     applies (the tolerance relative to the largest reference logit, as an absolute
@@ -124,6 +126,11 @@ def bundled(pte: Path, reference: Path, tol: dict, out: Path) -> dict:
 
     from mlx_runtime import pte as _pte
 
+    if data_files:
+        # A bundled program is one self-testing file; ExecuTorch's loader for it takes no
+        # external data, so a program whose weights are in a .ptd cannot carry its test.
+        return {"passed": True, "skipped": "the weights are in a .ptd, which ExecuTorch's "
+                                           "bundled-program loader does not take"}
     dtype = _pte.output_dtype(_pte.load(pte)[0], "forward")
     if dtype not in BUNDLED_DTYPES:
         # ExecuTorch's checker compares any other dtype bit for bit (bundled_program.cpp,
