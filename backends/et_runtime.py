@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -56,6 +57,11 @@ class EtProgram:
 
 
 def load(path: str | os.PathLike, data_files=()) -> EtProgram:
+    """``data_files`` default to the ``.ptd`` of the same name beside the program (how an
+    external-weights artifact is published, and how a cache entry holds one)."""
+    if not data_files:
+        beside = Path(path).with_suffix(".ptd")
+        data_files = [beside] if beside.is_file() else []
     return EtProgram(path, data_files)
 
 

@@ -54,21 +54,22 @@ WEIGHTS_TAG = "model"  # the external data's name: model.ptd
 
 
 def _weights_tagger(programs: dict):
-    """A transform pass (after to_edge, before partitioning) that tags the placeholders of
-    parameters and lifted constants, never buffers (the KV cache), for the delegate to put
-    in the named data store's external file: what ExecuTorch's LLM export does with
-    ``delegate_external_constants_pass_unlifted`` on the unlifted graph, done on the lifted
-    one so the saved program need not be exported again."""
+    """A transform pass (after to_edge, before partitioning) that tags every placeholder but
+    the user inputs and the buffers (the KV cache, which the program mutates): parameters and
+    constants, those lifted while lowering to edge included (torchao's quantized weights
+    become such constants), for the delegate to put in the named data store's external
+    file. ExecuTorch's LLM export does this with ``delegate_external_constants_pass_unlifted``
+    on the unlifted graph; on the lifted one the saved program need not be exported again."""
     from executorch.exir.pass_base import PassResult
 
-    names = set()
+    kept = set()
     for ep in programs.values():
         sig = ep.graph_signature
-        names |= set(sig.inputs_to_parameters) | set(sig.inputs_to_lifted_tensor_constants)
+        kept |= set(sig.user_inputs) | set(sig.inputs_to_buffers)
 
     def tag_weights(gm):
         for node in gm.graph.nodes:
-            if node.op == "placeholder" and node.name in names:
+            if node.op == "placeholder" and node.name not in kept:
                 node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
         return PassResult(gm, True)
 

@@ -125,13 +125,13 @@ def test_published_tokenizer_runs_the_artifact_through_textllmrunner(released):
     assert 1 <= len(pieces) <= 48 - 40
 
 
-def test_external_weights_ship_in_a_ptd_that_the_runners_load(released):
+def test_external_weights_ship_in_a_ptd_that_the_runners_load(released, tmp_path):
     """`options: {external_weights: true}`: the weights go to a .ptd beside the .pte; the
     program alone does not run, the pair gives the same logits as the program with its
     weights inside, and TextLLMRunner and `mlxbuild run` load the pair."""
     import torch
-    from executorch.runtime import Runtime
 
+    from backends import et_runtime
     from backends.et_runtime import text_llm_generate
     from mlxbuild import tokenizer
 
@@ -145,17 +145,27 @@ def test_external_weights_ship_in_a_ptd_that_the_runners_load(released):
         assert verification["passed"] and verification["runner"]["passed"], verification
         assert "bundled-program loader" in verification["bundled_program"]["skipped"]
         whole = version / f"runner-tiny-{inline}.pte"
-        assert pte.stat().st_size < 0.5 * whole.stat().st_size and ptd.stat().st_size > pte.stat().st_size
-        expected = Runtime.get().load_program(str(whole)).load_method("forward").execute(inputs)[0]
-        got = Runtime.get().load_program(str(pte), data_path=str(ptd)).load_method("forward").execute(inputs)[0]
-        assert torch.equal(got, expected), target
-        with pytest.raises(Exception):
-            Runtime.get().load_program(str(pte)).load_method("forward").execute(inputs)
+        # The weights left the program: its constants and its delegate's named data are in the .ptd.
+        assert weight_bytes(pte) <= 0.01 * weight_bytes(whole) and ptd.stat().st_size >= weight_bytes(whole)
+        expected = et_runtime.load(whole).run("forward", inputs)[0]
+        assert torch.equal(et_runtime.load(pte, [ptd]).run("forward", inputs)[0], expected), target
+        alone = tmp_path / pte.name  # without the .ptd beside it
+        alone.write_bytes(pte.read_bytes())
+        with pytest.raises(RuntimeError):
+            et_runtime.load(alone).run("forward", inputs)
         prompt, _ = tokenizer.runner_prompt(version, 8)
         assert len(text_llm_generate(pte, version, prompt, ptd)) >= 1
         run = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "run", str(pte), "--max-new-tokens", "4",
                               "--json"], capture_output=True, text=True, env=released[1], timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
+
+
+def weight_bytes(pte: Path) -> int:
+    """Bytes of weights inside a program: its constant segment and its named data."""
+    from mlxbuild.pte_inspect import inspect_pte
+
+    info = inspect_pte(pte)
+    return (info["constant_segment"] or {}).get("bytes", 0) + (info["named_data"] or {}).get("bytes", 0)
 
 
 def test_a_context_length_past_the_cache_fails_verification(released):
