@@ -389,6 +389,9 @@ def test_evicted_lowering_is_not_rebuilt_while_its_consumers_are_done(warm):
     assert not result.ran, result
 
 
+# slow: ~50 s (a second cold lowering); byte identity across builds stays in the default run through
+# test_parallel_build_is_byte_identical and tests/test_ray.py's Ray-vs-local comparison.
+@pytest.mark.slow
 def test_relowering_from_cache_is_byte_identical_to_cold_build(warm, cold):
     cold_ws = cold[0]
     warm.remove_entries("lower", "verify")

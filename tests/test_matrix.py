@@ -4,10 +4,10 @@ builds (and verifies), what it refuses is refused at validation with its reason.
 Valid combinations are built together, one manifest per dtype with one target per
 (backend, scheme), so every (scheme, flavour) is exported once, with `doit build -n 2`
 as a subprocess exactly as a user runs it. The default run covers each scheme family at
-fp32 on every backend that builds here, plus every other dtype once per backend; the
-whole cross-product is `-m slow`. Refusals are checked in-process with
-`parse_manifest` (fast). Core ML and Vulkan artifacts are also rebuilt in a second
-process with a second cache, and must come out byte-identical.
+fp32 on every backend that builds here; `-m slow` adds every other dtype once per backend
+(~30 s), Core ML and Vulkan artifacts rebuilt in a second process with a second cache, which
+must come out byte-identical (~26 s), and the whole cross-product. Refusals are checked
+in-process with `parse_manifest` (fast).
 
 CUDA cannot lower on this host (tests/test_backends.py checks that it says so).
 """
@@ -182,6 +182,8 @@ def test_every_valid_family_builds_at_fp32(fp32_matrix):
     check_artifacts(artifacts, "fp32", pairs)
 
 
+# slow: ~30 s; per-target dtypes stay in the default run (tests/test_dtype_per_target.py).
+@pytest.mark.slow
 def test_every_supported_dtype_builds_once_per_backend(tmp_path, subprocess_env):
     manifests = {f"{d}.yaml": manifest_dict(d, default_pairs(d)) for d in ("fp16", "bf16")}
     for d in ("fp16", "bf16"):
@@ -203,6 +205,8 @@ def test_full_cross_product_builds(dtype, tmp_path, subprocess_env):
 # --------------------------------------------------------------------------- reproducible bytes
 
 
+# slow: ~26 s (Core ML and Vulkan lowered again in a second process with a second cache).
+@pytest.mark.slow
 def test_coreml_and_vulkan_bytes_are_reproducible(fp32_matrix, tmp_path, subprocess_env):
     """A second build, in another process with another cache, gives the same bytes."""
     first, pairs = fp32_matrix

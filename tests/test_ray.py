@@ -4,8 +4,9 @@ the SeaweedFS S3 server the remote-cache tests use. Builds run as subprocesses o
 source, as a user runs them; each test uses its own bucket prefix and, where it must build
 from nothing, its own model seed.
 
-About 4 minutes on 2 cores: the cluster starts in ~20 s; the matrix build through Ray and
-the local build it is compared with take most of the rest.
+About 3 minutes on 2 cores: the cluster starts in ~20 s; the matrix build through Ray and
+the local build it is compared with take most of the rest. The killed-driver case is
+`-m slow` (~1 minute more).
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def test_worker_killed_mid_lower_is_retried_and_nothing_half_written(cluster, s3
         assert m.rsplit("/", 1)[0] + "/" + json.loads(s3.get(m))["archive"] in keys
 
 
+# slow: ~60 s (two builds of a fresh target through the cluster).
+@pytest.mark.slow
 def test_driver_killed_then_rerun_reuses_what_finished(cluster, s3, tmp_path, subprocess_env):
     root = _machine(tmp_path, seed=12, targets=("xnnpack-8da4w",))
     args, env = _command(root, f"ray={cluster.address}", "killed-driver", subprocess_env, s3)

@@ -2,7 +2,8 @@
 (generated for synthetic models), the TextLLMRunner check inside verification (a prompt
 that fills most of the context, generation to the context limit, token for token against
 eager greedy), the self-testing bundled programs (.bpte), and check-bundle's checks of
-both. About 4 minutes on 2 cores."""
+both. About 3 minutes on 2 cores; the context-past-the-cache and ETRecord-reproducibility
+cases are `-m slow` (~80 s more)."""
 
 from __future__ import annotations
 
@@ -168,6 +169,8 @@ def weight_bytes(pte: Path) -> int:
     return (info["constant_segment"] or {}).get("bytes", 0) + (info["named_data"] or {}).get("bytes", 0)
 
 
+# slow: ~50 s (a build with a context past the cache).
+@pytest.mark.slow
 def test_a_context_length_past_the_cache_fails_verification(released):
     """get_max_context_len overridden past the KV cache: the runner generates past it, and
     verification fails (exit 4) instead of publishing an artifact apps would crash on."""
@@ -280,6 +283,8 @@ def test_published_etrecord_maps_a_runs_events_back_to_the_model(released, tmp_p
                for e in events)
 
 
+# slow: ~30 s (a second lowering of both targets with ETRecords).
+@pytest.mark.slow
 def test_etrecords_are_reproducible_and_checked_by_check_bundle(released, tmp_path):
     from mlxbuild.bundle import _check_etrecord, check_bundle
     from mlxbuild.pte_inspect import inspect_pte
