@@ -103,6 +103,28 @@ def _incomplete(cache: Path) -> list[Path]:
     return [p for k in kinds for p in (cache / k).glob("*/*") if p.is_dir() and not (p / ".complete").exists()]
 
 
+def test_executor_option_values():
+    from doit.doit_cmd import DoitMain
+
+    from mlxbuild.doit_plugin import _executor_value
+    from mlxbuild.errors import UsageError
+    from mlxbuild.ray_executor import ExecutorSpec, parse
+
+    assert parse(None) == parse("local") == ExecutorSpec("local", None)
+    assert parse("ray") == ExecutorSpec("ray", None)
+    assert parse("ray=10.0.0.5:6379") == ExecutorSpec("ray", "10.0.0.5:6379")
+    assert parse("auto=ray://head:10001") == ExecutorSpec("auto", "ray://head:10001")
+    for bad in ("local=x", "ray=", "kubernetes"):
+        with pytest.raises(UsageError, match="expected local, ray\\[=ADDRESS\\] or auto"):
+            parse(bad)
+    # doit lifts NAME=VALUE arguments out as variables before the command parses its options.
+    rest = DoitMain().process_args(["--executor", "ray=10.0.0.5:6379", "-n", "2", "m.yaml"])
+    assert rest == ["--executor", "-n", "2", "m.yaml"]
+    assert _executor_value(rest) == ["--executor", "ray=10.0.0.5:6379", "-n", "2", "m.yaml"]
+    rest = DoitMain().process_args(["m.yaml", "--executor", "auto"])
+    assert _executor_value(rest) == ["m.yaml", "--executor", "auto"]
+
+
 def test_matrix_through_ray_is_byte_identical_to_a_local_build(cluster, s3, tmp_path, subprocess_env):
     ray_dir = _machine(tmp_path / "driver")
     run = _build(ray_dir, f"ray={cluster.address}", "matrix", subprocess_env, s3)
