@@ -58,7 +58,9 @@ class EtProgram:
 
 def load(path: str | os.PathLike, data_files=()) -> EtProgram:
     """``data_files`` default to the ``.ptd`` of the same name beside the program (how an
-    external-weights artifact is published, and how a cache entry holds one)."""
+    external-weights artifact is published, and how a cache entry holds one). Not
+    ``mlx_runtime.program``'s sibling rule: importing the MLX runtime here would put its code
+    into the keys of every XNNPACK and portable verification (tests/test_structure.py)."""
     if not data_files:
         beside = Path(path).with_suffix(".ptd")
         data_files = [beside] if beside.is_file() else []

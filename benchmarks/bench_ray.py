@@ -91,7 +91,8 @@ def measure(repeats: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     runs = {"local": [], "ray": []}
     try:
-        with s3server.running(root / "s3" if not (root / "s3").mkdir() else None) as s3:
+        (root / "s3").mkdir()
+        with s3server.running(root / "s3") as s3:
             base = {**os.environ, **s3.env, "MLXBUILD_PLAIN": "1", "PYTHONPATH": str(REPO)}
             for k in ("MLXBUILD_CACHE", "MLXBUILD_ARTIFACTS", "MLXBUILD_REMOTE_CACHE", "RAY_ADDRESS"):
                 base.pop(k, None)

@@ -202,8 +202,8 @@ def _gc(args) -> int:
                     raise MlxbuildError(f"--remote: no remote cache is set (give its URL, or set {REMOTE_ENV} "
                                         "or [tool.mlxbuild] remote_cache)")
         r = roots()
-        keep = [Path(p) for p in args.keep] or [r.artifacts]
-        keep = [p for p in keep if p.exists() or args.keep]  # no artifacts folder yet: nothing to keep
+        # By default the artifacts folder's locks and records (none yet: nothing to keep).
+        keep = [Path(p) for p in args.keep] or ([r.artifacts] if r.artifacts.exists() else [])
         return gc.run(Path(args.cache).absolute() if args.cache else r.cache, keep, args.older_than, max_size,
                       args.dry_run, url, local=not args.remote_only)
     except ValueError as e:

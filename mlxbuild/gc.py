@@ -65,9 +65,9 @@ def referenced(paths: list[Path]) -> tuple[set[tuple[str, str]], list[str]]:
     pins: set[tuple[str, str]] = set()
     sources = []
     for path in paths:
-        files = [path] if path.is_file() else sorted(path.rglob("*.json")) if path.is_dir() else []
         if not path.exists():
             raise UsageError(f"--keep {path}: no such file or folder")
+        files = [path] if path.is_file() else sorted(path.rglob("*.json"))
         for f in files:
             try:
                 data = json.loads(f.read_text())

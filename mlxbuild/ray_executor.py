@@ -197,9 +197,7 @@ class RayExecutor:
 
     # -- what doit runs for each step
     def run(self, step, roots, plan):
-        from mlxbuild import tasks
-
-        from mlxbuild import remote
+        from mlxbuild import remote, tasks
         from mlxbuild.cache import Cache
         from mlxbuild.errors import MlxbuildError
 

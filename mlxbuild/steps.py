@@ -203,6 +203,11 @@ class LowerResult(Result):
     etrecord: str | None = None  # the ETRecord's file name in the entry, when one was asked for
     etrecord_problem: str | None = None  # why there is none although one was asked for
 
+    @classmethod
+    def data_files(cls, entry: Path) -> list[Path]:
+        """The entry's external data (.ptd) that its program is loaded with."""
+        return [Path(entry) / name for name in cls.read(entry).ptd]
+
 
 class ReferenceResult(Result):
     FILE: ClassVar[str] = "reference.json"

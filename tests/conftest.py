@@ -24,6 +24,16 @@ def pytest_sessionstart(session):
                         returncode=3)
 
 
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS, tests/s3server.py) for the module: its `env` is the AWS
+    environment a client needs."""
+    from s3server import running
+
+    with running(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def frozen_source(tmp_path_factory) -> Path:
     """A copy of our packages (`mlxbuild`, `backends`, `mlx_runtime`) as they are when the session starts.

@@ -30,8 +30,8 @@ class Cluster:
     def worker_pids(self, title: str) -> list[int]:
         """Ray worker processes whose title shows they run a task named ``title...``."""
         out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        return [int(line.split(None, 1)[0]) for line in out.splitlines()
-                if len(line.split(None, 1)) == 2 and line.split(None, 1)[1].startswith(f"ray::{title}")]
+        rows = [line.split(None, 1) for line in out.splitlines()]
+        return [int(r[0]) for r in rows if len(r) == 2 and r[1].startswith(f"ray::{title}")]
 
 
 def _ray() -> str:

@@ -10,19 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from s3server import BUCKET, running
+from s3server import BUCKET
 
 from mlxbuild.cache import COMPLETE, Cache
 from mlxbuild.cli import main
 from mlxbuild import remote as remote_mod
 
 DAY = 86400
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with running(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
 
 
 def _entry(cache: Cache, kind: str, key: str, size: int, age_days: float) -> None:

@@ -23,16 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 from raycluster import running as ray_cluster
-from s3server import BUCKET, free_ports, running as s3_server
+from s3server import BUCKET, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 NAME, VERSION = "qwen3-tiny", "0.1.0"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

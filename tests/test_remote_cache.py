@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from s3server import BUCKET, S3, free_ports, running
+from s3server import BUCKET, S3, free_ports
 
 from mlxbuild import remote as remote_mod
 from mlxbuild.errors import BuildError, ManifestError
@@ -36,13 +36,7 @@ STEP = re.compile(r"^(\.  |ok |-- )(weights|tokenizer|quantize|export|reference|
 NOTE = re.compile(r"^   (\w+) .+?: (downloaded from remote cache|not in remote cache|uploaded to remote cache)")
 
 
-# --------------------------------------------------------------------------- the S3 server
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with running(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
+# --------------------------------------------------------------------------- the S3 server (`s3`: conftest.py)
 
 
 @pytest.fixture

@@ -29,8 +29,7 @@ def run(params: QualityParams, cache, out: Path) -> QualityResult:
     tokens = np.load(base / "tokens.npy")
     with native_stderr_captured():
         lowered = cache.read("lower", params.lower)
-        data = [lowered / name for name in LowerResult.read(lowered).ptd]
-        program = backends.open_program(lowered / "model.pte", params.backend, data)
+        program = backends.open_program(lowered / "model.pte", params.backend, LowerResult.data_files(lowered))
         forward = lambda ids, pos: program.run("forward", [ids, pos])[0]  # noqa: E731
         progress.note(f"scoring {tokens.shape[0]} x {tokens.shape[1]} tokens")
         logits = kind.score(forward, tokens, params.max_prefill_chunk)

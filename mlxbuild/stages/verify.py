@@ -21,7 +21,7 @@ def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
     backend = backends.backend(params.backend)
     kind = families.get(params.task)
     lowered = cache.read("lower", params.lower)
-    data = [lowered / name for name in LowerResult.read(lowered).ptd]  # external weights (.ptd)
+    data = LowerResult.data_files(lowered)  # external weights (.ptd)
     if backend.VERIFY == "runtime":
         result = numerical(lowered / "model.pte", cache.read("reference", params.reference),
                            params.tolerance, params.backend, kind, data)
