@@ -208,7 +208,7 @@ def _fits(module, q: dict) -> bool:
 
 
 def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor | None = None,
-                 only: set[str] | None = None) -> dict[str, dict]:
+                 only: set[str] | None = None, pieces=None) -> dict[str, dict]:
     """Quantize in place; return {module name: its final quantization}. A scheme with
     ``method: gptq`` or ``awq`` takes ``calibration`` token ids [samples, seq_len]: its affine
     linears get GPTQ's codes (``mlxbuild.gptq``) or are rounded after AWQ's scales are folded
@@ -220,8 +220,13 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
     (its rule differs from the embedding's, so it keeps its own copy).
 
     With ``only``, the layers outside it stay as they are (what one rule costs on its own).
+
+    With ``pieces`` (``mlxbuild.families.streaming.pieces``), the model starts on the meta
+    device and each iteration materializes a piece and yields its module names; each piece
+    is quantized as it arrives, so only one piece is ever in float. Rules, ties and the
+    result are decided on the whole layout first, as without it. Calibrated methods and
+    cuda_int4 need the whole float model and take no pieces.
     """
-    from torchao.quantization.quant_api import quantize_
 
     assigned = assign_rules(model, scheme)
     if only is not None:
@@ -256,6 +261,9 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
 
     floats, hs = {}, {}
     method = scheme.get("method") or "rtn"
+    if pieces is not None and (method != "rtn" or any(json.loads(k)["format"] == "cuda_int4" for k in groups)):
+        raise BuildError(f"{method if method != 'rtn' else 'cuda_int4'} quantizes the whole float model: "
+                         "it cannot be streamed")
     if method in ("gptq", "awq"):
         import importlib
 
@@ -282,22 +290,11 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
             for n in chosen:
                 layers[n]["method"] = "gptq"
 
-    for key, names in groups.items():
-        if names:
-            q = json.loads(key)
-            half = _nvfp4_from_float32(model, names) if q["format"] == "nvfp4" else {}
-            wanted = set(names)
-            if q["format"] == "cuda_int4":
-                _quantize_on_gpu(model, names, _config(q))
-                continue
-            quantize_(model, _config(q), filter_fn=lambda m, fqn, w=wanted: fqn in w)
-            for name in names:
-                if name in floats:
-                    gptq.apply(model.get_submodule(name), floats.pop(name), hs.pop(name))
-            for name, dtype in half.items():
-                module = model.get_submodule(name)
-                # Back to the model's dtype without dequantizing: only the output dtype changes.
-                module.weight = torch.nn.Parameter(module.weight.to(dtype=dtype), requires_grad=False)
+    for here in (pieces if pieces is not None else [None]):
+        for key, all_names in groups.items():
+            names = [n for n in all_names if here is None or n in here]
+            if names:
+                _quantize_group(model, json.loads(key), names, floats, hs)
 
     if tied:
         out_name, emb_name = tied
@@ -315,6 +312,36 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
         elif layers[out_name]["format"] == "none":
             layers[out_name]["tied_to"] = emb_name
     return layers
+
+
+def _quantize_group(model, q: dict, names: list[str], floats: dict, hs: dict) -> None:
+    """Quantize the modules ``names`` with one rule's quantization ``q``."""
+    from torchao.quantization.quant_api import quantize_
+
+    from mlxbuild import hqq
+
+    half = _nvfp4_from_float32(model, names) if q["format"] == "nvfp4" else {}
+    config = _config(q)
+    if q["format"] == "cuda_int4":
+        _quantize_on_gpu(model, names, config)
+        return
+    # The largest matrices (embeddings, output heads) in row blocks, to the same bytes.
+    blocked = {n for n in names if hqq.applies(model.get_submodule(n), config)}
+    for name in blocked:
+        hqq.quantize_module(model.get_submodule(name), config)
+    wanted = set(names) - blocked
+    if wanted:
+        quantize_(model, config, filter_fn=lambda m, fqn: fqn in wanted)
+    for name in names:
+        if name in floats:
+            import importlib
+
+            importlib.import_module("mlxbuild.gptq").apply(model.get_submodule(name), floats.pop(name),
+                                                           hs.pop(name))
+    for name, dtype in half.items():
+        module = model.get_submodule(name)
+        # Back to the model's dtype without dequantizing: only the output dtype changes.
+        module.weight = torch.nn.Parameter(module.weight.to(dtype=dtype), requires_grad=False)
 
 
 def _quantize_on_gpu(model, names: list[str], config) -> None:

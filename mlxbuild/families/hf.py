@@ -32,6 +32,11 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = auto_model_class(weights_dir).from_pretrained(weights_dir, **kwargs)
+    return prepare(model).eval()
+
+
+def prepare(model):
+    """What every step's model gets after loading, whether from_pretrained or streamed."""
     for accessor in ("get_input_embeddings", "get_output_embeddings"):
         try:
             getattr(model, accessor)()
@@ -49,7 +54,7 @@ def load_model(weights_dir: Path, dtype: str, attn_implementation: str | None = 
         # that keeps ExecuTorch's quantized-embedding rewrite from matching (Gemma uses 0).
         if isinstance(module, torch.nn.Embedding):
             module.padding_idx = None
-    return model.eval()
+    return model
 
 
 def auto_model_class(folder: Path):

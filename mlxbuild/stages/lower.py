@@ -58,8 +58,11 @@ def run(params: LowerParams, cache, out: Path) -> LowerResult:
     methods = constant_methods(params, info)
     progress.note(f"lowering {', '.join(programs)} to {backend.NAME} and serializing")
     edge, prog = backend.lower(programs, params.options or {}, methods, etrecord=params.etrecord)
-    progress.note(f"{len(prog.buffer) / 1e6:.1f} MB program")
-    (out / "model.pte").write_bytes(prog.buffer)
+    # Written from ExecuTorch's segments as they are: ``prog.buffer`` would join them into one
+    # more copy of the program (the lower step's peak for a 0.6B model).
+    with open(out / "model.pte", "wb") as f:
+        prog.write_to_file(f)
+    progress.note(f"{(out / 'model.pte').stat().st_size / 1e6:.1f} MB program")
     if getattr(prog, "_tensor_data", None):
         prog.write_tensor_data_to_file(str(out))
     etrecord, problem = None, None

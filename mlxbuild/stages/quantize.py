@@ -18,13 +18,31 @@ import torch
 
 from mlxbuild import progress
 from mlxbuild.errors import BuildError
+from mlxbuild.families import streaming
 from mlxbuild.families.hf import load_model
 from mlxbuild.quantize import apply_scheme, summarize
 from mlxbuild.steps import QuantizeParams
 
 
 def run(params: QuantizeParams, cache, out: Path) -> dict:
-    model = load_model(cache.read("weights", params.weights), params.dtype)
+    weights = cache.read("weights", params.weights)
+    # Round-to-nearest needs one layer at a time: the model is laid out on the meta device
+    # and each piece is read, quantized and kept quantized (mlxbuild.families.streaming).
+    # GPTQ/AWQ run the float model on calibration tokens, cuda_int4 packs on the GPU: those
+    # load it whole, as does a checkpoint streaming can't reproduce from_pretrained for.
+    streamed = None
+    if params.calibration is None and not _any_format(params.scheme, "cuda_int4"):
+        streamed = streaming.layout(weights, params.dtype)
+    if streamed is not None:
+        model, checkpoint = streamed
+        progress.note("quantizing layer by layer")
+        with torch.no_grad():
+            try:
+                layers = apply_scheme(model, params.scheme, pieces=streaming.pieces(model, checkpoint))
+            except BuildError as e:
+                raise BuildError(f"{params.label or 'quantize'}: {e}") from None
+        return _finish(model, layers, out)
+    model = load_model(weights, params.dtype)
     calibration = None
     if params.calibration is not None:
         from mlxbuild.families.hf import text_config
@@ -43,6 +61,15 @@ def run(params: QuantizeParams, cache, out: Path) -> dict:
             layers = apply_scheme(model, params.scheme, calibration)
         except BuildError as e:
             raise BuildError(f"{params.label or 'quantize'}: {e}") from None
+    return _finish(model, layers, out)
+
+
+def _any_format(scheme: dict, fmt: str) -> bool:
+    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
+    return any((r or {}).get("format") == fmt for r in rules)
+
+
+def _finish(model, layers: dict, out: Path) -> dict:
     save(model, layers, out)
     summary = summarize(layers)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -81,7 +108,17 @@ def load_into(model, entry: Path) -> None:
 
 def quantized_model(cache, params, attn_implementation: str | None = None):
     """The model of ``params.weights`` with ``params.quantized``'s state loaded into it:
-    what export and the reference start from."""
-    model = load_model(cache.read("weights", params.weights), params.dtype, attn_implementation)
-    load_into(model, cache.read("quantize", params.quantized))
+    what export and the reference start from. A quantized state holds every tensor the
+    checkpoint does (the float ones too), so where streaming applies the model is laid out
+    on the meta device and the state is assigned into it: the float model is never read."""
+    weights, entry = cache.read("weights", params.weights), cache.read("quantize", params.quantized)
+    streamed = streaming.layout(weights, params.dtype, attn_implementation) \
+        if (entry / "state.pt").exists() else None
+    if streamed is None:
+        model = load_model(weights, params.dtype, attn_implementation)
+        load_into(model, entry)
+        return model
+    model, checkpoint = streamed
+    load_into(model, entry)
+    streaming.materialize(model, checkpoint)  # whatever the state lacks (nothing, today)
     return model

@@ -13,7 +13,6 @@ the manifest's dtype."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -22,6 +21,9 @@ from pathlib import Path
 import torch
 
 from mlxbuild.families.hf import DTYPES, build_module
+from mlxbuild.families.streaming import split as _pieces
+from mlxbuild.families.streaming import ST_DTYPES as _ST_DTYPES
+from mlxbuild.families.streaming import trim as _trim
 from mlxbuild.steps import WeightsParams
 
 
@@ -102,27 +104,6 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
         _trim()
 
 
-def _trim() -> None:
-    """Hand freed heap memory back to the system. A piece's tensors (a few MB to tens of MB
-    each, fp32 then cast) are below glibc's mmap threshold once it has adapted, so they come
-    from the heap, whose holes don't fit the next piece: without this the resident size grew
-    by most of a layer per layer (measured on Qwen3-0.6B's shapes)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only; elsewhere nothing to do
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
 def _checkpoint_state(model, modules, saved: set[str]) -> dict:
     """A piece's tensors under the checkpoint's names (Hugging Face's reverse of the
     conversions it applies when loading, as save_pretrained does shard by shard)."""
@@ -135,25 +116,6 @@ def _checkpoint_state(model, modules, saved: set[str]) -> dict:
             if full in saved:
                 state[full] = t.detach()
     return dict(revert_weight_conversion(model, state)) if state else {}
-
-
-def _pieces(model) -> list[tuple[str, list]]:
-    """The model cut into pieces each initialized and written on its own: every element of
-    each outermost ModuleList (the layers), then everything else."""
-    lists = []
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.ModuleList) and name and not any(name.startswith(o + ".") for o in lists):
-            lists.append(name)
-    pieces, inside = [], set()
-    for ln in lists:
-        for i, layer in enumerate(model.get_submodule(ln)):
-            prefix = f"{ln}.{i}"
-            mods = [(f"{prefix}.{n}" if n else prefix, m) for n, m in layer.named_modules()]
-            pieces.append((prefix, mods))
-            inside.update(n for n, _ in mods)
-    rest = [(n, m) for n, m in model.named_modules() if n not in inside]
-    pieces.append(("", rest))
-    return pieces
 
 
 def _saved_names(model) -> set[str]:
@@ -238,10 +200,6 @@ def write_synthetic(recipe: dict, dtype, out: Path) -> int:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return sum(p.numel() for p in model.parameters())
 
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-              torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 # What a Hugging Face folder's model is read from (the checkpoint check has vouched for them),
