@@ -286,3 +286,37 @@ def test_streamed_quantize_peaks_at_a_piece_not_the_model(tmp_path):
     streamed, whole = peak("auto"), peak("never")
     assert whole - streamed > 300 * 2**20, (streamed, whole)
     _same_state(tmp_path / "auto", tmp_path / "never")
+
+
+def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
+    from mlxbuild.stages import export as export_stage
+    from mlxbuild.stages import lower as lower_stage
+    from mlxbuild.steps import ExportParams, LowerParams
+
+    spec = {"task": "text-generation", "max_context_length": 16, "max_prefill_chunk": 16}
+    e, lo = tmp_path / f"{name}-export", tmp_path / f"{name}-lower"
+    e.mkdir()
+    lo.mkdir()
+    cache = _Cache(weights=w, quantize=q, export=e)
+    export_stage.run(ExportParams(weights="w", quantized="q", flavour="mlx", dtype="fp32", **spec), cache, e)
+    lower_stage.run(LowerParams(export="e", weights="w", backend="mlx", **spec), cache, lo)
+    return (lo / "model.pte").read_bytes()
+
+
+def test_the_pte_is_the_whole_models(tmp_path, monkeypatch):
+    """Streamed quantize, export from the layout, and the MLX preprocess sharing the weights
+    instead of ExecuTorch's deep copy (backends/mlx.py) give the .pte the whole-model path and
+    ExecuTorch's own copy give, byte for byte."""
+    w = _weights(tmp_path, QWEN, "fp32")
+    streamed = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES["mixed"], "fp32", "q1"), "streamed")
+    from executorch.backends.mlx.preprocess import MLXBackend  # importable once lowering ran
+    from executorch.exir.backend.backend_details import BackendDetails
+
+    assert MLXBackend.copy_exported_program_for_preprocess.__func__ is not \
+        BackendDetails.copy_exported_program_for_preprocess.__func__  # the sharing copy was installed
+    monkeypatch.setenv("MLXBUILD_STREAMING", "never")
+    monkeypatch.setattr(MLXBackend, "copy_exported_program_for_preprocess",
+                        classmethod(BackendDetails.copy_exported_program_for_preprocess.__func__))
+    monkeypatch.setattr("backends.mlx._share_weights_with_preprocess", lambda: None)
+    whole = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES["mixed"], "fp32", "q2"), "whole")
+    assert len(streamed) > 10_000 and streamed == whole
