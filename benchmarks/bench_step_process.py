@@ -67,10 +67,19 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True,
               if s.get("memory_estimate_mb") and s.get("peak_rss_mb") else None}
              for t in targets for s in t["steps"]]
     weights = sum(f.stat().st_size for f in (workdir / "cache" / "weights").rglob("*") if f.is_file())
+    # disk the cache holds, per step kind (hard links counted once)
+    cache_mb, seen = {}, set()
+    for f in (workdir / "cache").rglob("*"):
+        if f.is_file() and (f.stat().st_ino not in seen):
+            seen.add(f.stat().st_ino)
+            kind = f.relative_to(workdir / "cache").parts[0]
+            cache_mb[kind] = cache_mb.get(kind, 0) + f.stat().st_size / 2**20
+    cache_mb = {k: round(v, 1) for k, v in sorted(cache_mb.items())}
     artifacts = {p.name: p.stat().st_size for p in (workdir / "artifacts").rglob("*.pte")}
     return {"mode": mode, "etrecord": etrecord, "exit": code, "wall_s": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "weights_entry_mb": round(weights / 2**20, 1), "artifacts": artifacts,
+            "cache_mb": cache_mb, "cache_total_mb": round(sum(cache_mb.values()), 1),
             "verified": [t.get("verification", {}) and t["verification"].get("passed") for t in targets],
             "failures": [t["failure"]["message"] for t in targets if t.get("failure")],
             "quality": [{k: (t.get("quality") or {}).get(k) for k in ("kld_mean", "top1", "passed")} for t in targets],

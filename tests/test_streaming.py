@@ -303,12 +303,14 @@ def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
     return (lo / "model.pte").read_bytes()
 
 
-def test_the_pte_is_the_whole_models(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheme", ["4w", "mixed"], ids=["tied-head", "untied-head"])
+def test_the_pte_is_the_whole_models(tmp_path, monkeypatch, scheme):
     """Streamed quantize, export from the layout, and the MLX preprocess sharing the weights
-    instead of ExecuTorch's deep copy (backends/mlx.py) give the .pte the whole-model path and
-    ExecuTorch's own copy give, byte for byte."""
+    instead of ExecuTorch's deep copy (backends/mlx.py), and the lower step dropping the state
+    entries its program never reads (a tied head's second name), give the .pte the whole-model
+    path and ExecuTorch's own copy give, byte for byte."""
     w = _weights(tmp_path, QWEN, "fp32")
-    streamed = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES["mixed"], "fp32", "q1"), "streamed")
+    streamed = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q1"), "streamed")
     from executorch.backends.mlx.preprocess import MLXBackend  # importable once lowering ran
     from executorch.exir.backend.backend_details import BackendDetails
 
@@ -318,5 +320,6 @@ def test_the_pte_is_the_whole_models(tmp_path, monkeypatch):
     monkeypatch.setattr(MLXBackend, "copy_exported_program_for_preprocess",
                         classmethod(BackendDetails.copy_exported_program_for_preprocess.__func__))
     monkeypatch.setattr("backends.mlx._share_weights_with_preprocess", lambda: None)
-    whole = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES["mixed"], "fp32", "q2"), "whole")
+    monkeypatch.setattr("mlxbuild.stages.export.drop_unused_state", lambda program: None)
+    whole = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q2"), "whole")
     assert len(streamed) > 10_000 and streamed == whole
