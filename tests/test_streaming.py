@@ -182,6 +182,20 @@ def test_streamed_quantization_is_the_whole_models(tmp_path, monkeypatch, recipe
     _same_state(streamed, whole)
 
 
+def test_a_sharded_folder_is_read_as_from_pretrained_reads_it(tmp_path, monkeypatch):
+    """Shards through their index, and a stray file under other names (Mistral's hub repos
+    ship consolidated.safetensors beside the shards) ignored, as from_pretrained ignores it."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(weights, "SHARD_BYTES", 64 * 1024)
+    w = _weights(tmp_path, QWEN, "fp32")
+    assert len(list(w.glob("model-*.safetensors"))) > 2
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)}, str(w / "consolidated.safetensors"))
+    streamed = _quantize(tmp_path, w, SCHEMES["4w"], "fp32", "streamed")
+    monkeypatch.setenv("MLXBUILD_STREAMING", "never")
+    _same_state(streamed, _quantize(tmp_path, w, SCHEMES["4w"], "fp32", "whole"))
+
+
 def test_the_model_export_starts_from_is_the_loaded_one(tmp_path, monkeypatch):
     """Laid out on the meta device with the quantized state assigned (the float model never
     read) against from_pretrained + the same state: the same tensors, buffers (rotary

@@ -42,7 +42,7 @@ class Checkpoint:
     def __init__(self, folder: Path, dtype: torch.dtype):
         self.folder, self.dtype = Path(folder), dtype
         self.where: dict[str, tuple[str, torch.dtype, tuple, int, int]] = {}
-        for path in sorted(self.folder.glob("*.safetensors")):
+        for path in checkpoint_files(self.folder):
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
@@ -80,6 +80,15 @@ class Checkpoint:
             for h in handles.values():
                 h.close()
         return out
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files from_pretrained reads: those the shard index names, else model.safetensors
+    (a hub folder may hold others, e.g. Mistral's consolidated.safetensors under other names)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
 
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
