@@ -31,7 +31,7 @@ def run(params: QuantizeParams, cache, out: Path) -> dict:
     # GPTQ/AWQ run the float model on calibration tokens, cuda_int4 packs on the GPU: those
     # load it whole, as does a checkpoint streaming can't reproduce from_pretrained for.
     streamed = None
-    if params.calibration is None and not _any_format(params.scheme, "cuda_int4"):
+    if (params.scheme.get("method") or "rtn") == "rtn" and not _any_format(params.scheme, "cuda_int4"):
         streamed = streaming.layout(weights, params.dtype)
     if streamed is not None:
         model, checkpoint = streamed
