@@ -2,24 +2,31 @@
 
 **The estimate** of a step's peak resident memory comes from the model's size, known at plan
 time without loading anything: the parameter count (a synthetic config's shapes, or the
-checkpoint's safetensors headers), the step's dtype and, for the steps that hold the lowered
-program, the scheme's width. With W the weights in the step's dtype and A the artifact:
+checkpoint's safetensors headers), the step's dtype and the scheme's widths. With W the
+weights in the step's dtype, Q the quantized state (torchao's form: affine codes unpacked to
+an int8 each plus a scale and a zero point per group; what the quantize step writes and
+export, the reference and lowering hold) and A the artifact:
 
     weights     PROCESS + the largest piece (a layer, or the embeddings) x (4 B in fp32 + its cast
                 + 1.5 B of normal_'s work); a local checkpoint is linked, not loaded
-    quantize, export, reference, lower, baseline
-                PROCESS + FIXED x min(1, W / W_REF) + SLOPE x W  (+ the evaluation logits: baseline)
+    quantize    PROCESS + LINE(Q) + the largest piece in the step's dtype (round-to-nearest is
+                streamed a piece at a time, docs/quantization.md); GPTQ, AWQ and cuda_int4 load
+                the whole float model: PROCESS + WHOLE_QUANTIZE(W)
+    export, reference, lower
+                PROCESS + LINE(Q)
+    baseline    PROCESS + LINE(W) + the evaluation logits (the float model)
     verify      PROCESS + 4 A         quality   PROCESS + 4 A + the evaluation logits
     preprocessor PROCESS              tokenizer, package   0 (no model; a few MB)
 
-PROCESS is what a step process holds before its work (Python, torch, transformers and
-ExecuTorch imported: 400-540 MB measured). SLOPE and FIXED are the line through the measured
-peaks of each step of the MLX 4-bit builds of Qwen3-0.6B's and Qwen3-1.7B's shapes
-(``benchmarks/results/step-process-*-2026-12-06.json``; W_REF is the 0.6B's 1.14 GB): each
-step holds a part that grows with the model and a part that does not (tracing and lowering
-state, the 151,936-row vocabulary's working copies), which FIXED scales down for small models
-so a tiny one is not charged for it. Beyond 1.7B the line is an extrapolation; the build
-report puts each step's estimate beside its measured peak.
+LINE(X) = FIXED x min(1, X / X_REF) + SLOPE x X: each step holds a part that grows with the
+model and a part that does not (tracing and lowering state, the 151,936-row vocabulary's
+working copies), which FIXED scales down for small models so a tiny one is not charged for
+it. SLOPE and FIXED are the line through the measured peaks of each step of the MLX 4-bit
+builds of Qwen3-0.6B's and Qwen3-1.7B's shapes (``benchmarks/results/step-process-*-streaming-
+2026-12-06.json``; X_REF is the 0.6B's size). PROCESS is what a step process holds before its
+work (Python, torch, transformers and ExecuTorch imported: 400-540 MB measured). Beyond 1.7B
+the line is an extrapolation; the build report puts each step's estimate beside its measured
+peak.
 
 **The budget** (``doit build --memory-budget SIZE``, ``MLXBUILD_MEMORY_BUDGET``; default
 ``DEFAULT_FRACTION`` of physical memory) holds for every step, whatever process runs it: a
@@ -50,10 +57,13 @@ DEFAULT_FRACTION = 0.8  # of physical memory: the rest is the OS's, the doit pro
 MB = 2**20
 PROCESS = {"export": 490 * MB, "lower": 540 * MB}
 PROCESS_DEFAULT = 400 * MB
-# (SLOPE, FIXED in MB) per step kind: fitted to the 0.6B and 1.7B builds (see above).
-LINE = {"quantize": (1.27, 1368), "export": (1.26, 790), "reference": (0.87, 765), "lower": (1.60, 515),
+# (SLOPE, FIXED in MB) per step kind, over Q (over W for baseline): fitted to the 0.6B and
+# 1.7B builds (see above).
+LINE = {"quantize": (1.0, 250), "export": (2.0, 800), "reference": (1.2, 700), "lower": (1.5, 500),
         "baseline": (1.0, 150)}
-W_REF = 1137 * MB  # Qwen3-0.6B's bf16 weights, where FIXED was measured
+WHOLE_QUANTIZE = (1.27, 1368)  # over W: the whole-model path, measured before streaming
+W_REF = 1137 * MB  # Qwen3-0.6B's bf16 weights
+Q_REF = 622 * MB   # its 4-bit quantized state
 ARTIFACT_FACTOR = 4.0  # verify and quality: the program, its runtime's copy of the weights, outputs
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
@@ -127,6 +137,32 @@ def artifact_bytes_per_param(scheme: dict | None, dtype: str) -> float:
     return bits / 8 + (0 if group == "per_channel" else 4 / int(group))
 
 
+def quantized_bytes_per_param(scheme: dict | None, dtype: str) -> float:
+    """Bytes per parameter of the quantize step's state, by the base linear rule: affine codes
+    unpacked to one int8 each plus a scale (the dtype's width) and an int8 zero point per
+    group; nvfp4 two codes a byte and an fp8 scale per 16; unquantized the dtype's width."""
+    q = (scheme or {}).get("linear") or {}
+    if not q or q.get("format", "affine") == "none":
+        return DTYPE_BYTES[dtype]
+    if q.get("format") == "nvfp4":
+        return 0.5 + 1 / 16
+    group = q.get("group_size") or 32
+    return 1 + (0 if group == "per_channel" else (DTYPE_BYTES[dtype] + 1) / int(group))
+
+
+def streams(scheme: dict | None) -> bool:
+    """Whether the quantize step reads the model a piece at a time (the rule
+    ``mlxbuild.stages.quantize`` applies; kept apart so planning imports no torch)."""
+    scheme = scheme or {}
+    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
+    return (scheme.get("method") or "rtn") == "rtn" and not any((r or {}).get("format") == "cuda_int4" for r in rules)
+
+
+def _line(coefficients: tuple[float, float], x: float, x_ref: int) -> float:
+    slope, fixed = coefficients
+    return fixed * MB * min(1.0, x / x_ref) + slope * x
+
+
 # --------------------------------------------------------------------------- estimates
 
 
@@ -158,12 +194,19 @@ def estimate(plan, step, shapes: dict | None = None) -> int:
         # the largest piece initialized in fp32, its cast copy, and normal_'s working memory
         cast = DTYPE_BYTES[dtype] if dtype != "fp32" else 0
         return int(base + shape["piece"] * (4 + cast + INIT_WORK_BYTES))
-    if kind in LINE:
-        slope, fixed = LINE[kind]
-        extra = _eval_logits(step, plan) if kind == "baseline" else 0
-        return int(base + fixed * MB * min(1.0, w / W_REF) + slope * w + extra)
     quant = _upstream(plan, step, "quantize")
-    a = shape["params"] * artifact_bytes_per_param(quant.params.scheme if quant else None, dtype)
+    scheme = quant.params.scheme if quant else None
+    if kind == "baseline":
+        return int(base + _line(LINE["baseline"], w, W_REF) + _eval_logits(step, plan))
+    if kind == "quantize" and not streams(scheme):
+        return int(base + _line(WHOLE_QUANTIZE, w, W_REF))
+    if kind == "quantize" and quantized_bytes_per_param(scheme, dtype) >= DTYPE_BYTES[dtype]:
+        return base  # nothing to quantize, so nothing is read
+    if kind in LINE:
+        q = shape["params"] * quantized_bytes_per_param(scheme, dtype)
+        piece = shape["piece"] * DTYPE_BYTES[dtype] if kind == "quantize" else 0
+        return int(base + _line(LINE[kind], q, Q_REF) + piece)
+    a = shape["params"] * artifact_bytes_per_param(scheme, dtype)
     return int(base + ARTIFACT_FACTOR * a + (_eval_logits(step, plan) if kind == "quality" else 0))
 
 

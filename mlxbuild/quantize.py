@@ -290,6 +290,8 @@ def apply_scheme(model: torch.nn.Module, scheme: dict, calibration: torch.Tensor
             for n in chosen:
                 layers[n]["method"] = "gptq"
 
+    if pieces is not None and not any(groups.values()):
+        pieces = []  # nothing to quantize: nothing to read (the record is the layout's)
     for here in (pieces if pieces is not None else [None]):
         for key, all_names in groups.items():
             names = [n for n in all_names if here is None or n in here]

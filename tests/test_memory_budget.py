@@ -76,11 +76,21 @@ def test_estimates_follow_parameters_dtype_and_width(tmp_path):
     assert 590e6 < params < 610e6  # Qwen3-0.6B: 596M with its tied embedding
     q_bf16 = next(s for s in plan.steps.values() if s.kind == "quantize" and s.params.dtype == "bf16")
     q_fp32 = next(s for s in plan.steps.values() if s.kind == "quantize" and s.params.dtype == "fp32")
+    # streamed: the quantized state (int8 codes, a bf16 scale and an int8 zero point per 32)
+    # and the largest piece (the embedding) in bf16
+    q = params * (1 + 3 / 32)
+    assert memory.quantized_bytes_per_param({"linear": {"bits": 4, "group_size": 32}}, "bf16") == 1 + 3 / 32
     slope, fixed = memory.LINE["quantize"]
-    w = params * 2
-    assert q_bf16.memory == int(memory.PROCESS_DEFAULT + fixed * memory.MB * min(1, w / memory.W_REF) + slope * w)
-    # fp32 doubles what grows with the model
-    assert q_fp32.memory - q_bf16.memory == pytest.approx(slope * w, rel=1e-3)
+    assert q_bf16.memory == int(memory.PROCESS_DEFAULT + fixed * memory.MB * min(1, q / memory.Q_REF) + slope * q
+                                + 151936 * 1024 * 2)
+    # an unquantized scheme has nothing to quantize: its quantize step reads nothing
+    assert q_fp32.memory == memory.PROCESS_DEFAULT
+    # ... but its export holds the fp32 model where the 4-bit one holds the quantized state
+    export = {s.params.dtype: s.memory for s in plan.steps.values() if s.kind == "export"}
+    assert export["fp32"] - export["bf16"] == pytest.approx(memory.LINE["export"][0] * params * (4 - (1 + 3 / 32)),
+                                                            rel=1e-3)
+    # GPTQ loads the whole float model
+    assert memory.streams({"linear": {"bits": 4}}) and not memory.streams({"linear": {"bits": 4}, "method": "gptq"})
     # a 4-bit program is smaller to verify than an fp32 one
     verify = {s.label: s.memory for s in plan.steps.values() if s.kind == "verify"}
     assert verify["big/mlx-4w"] < verify["big/xnnpack-fp32"] / 4

@@ -337,3 +337,14 @@ def test_the_pte_is_the_whole_models(tmp_path, monkeypatch, scheme):
     monkeypatch.setattr("mlxbuild.stages.export.drop_unused_state", lambda program: None)
     whole = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q2"), "whole")
     assert len(streamed) > 10_000 and streamed == whole
+
+
+def test_a_scheme_that_quantizes_nothing_reads_nothing(tmp_path, monkeypatch):
+    w = _weights(tmp_path, QWEN, "fp32")
+    scheme = {"linear": {"format": "none"}}
+    monkeypatch.setattr(streaming.Checkpoint, "read", lambda self, names: pytest.fail(f"read {names}"))
+    streamed = _quantize(tmp_path, w, scheme, "fp32", "streamed")
+    monkeypatch.setenv("MLXBUILD_STREAMING", "never")
+    whole = _quantize(tmp_path, w, scheme, "fp32", "whole")
+    assert not (streamed / "state.pt").exists() and not (whole / "state.pt").exists()
+    assert json.loads((streamed / "layers.json").read_text()) == json.loads((whole / "layers.json").read_text())
