@@ -75,10 +75,16 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True,
             kind = f.relative_to(workdir / "cache").parts[0]
             cache_mb[kind] = cache_mb.get(kind, 0) + f.stat().st_size / 2**20
     cache_mb = {k: round(v, 1) for k, v in sorted(cache_mb.items())}
-    artifacts = {p.name: p.stat().st_size for p in (workdir / "artifacts").rglob("*.pte")}
+    artifacts = {p.name: p.stat().st_size for p in (workdir / "artifacts").rglob("*")
+                 if p.suffix in (".pte", ".ptd")}
+    # the yardstick: a target's artifact is its .pte plus any .ptd beside it
+    largest = max((sum(size for name, size in artifacts.items() if Path(name).stem == Path(pte).stem)
+                   for pte in artifacts if pte.endswith(".pte")), default=0)
     return {"mode": mode, "etrecord": etrecord, "exit": code, "wall_s": round(wall, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "weights_entry_mb": round(weights / 2**20, 1), "artifacts": artifacts,
+            "largest_artifact_mb": round(largest / 2**20, 1),
+            "peak_over_largest_artifact": round(usage.ru_maxrss * 1024 / largest, 2) if largest else None,
             "cache_mb": cache_mb, "cache_total_mb": round(sum(cache_mb.values()), 1),
             "verified": [t.get("verification", {}) and t["verification"].get("passed") for t in targets],
             "failures": [t["failure"]["message"] for t in targets if t.get("failure")],

@@ -81,26 +81,59 @@ def log_softmax(logits):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+# Rows of [L, V] worked on at once in float64: at a 150k vocabulary each row is 1.2 MB and
+# the arithmetic holds a few copies, so a whole 64-token sequence would be ~0.3 GB.
+ROWS = 16
+
+
+def log_probs(logits):
+    """``log_softmax`` of [L, V] logits as float32, ``ROWS`` rows at a time (each row is
+    computed alone, so the values are those of the whole block)."""
+    import numpy as np
+
+    return np.concatenate([log_softmax(logits[r:r + ROWS]).astype(np.float32)
+                           for r in range(0, logits.shape[0], ROWS)])
+
+
+def save_log_probs(path: Path, sequences) -> None:
+    """Write an ``.npy`` of [N, L, V] float32 log-probabilities from an iterable of N [L, V]
+    logit blocks, each written as it comes, so only one block is ever held. ``N`` is
+    ``len(sequences)``."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        for i, logits in enumerate(sequences):
+            rows = log_probs(logits)
+            if i == 0:
+                np.lib.format.write_array_header_1_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False,
+                    "shape": (len(sequences), *rows.shape)})
+            f.write(np.ascontiguousarray(rows).tobytes())
+
+
 def figures(float_logp, logits, tokens, text: bool) -> dict:
     """Figures of ``logits`` [N, L, V] (the artifact's) against ``float_logp`` [N, L, V] (the
-    float model's log-probabilities) on ``tokens`` [N, L]; perplexity only for text. One
-    sequence at a time in float64: a 150k vocabulary makes each [L, V] row block 80 MB."""
+    float model's log-probabilities) on ``tokens`` [N, L]; perplexity only for text. In
+    float64, ``ROWS`` positions at a time."""
     import numpy as np
 
     kld, agree, decisive, nll_f, nll_q = [], [], [], [], []
-    for i in range(logits.shape[0]):
-        p_log = float_logp[i].astype(np.float64)
-        q_log = log_softmax(logits[i])
-        # rounding leaves tiny negatives where the two agree
-        kld.append(np.maximum((np.exp(p_log) * (p_log - q_log)).sum(axis=-1), 0.0))
-        agree.append(p_log.argmax(-1) == q_log.argmax(-1))
-        top2 = np.partition(p_log, -2, axis=-1)[:, -2:]
-        decisive.append(np.abs(top2[:, 1] - top2[:, 0]) >= DECISIVE_MARGIN)
-        if text:
-            # Row t predicts token t+1: the last row predicts nothing here.
-            nxt = tokens[i, 1:, None]
-            nll_f.append(-np.take_along_axis(p_log[:-1], nxt, -1))
-            nll_q.append(-np.take_along_axis(q_log[:-1], nxt, -1))
+    n, length = logits.shape[:2]
+    for i in range(n):
+        for r in range(0, length, ROWS):
+            p_log = float_logp[i, r:r + ROWS].astype(np.float64)
+            q_log = log_softmax(logits[i, r:r + ROWS])
+            # rounding leaves tiny negatives where the two agree
+            kld.append(np.maximum((np.exp(p_log) * (p_log - q_log)).sum(axis=-1), 0.0))
+            agree.append(p_log.argmax(-1) == q_log.argmax(-1))
+            top2 = np.partition(p_log, -2, axis=-1)[:, -2:]
+            decisive.append(np.abs(top2[:, 1] - top2[:, 0]) >= DECISIVE_MARGIN)
+            if text:
+                # Row t predicts token t+1: the last row predicts nothing here.
+                nxt = tokens[i, r + 1:r + ROWS + 1, None]
+                k = nxt.shape[0]
+                nll_f.append(-np.take_along_axis(p_log[:k], nxt, -1))
+                nll_q.append(-np.take_along_axis(q_log[:k], nxt, -1))
     kld, agree, decisive = np.concatenate(kld), np.concatenate(agree), np.concatenate(decisive)
     out = {"positions": int(kld.size), "kld_mean": float(kld.mean()),
            "kld_p99": float(np.percentile(kld, 99)), "top1": float(agree.mean()),

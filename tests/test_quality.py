@@ -339,6 +339,32 @@ def test_figures_of_identical_and_shifted_distributions():
     assert moved["kld_mean"] > 0.01 and "ppl" not in moved and moved["positions"] == 10
 
 
+def test_figures_a_few_rows_at_a_time_are_the_whole_blocks(tmp_path):
+    """figures and the baseline's log-probabilities work ``ROWS`` positions at a time (the
+    whole [L, V] block in float64 was the quality step's largest allocation): the same
+    numbers as one pass over every position, with L not a multiple of ROWS."""
+    rng = np.random.default_rng(2)
+    n, length, vocab = 2, quality.ROWS * 2 + 5, 13
+    logits = (rng.normal(size=(n, length, vocab)) * 3).astype(np.float32)
+    tokens = rng.integers(0, vocab, (n, length))
+    quality.save_log_probs(tmp_path / "lp.npy", list(logits))
+    p_log = np.load(tmp_path / "lp.npy")
+    assert p_log.shape == (n, length, vocab) and p_log.dtype == np.float32
+    assert np.array_equal(p_log, quality.log_softmax(logits).astype(np.float32))
+    moved = logits + rng.normal(size=logits.shape).astype(np.float32)
+    fig = quality.figures(p_log, moved, tokens, text=True)
+    p, q = p_log.astype(np.float64), quality.log_softmax(moved)
+    kld = np.maximum((np.exp(p) * (p - q)).sum(-1), 0.0)
+    nxt = tokens[:, 1:, None]
+    nll_f = -np.take_along_axis(p[:, :-1], nxt, -1).mean()
+    nll_q = -np.take_along_axis(q[:, :-1], nxt, -1).mean()
+    assert fig["positions"] == n * length
+    assert fig["kld_mean"] == pytest.approx(kld.mean(), rel=1e-12)
+    assert fig["kld_p99"] == pytest.approx(np.percentile(kld, 99), rel=1e-12)
+    assert fig["top1"] == pytest.approx((p.argmax(-1) == q.argmax(-1)).mean())
+    assert fig["ppl_increase"] == pytest.approx(np.exp(nll_q - nll_f) - 1, rel=1e-9)
+
+
 def test_gate_defaults_follow_the_narrowest_width_and_overrides_stack():
     m = parse_manifest(BITS.replace("  schemes:\n", "  max_kld: 0.5\n  schemes:\n")
                        .replace("  - {name: mlx-w2, backend: mlx, quantization: w2}",

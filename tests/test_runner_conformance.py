@@ -94,6 +94,38 @@ def test_tokenizer_check_names_what_disagrees_with_the_program(tmp_path):
     assert "does not load as the runner loads it" in tokenizer.check(tmp_path, {})[0]
 
 
+def test_runner_reference_prefills_with_the_last_rows_head_only(tmp_path):
+    """The eager continuation is computed with the output head on the prefill's last row only
+    (the whole prompt's logits were the reference step's largest allocation): the same tokens
+    and margins as the full logits give, and the head is left as it was."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from mlxbuild import tokenizer
+    from mlxbuild.families import hf, text_runner
+
+    tokenizer.write_synthetic(tokenizer.synthetic_spec({"vocab_size": 128, "bos_token_id": 1,
+                                                        "eos_token_id": 2}), tmp_path)
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = Qwen3ForCausalLM(config).eval()
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[1]))
+    ref = text_runner.runner_reference(model, {"max_context_length": 40, "runner_prompt": 30}, tmp_path)
+    assert seen[0] == 1 and ref["prompt_tokens"] > 1 and len(model.lm_head._forward_pre_hooks) == 0
+
+    exportable = hf.make_exportable(model, 40).eval()
+    with torch.no_grad():
+        logits = exportable(input_ids=torch.tensor([ref["prompt_ids"]]),
+                            cache_position=torch.arange(ref["prompt_tokens"]))
+    assert logits.shape[1] == ref["prompt_tokens"]  # the hook is gone: every row again
+    top = torch.topk(logits[0, -1].float(), 2)
+    assert ref["tokens"][0] == int(top.indices[0])
+    assert ref["margins"][0] == pytest.approx(float(top.values[0] - top.values[1]), rel=1e-5, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- verification drives TextLLMRunner
 
 

@@ -5,6 +5,7 @@ path (``MLXBUILD_STREAMING=never``) gives, and the float model must never be who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -320,9 +321,10 @@ def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
 @pytest.mark.parametrize("scheme", ["4w", "mixed"], ids=["tied-head", "untied-head"])
 def test_the_pte_is_the_whole_models(tmp_path, monkeypatch, scheme):
     """Streamed quantize, export from the layout, and the MLX preprocess sharing the weights
-    instead of ExecuTorch's deep copy (backends/mlx.py), and the lower step dropping the state
-    entries its program never reads (a tied head's second name), give the .pte the whole-model
-    path and ExecuTorch's own copy give, byte for byte."""
+    instead of ExecuTorch's deep copy (backends/mlx.py), the export tracing the parameters
+    uncloned, and the lower step dropping the state entries its program never reads (a tied
+    head's second name), give the .pte the whole-model path and ExecuTorch's own copy give,
+    byte for byte."""
     w = _weights(tmp_path, QWEN, "fp32")
     streamed = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q1"), "streamed")
     from executorch.backends.mlx.preprocess import MLXBackend  # importable once lowering ran
@@ -335,8 +337,24 @@ def test_the_pte_is_the_whole_models(tmp_path, monkeypatch, scheme):
                         classmethod(BackendDetails.copy_exported_program_for_preprocess.__func__))
     monkeypatch.setattr("backends.mlx._share_weights_with_preprocess", lambda: None)
     monkeypatch.setattr("mlxbuild.stages.export.drop_unused_state", lambda program: None)
+    monkeypatch.setattr("mlxbuild.stages.export.weights_not_cloned", contextlib.nullcontext)
     whole = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q2"), "whole")
     assert len(streamed) > 10_000 and streamed == whole
+
+
+def test_export_hands_parameters_over_uncloned_and_still_clones_buffers():
+    from torch._dynamo.variables import builder
+
+    from mlxbuild.stages.export import weights_not_cloned
+
+    original = builder._clone_input
+    param, buffer = torch.nn.Parameter(torch.ones(3), requires_grad=False), torch.ones(3)
+    assert original(param, None) is not param  # what dynamo does unpatched
+    with weights_not_cloned():
+        assert builder._clone_input(param, None) is param
+        copy = builder._clone_input(buffer, None)
+        assert copy is not buffer and torch.equal(copy, buffer)
+    assert builder._clone_input is original
 
 
 def test_a_scheme_that_quantizes_nothing_reads_nothing(tmp_path, monkeypatch):

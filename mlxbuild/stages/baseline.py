@@ -24,10 +24,11 @@ def run(params: BaselineParams, cache, out: Path) -> BaselineResult:
     model = load_model(cache.read("weights", params.weights), params.dtype)
     tokens, text = evaluation.tokens(spec, tok_dir, text_config(model).get("vocab_size") or 2)
     progress.note(f"scoring {tokens.shape[0]} x {tokens.shape[1]} tokens")
-    logits = kind.score(kind.eager_forward(model, params.plain()), tokens, params.max_prefill_chunk)
+    forward = kind.eager_forward(model, params.plain())
     np.save(out / "tokens.npy", tokens)
-    # A sequence at a time: float64 over a 150k vocabulary is 80 MB per 64-token sequence.
-    np.save(out / "logprobs.npy", np.stack([quality.log_softmax(row).astype(np.float32) for row in logits]))
+    # Scored and written a sequence at a time: the whole [N, L, V] block would be held twice
+    # (logits and log-probabilities, 0.15 GB each at 4 x 64 tokens of a 150k vocabulary).
+    quality.save_log_probs(out / "logprobs.npy", _Sequences(kind, forward, tokens, params.max_prefill_chunk))
     dataset = spec.get("dataset") or {}
     source = (f"hf:{dataset['hf']}" if "hf" in dataset else Path(dataset["file"]).name) if text \
         else f"seeded token ids (seed {spec.get('seed', 0)})"
@@ -35,3 +36,17 @@ def run(params: BaselineParams, cache, out: Path) -> BaselineResult:
                             source=source)
     result.write(out)
     return result
+
+
+class _Sequences:
+    """Each sequence's logits [L, V], scored when asked for."""
+
+    def __init__(self, kind, forward, tokens, chunk: int):
+        self.kind, self.forward, self.tokens, self.chunk = kind, forward, tokens, chunk
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.kind.score(self.forward, self.tokens[i:i + 1], self.chunk)[0]

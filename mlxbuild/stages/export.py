@@ -8,12 +8,14 @@ inputs; each method's program is saved as ``<method>.pt2``.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 import backends
 from mlxbuild import families, progress
+from mlxbuild.families import streaming
 from mlxbuild.quantize import device_for
 from mlxbuild.stages.quantize import quantized_model
 from mlxbuild.steps import ExportParams, ExportResult
@@ -25,14 +27,41 @@ def run(params: ExportParams, cache, out: Path) -> ExportResult:
     attn = flavour.attention_implementation()
     progress.note("loading quantized model")
     model = quantized_model(cache, params, attn if kind.USES_FLAVOUR_ATTENTION else None)
-    with device_for(model):  # cuda_int4 weights are traced where their kernel runs
+    with device_for(model), weights_not_cloned():  # cuda_int4 weights are traced where their kernel runs
         programs, info = kind.export(model, params.plain(), flavour)
+    # Tracing leaves its freed memory in the heap's holes; saving adds two copies of each
+    # tensor in turn and reads in every page of the quantized state the trace never touched.
+    streaming.trim()
     for name, program in programs.items():
         torch.export.save(program, out / f"{name}.pt2")
     result = ExportResult(flavour=params.flavour, task=params.task, methods=list(programs), **info,
                           graph_nodes={name: len(p.graph.nodes) for name, p in programs.items()})
     result.write(out)
     return result
+
+
+@contextlib.contextmanager
+def weights_not_cloned():
+    """Strict ``torch.export`` (dynamo) keeps a clone of every real input it wraps, for the
+    rare data-dependent branch it evaluates on real values; torchao's quantized weights are
+    tensor subclasses, never faked, so each is cloned whole while the model still holds it:
+    a second copy of the quantized state at the step's peak (0.6 GB for Qwen3-0.6B at 4 bits).
+    Parameters are handed over uncloned (their example is what such a branch would read
+    anyway, and nothing in a forward writes a parameter); buffers, which a forward may
+    mutate (the KV cache), are still cloned. The saved programs' bytes do not change
+    (tests/test_streaming.py)."""
+    from torch._dynamo.variables import builder
+
+    clone = builder._clone_input
+
+    def keep_parameters(value, fake_mode):
+        return value if isinstance(value, torch.nn.Parameter) else clone(value, fake_mode)
+
+    builder._clone_input = keep_parameters
+    try:
+        yield
+    finally:
+        builder._clone_input = clone
 
 
 def load_programs(entry: Path, flavour_name: str) -> tuple[dict, ExportResult]:
