@@ -261,7 +261,17 @@ def build_env(env: dict, root: Path) -> dict:
 
 def doit_build(manifest: Path, root: Path, env: dict, log: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
-    return measure([str(VENV_BIN / "doit"), "build", str(manifest)], root, build_env(env, root), log)
+    report = root / f"report-{log.stem}.json"
+    run = measure([str(VENV_BIN / "doit"), "build", "--report", str(report), str(manifest)], root,
+                  build_env(env, root), log)
+    # Each heavy step runs in a process of its own, whose peak the build report records
+    # (the sampler above sees only the doit process).
+    if report.exists():
+        data = json.loads(report.read_text())
+        run["step_peaks_mb"] = {f"{s['step']} {t['target']}": s.get("peak_rss_mb")
+                                for m in data.get("manifests", []) for t in m["targets"] for s in t["steps"]
+                                if s.get("peak_rss_mb")}
+    return run
 
 
 def pte_sizes(artifacts: Path) -> dict:

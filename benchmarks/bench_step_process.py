@@ -60,7 +60,7 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True,
     code = os.waitstatus_to_exitcode(status)
     report = json.loads((workdir / "report.json").read_text()) if (workdir / "report.json").exists() else {}
     targets = [t for m in report.get("manifests", []) for t in m["targets"]]
-    steps = [{"step": s["step"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb"),
+    steps = [{"target": t["target"], "step": s["step"], "seconds": s["seconds"], "peak_rss_mb": s.get("peak_rss_mb"),
               "memory_estimate_mb": s.get("memory_estimate_mb"),
               # the plan's estimate against the measured peak (mlxbuild.memory)
               "estimate_over_peak": round(s["memory_estimate_mb"] / s["peak_rss_mb"], 3)

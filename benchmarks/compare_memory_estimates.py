@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 
 def estimates(manifest: Path, target: str) -> dict[str, float]:
+    """{step kind: estimate} of one target's steps."""
     from mlxbuild.build import plan_manifests
     from mlxbuild.selection import TargetFilter
     from mlxbuild.settings import Roots
@@ -31,23 +32,41 @@ def estimates(manifest: Path, target: str) -> dict[str, float]:
     return {str(s.kind): round(s.memory / 2**20, 1) for s in plan.steps.values() if s.memory}
 
 
+def by_target(steps: list[dict]) -> dict[str, list[dict]]:
+    """A run's steps per target: named in newer results, else in the report's order (each
+    target's list starts again at its weights step)."""
+    out: dict[str, list[dict]] = {}
+    n = -1
+    for s in steps:
+        if "target" not in s and s["step"] == "weights":
+            n += 1
+        out.setdefault(s.get("target") or f"#{n}", []).append(s)
+    return out
+
+
 def main(paths: list[str]) -> None:
     out = {}
     for path in paths:
         result = json.loads(Path(path).read_text())
-        target = result["target"]
-        manifest = REPO / "manifests" / f"{target.split('/')[0]}.yaml"
-        est = estimates(manifest, target)
+        manifest_name = result["target"].split("/")[0]
+        manifest = REPO / "manifests" / f"{manifest_name}.yaml"
         run = result["runs"][-1]
-        rows = {}
-        for s in run["steps"]:
-            if s.get("peak_rss_mb") and s["step"] in est:
-                rows[s["step"]] = {"estimate_mb": est[s["step"]], "measured_mb": s["peak_rss_mb"],
-                                   "ratio": round(est[s["step"]] / s["peak_rss_mb"], 3)}
-        out[target] = {"source": Path(path).name, "weights_entry_mb": run.get("weights_entry_mb"),
-                       "steps": rows,
-                       "largest_deviation": max((abs(r["ratio"] - 1) for r in rows.values()), default=None)}
-        print(target, json.dumps(rows, indent=1))
+        names = [t["name"] for t in __import__("yaml").safe_load(manifest.read_text())["targets"]]
+        for key, steps in by_target(run["steps"]).items():
+            name = names[int(key[1:])] if key.startswith("#") else key
+            target = f"{manifest_name}/{name}"
+            if "*" not in result["target"] and target != result["target"]:
+                continue
+            est = estimates(manifest, target)
+            rows = {}
+            for s in steps:
+                if s.get("peak_rss_mb") and s["step"] in est:
+                    rows[s["step"]] = {"estimate_mb": est[s["step"]], "measured_mb": s["peak_rss_mb"],
+                                       "ratio": round(est[s["step"]] / s["peak_rss_mb"], 3)}
+            out[target] = {"source": Path(path).name, "weights_entry_mb": run.get("weights_entry_mb"),
+                           "steps": rows,
+                           "largest_deviation": max((abs(r["ratio"] - 1) for r in rows.values()), default=None)}
+            print(target, json.dumps(rows, indent=1))
     dest = REPO / "benchmarks" / "results" / f"memory-estimates-{dt.date.today()}.json"
     dest.write_text(json.dumps({"benchmark": "memory-estimates",
                                 "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

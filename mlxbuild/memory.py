@@ -14,8 +14,8 @@ export, the reference and lowering hold) and A the artifact:
                 the whole float model: PROCESS + WHOLE_QUANTIZE(W)
     export, reference, lower
                 PROCESS + LINE(Q)
-    baseline    PROCESS + LINE(W) + the evaluation logits (the float model)
-    verify      PROCESS + 4 A         quality   PROCESS + 4 A + the evaluation logits
+    baseline    PROCESS + LINE(W) + one sequence's logits and log-probabilities (the float model)
+    verify      PROCESS + 4 A         quality   PROCESS + 4 A + every sequence's logits, twice
     preprocessor PROCESS              tokenizer, package   0 (no model; a few MB)
 
 LINE(X) = FIXED x min(1, X / X_REF) + SLOPE x X: each step holds a part that grows with the
@@ -67,7 +67,12 @@ Q_REF = 622 * MB   # its 4-bit quantized state
 ARTIFACT_FACTOR = 4.0  # verify and quality: the program, its runtime's copy of the weights, outputs
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
-EVAL_LOGIT_COPIES = 3  # logits, float64 log-probabilities of one sequence, the baseline's
+# The evaluation's float32 [L, V] blocks held at once: the baseline writes one sequence's
+# log-probabilities as it scores it (its logits and their log-probabilities); the quality
+# step holds the artifact's logits and the baseline's log-probabilities of every sequence.
+# Their float64 arithmetic goes ``mlxbuild.quality.ROWS`` positions at a time (a few MB).
+BASELINE_BLOCKS = 2
+QUALITY_BLOCKS = 2
 
 
 # --------------------------------------------------------------------------- sizes
@@ -218,7 +223,10 @@ def _eval_logits(step, plan) -> int:
     if base is None or not vocab:
         return 0
     ev = base.params.evaluation
-    return EVAL_LOGIT_COPIES * int(ev.get("sequences", 4)) * int(ev.get("seq_len", 64)) * vocab * 4
+    block = int(ev.get("seq_len", 64)) * vocab * 4
+    if str(step.kind) == "baseline":
+        return BASELINE_BLOCKS * block
+    return QUALITY_BLOCKS * int(ev.get("sequences", 4)) * block
 
 
 def _upward(plan, step):
