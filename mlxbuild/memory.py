@@ -15,15 +15,15 @@ export, the reference and lowering hold) and A the artifact:
     export, reference, lower
                 PROCESS + LINE(Q)
     baseline    PROCESS + LINE(W) + one sequence's logits and log-probabilities (the float model)
-    verify      PROCESS + 4 A         quality   PROCESS + 4 A + every sequence's logits, twice
+    verify      PROCESS + LINE(A)     quality   PROCESS + LINE(A) + every sequence's logits, twice
     preprocessor PROCESS              tokenizer, package   0 (no model; a few MB)
 
 LINE(X) = FIXED x min(1, X / X_REF) + SLOPE x X: each step holds a part that grows with the
 model and a part that does not (tracing and lowering state, the 151,936-row vocabulary's
 working copies), which FIXED scales down for small models so a tiny one is not charged for
 it. SLOPE and FIXED are the line through the measured peaks of each step of the MLX 4-bit
-builds of Qwen3-0.6B's and Qwen3-1.7B's shapes (``benchmarks/results/step-process-*-streaming-
-2026-12-06.json``; X_REF is the 0.6B's size). PROCESS is what a step process holds before its
+builds of Qwen3-0.6B's and Qwen3-1.7B's shapes (``benchmarks/fit_memory_lines.py`` on the
+results files named at ``LINE``; X_REF is the 0.6B's size). PROCESS is what a step process holds before its
 work (Python, torch, transformers and ExecuTorch imported: 400-540 MB measured). Beyond 1.7B
 the line is an extrapolation; the build report puts each step's estimate beside its measured
 peak.
@@ -60,11 +60,15 @@ PROCESS_DEFAULT = 400 * MB
 # (SLOPE, FIXED in MB) per step kind, over Q (over W for baseline): fitted to the 0.6B and
 # 1.7B builds (see above).
 LINE = {"quantize": (1.0, 250), "export": (2.0, 800), "reference": (1.2, 700), "lower": (1.5, 500),
-        "baseline": (1.0, 150)}
+        "baseline": (1.0, 150), "verify": (2.34, 559), "quality": (2.22, 413)}
 WHOLE_QUANTIZE = (1.27, 1368)  # over W: the whole-model path, measured before streaming
 W_REF = 1137 * MB  # Qwen3-0.6B's bf16 weights
 Q_REF = 622 * MB   # its 4-bit quantized state
-ARTIFACT_FACTOR = 4.0  # verify and quality: the program, its runtime's copy of the weights, outputs
+A_REF = 320 * MB   # its 4-bit .pte
+# What each step's line is over: W the weights in the step's dtype (the float model), A the
+# artifact (verify and quality run the program), else Q the quantized state.
+OVER = {"baseline": "W", "verify": "A", "quality": "A"}
+REF = {"W": W_REF, "Q": Q_REF, "A": A_REF}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
 # The evaluation's float32 [L, V] blocks held at once: the baseline writes one sequence's
@@ -201,18 +205,16 @@ def estimate(plan, step, shapes: dict | None = None) -> int:
         return int(base + shape["piece"] * (4 + cast + INIT_WORK_BYTES))
     quant = _upstream(plan, step, "quantize")
     scheme = quant.params.scheme if quant else None
-    if kind == "baseline":
-        return int(base + _line(LINE["baseline"], w, W_REF) + _eval_logits(step, plan))
     if kind == "quantize" and not streams(scheme):
         return int(base + _line(WHOLE_QUANTIZE, w, W_REF))
     if kind == "quantize" and quantized_bytes_per_param(scheme, dtype) >= DTYPE_BYTES[dtype]:
         return base  # nothing to quantize, so nothing is read
-    if kind in LINE:
-        q = shape["params"] * quantized_bytes_per_param(scheme, dtype)
-        piece = shape["piece"] * DTYPE_BYTES[dtype] if kind == "quantize" else 0
-        return int(base + _line(LINE[kind], q, Q_REF) + piece)
-    a = shape["params"] * artifact_bytes_per_param(scheme, dtype)
-    return int(base + ARTIFACT_FACTOR * a + (_eval_logits(step, plan) if kind == "quality" else 0))
+    over = OVER.get(kind, "Q")
+    x = {"W": w, "Q": shape["params"] * quantized_bytes_per_param(scheme, dtype),
+         "A": shape["params"] * artifact_bytes_per_param(scheme, dtype)}[over]
+    extra = shape["piece"] * DTYPE_BYTES[dtype] if kind == "quantize" else \
+        _eval_logits(step, plan) if kind in ("baseline", "quality") else 0
+    return int(base + _line(LINE[kind], x, REF[over]) + extra)
 
 
 def _eval_logits(step, plan) -> int:
