@@ -48,6 +48,12 @@ def main(paths: list[str]) -> None:
     out = {}
     for path in paths:
         result = json.loads(Path(path).read_text())
+        if "side_by_side" in result:  # bench_build.py's: the compare build's step peaks
+            ours = result["side_by_side"]["ours"]
+            manifest_name = Path(result["manifest"]).stem
+            result = {"target": f"{manifest_name}/{result['side_by_side']['target']}",
+                      "runs": [{"steps": [{"target": key.split(" ")[1], "step": key.split(" ")[0],
+                                           "peak_rss_mb": mb} for key, mb in ours["step_peaks_mb"].items()]}]}
         manifest_name = result["target"].split("/")[0]
         manifest = REPO / "manifests" / f"{manifest_name}.yaml"
         run = result["runs"][-1]

@@ -13,7 +13,8 @@ export, the reference and lowering hold) and A the artifact:
                 streamed a piece at a time, docs/quantization.md); GPTQ, AWQ and cuda_int4 load
                 the whole float model: PROCESS + WHOLE_QUANTIZE(W)
     export, reference, lower
-                PROCESS + LINE(Q)
+                PROCESS + LINE(Q); lowering for XNNPACK, Core ML or Vulkan + Q (ExecuTorch's
+                copy of the program for the backend's preprocess)
     baseline    PROCESS + LINE(W) + one sequence's logits and log-probabilities (the float model)
     verify      PROCESS + LINE(A)     quality   PROCESS + LINE(A) + every sequence's logits, twice
     preprocessor PROCESS              tokenizer, package   0 (no model; a few MB)
@@ -57,19 +58,26 @@ DEFAULT_FRACTION = 0.8  # of physical memory: the rest is the OS's, the doit pro
 MB = 2**20
 PROCESS = {"export": 490 * MB, "lower": 540 * MB}
 PROCESS_DEFAULT = 400 * MB
-# (SLOPE, FIXED in MB) per step kind, over Q (over W for baseline): fitted to the 0.6B and
-# 1.7B builds (see above).
-LINE = {"quantize": (1.0, 250), "export": (2.0, 800), "reference": (1.2, 700), "lower": (1.5, 500),
-        "baseline": (1.0, 150), "verify": (2.34, 559), "quality": (2.22, 413)}
+# (SLOPE, FIXED in MB) per step kind, over Q, W or A (OVER): the line through the peaks of
+# the mlx-4w builds of Qwen3-0.6B's shapes (benchmarks/results/step-process-bench-qwen3-0.6b-
+# final-2026-12-06.json) and Qwen3-1.7B's (build-compare-1.7b-final-2026-12-06.json), fitted
+# by benchmarks/fit_memory_lines.py.
+LINE = {"quantize": (1.08, 197), "export": (1.28, 461), "reference": (1.61, 435), "lower": (1.98, 214),
+        "baseline": (1.0, 287), "verify": (2.11, 559), "quality": (2.04, 388)}
 WHOLE_QUANTIZE = (1.27, 1368)  # over W: the whole-model path, measured before streaming
 W_REF = 1137 * MB  # Qwen3-0.6B's bf16 weights
 Q_REF = 622 * MB   # its 4-bit quantized state
-A_REF = 320 * MB   # its 4-bit .pte
+A_REF = 355 * MB   # its 4-bit artifact as artifact_bytes_per_param counts it (the .pte: 320 MB)
 # What each step's line is over: W the weights in the step's dtype (the float model), A the
 # artifact (verify and quality run the program), else Q the quantized state.
 OVER = {"baseline": "W", "verify": "A", "quality": "A"}
 REF = {"W": W_REF, "Q": Q_REF, "A": A_REF}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# ExecuTorch deep-copies each partition's program, weights included, before these backends'
+# preprocess (backends/mlx.py hands MLX a copy that shares them; CUDA's backend shares its
+# own; portable delegates nothing): Llama-3.2-3B's XNNPACK 8da4w fp32 lowering measured
+# 11.05 GB against 7.77 GB for the MLX line alone.
+DEEP_COPY_BACKENDS = frozenset({"xnnpack", "coreml", "vulkan"})
 INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
 # The evaluation's float32 [L, V] blocks held at once: the baseline writes one sequence's
 # log-probabilities as it scores it (its logits and their log-probabilities); the quality
@@ -214,6 +222,8 @@ def estimate(plan, step, shapes: dict | None = None) -> int:
          "A": shape["params"] * artifact_bytes_per_param(scheme, dtype)}[over]
     extra = shape["piece"] * DTYPE_BYTES[dtype] if kind == "quantize" else \
         _eval_logits(step, plan) if kind in ("baseline", "quality") else 0
+    if kind == "lower" and getattr(step.params, "backend", None) in DEEP_COPY_BACKENDS:
+        extra = x  # the program's weights copied once more for the backend's preprocess
     return int(base + _line(LINE[kind], x, REF[over]) + extra)
 
 
