@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -57,7 +59,7 @@ def main(paths: list[str]) -> None:
         manifest_name = result["target"].split("/")[0]
         manifest = REPO / "manifests" / f"{manifest_name}.yaml"
         run = result["runs"][-1]
-        names = [t["name"] for t in __import__("yaml").safe_load(manifest.read_text())["targets"]]
+        names = [t["name"] for t in yaml.safe_load(manifest.read_text())["targets"]]
         for key, steps in by_target(run["steps"]).items():
             name = names[int(key[1:])] if key.startswith("#") else key
             target = f"{manifest_name}/{name}"
