@@ -52,6 +52,7 @@ import uuid
 from pathlib import Path
 
 from mlxbuild.errors import BuildError
+from mlxbuild.steps import streams  # noqa: F401  (the quantize step's rule, estimated by it)
 
 BUDGET_ENV = "MLXBUILD_MEMORY_BUDGET"
 DEFAULT_FRACTION = 0.8  # of physical memory: the rest is the OS's, the doit process's and the page cache's
@@ -165,14 +166,6 @@ def quantized_bytes_per_param(scheme: dict | None, dtype: str) -> float:
         return 0.5 + 1 / 16
     group = q.get("group_size") or 32
     return 1 + (0 if group == "per_channel" else (DTYPE_BYTES[dtype] + 1) / int(group))
-
-
-def streams(scheme: dict | None) -> bool:
-    """Whether the quantize step reads the model a piece at a time (the rule
-    ``mlxbuild.stages.quantize`` applies; kept apart so planning imports no torch)."""
-    scheme = scheme or {}
-    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
-    return (scheme.get("method") or "rtn") == "rtn" and not any((r or {}).get("format") == "cuda_int4" for r in rules)
 
 
 def _line(coefficients: tuple[float, float], x: float, x_ref: int) -> float:

@@ -73,6 +73,15 @@ class PreprocessorParams(Params):
     max_audio_s: int
 
 
+def streams(scheme: dict | None) -> bool:
+    """Whether the quantize step reads the model a piece at a time: round-to-nearest does;
+    GPTQ and AWQ run the float model on calibration tokens and cuda_int4 packs on the GPU,
+    so those load it whole. The stage follows it and the memory estimate plans by it."""
+    scheme = scheme or {}
+    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
+    return (scheme.get("method") or "rtn") == "rtn" and not any((r or {}).get("format") == "cuda_int4" for r in rules)
+
+
 class QuantizeParams(Params):
     weights: str
     scheme: dict[str, Any]

@@ -20,6 +20,7 @@ from mlxbuild.families import streaming
 from mlxbuild.stages import quantize as quantize_stage
 from mlxbuild.stages import weights
 from mlxbuild.steps import QuantizeParams
+from recipes import qwen3_moe, whisper
 
 QWEN = {"architecture": "qwen3", "seed": 3,
         "config": {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
@@ -28,17 +29,8 @@ QWEN = {"architecture": "qwen3", "seed": 3,
 GEMMA = {"architecture": "gemma3", "seed": 1,
          "config": {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "sliding_window": 8}}
-WHISPER = {"architecture": "whisper", "seed": 0,
-           "config": {"vocab_size": 64, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
-                      "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
-                      "decoder_ffn_dim": 64, "num_mel_bins": 16, "max_source_positions": 20,
-                      "max_target_positions": 16, "decoder_start_token_id": 1, "bos_token_id": 1,
-                      "eos_token_id": 2, "pad_token_id": 0, "begin_suppress_tokens": None,
-                      "suppress_tokens": None}}
-MOE = {"architecture": "qwen3_moe", "seed": 0,
-       "config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 32,
-                  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                  "num_experts": 4, "num_experts_per_tok": 2}}
+WHISPER = whisper(64)
+MOE = qwen3_moe(32)
 
 SCHEMES = {
     "4w": {"linear": {"bits": 4, "group_size": 32}, "embedding": {"bits": 4, "group_size": 32}},

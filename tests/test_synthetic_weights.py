@@ -16,22 +16,14 @@ from safetensors import safe_open
 
 from mlxbuild.families.hf import load_model
 from mlxbuild.stages import weights
+from recipes import qwen3_moe, whisper
 
 QWEN = {"architecture": "qwen3", "seed": 3,
         "config": {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
                    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
                    "tie_word_embeddings": True}}
-WHISPER = {"architecture": "whisper", "seed": 0,
-           "config": {"vocab_size": 64, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
-                      "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
-                      "decoder_ffn_dim": 64, "num_mel_bins": 16, "max_source_positions": 20,
-                      "max_target_positions": 16, "decoder_start_token_id": 1, "bos_token_id": 1,
-                      "eos_token_id": 2, "pad_token_id": 0, "begin_suppress_tokens": None,
-                      "suppress_tokens": None}}
-MOE = {"architecture": "qwen3_moe", "seed": 0,
-       "config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
-                  "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                  "num_experts": 4, "num_experts_per_tok": 2}}
+WHISPER = whisper(32)
+MOE = qwen3_moe(16)
 
 
 def _files(folder: Path) -> dict[str, torch.Tensor]:

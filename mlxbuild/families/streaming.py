@@ -14,7 +14,7 @@ float32 against the requested dtype (``_keep_in_fp32_modules``). ``layout`` retu
 otherwise, and the caller loads the whole model as before. ``MLXBUILD_STREAMING=never``
 takes the whole-model path everywhere: a way to rule streaming out when a build goes
 wrong, not a choice of output (both paths give the same bytes, so it is in no cache key;
-``tests/test_bounded_memory.py`` compares them).
+``tests/test_streaming.py`` compares them).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def layout(weights_dir: Path, dtype: str, attn_implementation: str | None = None
 
         model.generation_config = GenerationConfig.from_pretrained(weights_dir)
     checkpoint = Checkpoint(weights_dir, DTYPES[dtype])
-    wanted = _persistent(model)
+    wanted = checkpoint_tensors(model)
     if any(checkpoint.shapes.get(n) != tuple(t.shape) for n, t in wanted.items()):
         return None  # renamed or reshaped on load (a weight conversion): not ours to redo
     for module in model.modules():
@@ -142,7 +142,7 @@ def layout(weights_dir: Path, dtype: str, attn_implementation: str | None = None
     return model, checkpoint
 
 
-def _persistent(model) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of ``model``: persistent tensors, a tied one once."""
     first, out = {}, {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -165,7 +165,7 @@ def materialize(model, checkpoint: Checkpoint, names=None) -> None:
     """Read every tensor of ``model`` still on the meta device (within the modules ``names``)
     from the checkpoint, a tied tensor once for all its names."""
     aliases = _aliases(model)
-    wanted = [full for full, t in _persistent(model).items()
+    wanted = [full for full, t in checkpoint_tensors(model).items()
               if t.is_meta and (names is None or full.rpartition(".")[0] in names)]
     for full, value in checkpoint.read(wanted).items():
         for alias in aliases.get(full, [full]):

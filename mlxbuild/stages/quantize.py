@@ -21,7 +21,7 @@ from mlxbuild.errors import BuildError
 from mlxbuild.families import streaming
 from mlxbuild.families.hf import load_model
 from mlxbuild.quantize import apply_scheme, summarize
-from mlxbuild.steps import QuantizeParams
+from mlxbuild.steps import QuantizeParams, streams
 
 
 def run(params: QuantizeParams, cache, out: Path) -> dict:
@@ -30,9 +30,7 @@ def run(params: QuantizeParams, cache, out: Path) -> dict:
     # and each piece is read, quantized and kept quantized (mlxbuild.families.streaming).
     # GPTQ/AWQ run the float model on calibration tokens, cuda_int4 packs on the GPU: those
     # load it whole, as does a checkpoint streaming can't reproduce from_pretrained for.
-    streamed = None
-    if (params.scheme.get("method") or "rtn") == "rtn" and not _any_format(params.scheme, "cuda_int4"):
-        streamed = streaming.layout(weights, params.dtype)
+    streamed = streaming.layout(weights, params.dtype) if streams(params.scheme) else None
     if streamed is not None:
         model, checkpoint = streamed
         progress.note("quantizing layer by layer")
@@ -62,11 +60,6 @@ def run(params: QuantizeParams, cache, out: Path) -> dict:
         except BuildError as e:
             raise BuildError(f"{params.label or 'quantize'}: {e}") from None
     return _finish(model, layers, out)
-
-
-def _any_format(scheme: dict, fmt: str) -> bool:
-    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
-    return any((r or {}).get("format") == fmt for r in rules)
 
 
 def _finish(model, layers: dict, out: Path) -> dict:

@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 from mlxbuild.families.hf import DTYPES, build_module
-from mlxbuild.families.streaming import split as _pieces
-from mlxbuild.families.streaming import ST_DTYPES as _ST_DTYPES
-from mlxbuild.families.streaming import trim as _trim
+from mlxbuild.families.streaming import ST_DTYPES, checkpoint_tensors, split, trim
 from mlxbuild.steps import WeightsParams
 
 
@@ -75,8 +73,8 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
         hidden = model.config.get_text_config().hidden_size
         gen = torch.Generator().manual_seed(recipe["seed"] + 1)
         channels = torch.randperm(hidden, generator=gen)[:recipe["outliers"]["channels"]]
-    saved = _saved_names(model)
-    pieces = _pieces(model)
+    saved = set(checkpoint_tensors(model))
+    pieces = split(model)
     for _prefix, modules in (reversed(pieces) if reverse else pieces):
         # Children before parents, as Hugging Face's init applies: a parent's init may
         # overwrite a child's tensor (Whisper's encoder writes its sinusoids so).
@@ -101,7 +99,7 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
         yield from _checkpoint_state(model, modules, saved).items()
         for _name, module in modules:
             module.to_empty(device="meta", recurse=False)  # give the memory back
-        _trim()
+        trim()
 
 
 def _checkpoint_state(model, modules, saved: set[str]) -> dict:
@@ -116,16 +114,6 @@ def _checkpoint_state(model, modules, saved: set[str]) -> dict:
             if full in saved:
                 state[full] = t.detach()
     return dict(revert_weight_conversion(model, state)) if state else {}
-
-
-def _saved_names(model) -> set[str]:
-    """The state-dict names a checkpoint holds: persistent tensors, a tied one once (the
-    name Hugging Face keeps, the first in module order)."""
-    names, first = set(model.state_dict(keep_vars=True).keys()), {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), n)
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
-    return names - tied
 
 
 def _seed(seed: int, name: str) -> int:
@@ -143,9 +131,9 @@ def write_synthetic(recipe: dict, dtype, out: Path) -> int:
     its shard to fill. (The safetensors package writes a file from all its tensors at once,
     hence this writer; the files are read back through the package.)"""
     model = synthetic_layout(recipe)
-    saved = _saved_names(model)
+    saved = set(checkpoint_tensors(model))
     layout = []  # (name, dtype, shape) in the order they are generated
-    for _prefix, modules in _pieces(model):
+    for _prefix, modules in split(model):
         for full, t in _checkpoint_state(model, modules, saved).items():
             layout.append((full, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)))
     shards: list[list[tuple]] = [[]]
@@ -167,7 +155,7 @@ def write_synthetic(recipe: dict, dtype, out: Path) -> int:
             files.append(f)
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for name, dt, shape, nbytes in shard:
-                header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the package writes
