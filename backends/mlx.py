@@ -26,6 +26,7 @@ def _ready() -> None:
 def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     _ready()
     _share_weights_with_preprocess()
+    _pack_in_row_blocks()
     from executorch.backends.mlx import MLXPartitioner
     from executorch.backends.mlx.passes import get_default_passes
 
@@ -63,6 +64,48 @@ def _share_weights_with_preprocess() -> None:
         return copy.deepcopy(edge_program, memo)
 
     MLXBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_tensors)
+
+
+def _pack_in_row_blocks() -> None:
+    """ExecuTorch's MLX preprocess packs each quantized weight into MLX's layout
+    (``to_mlx_qparams``) in one go, through temporaries of the whole weight (an unsigned
+    copy, the shifted nibbles: 2.5x the packed size), and packs a weight again at every node
+    that reads it (a tied embedding and output head: twice), keeping the first packing.
+    For Qwen3-0.6B's 151,936 x 1,024 4-bit embedding the second packing's temporaries were
+    the lower step's peak. Packing is row by row (each row is whole uint32 words, its biases
+    its own scales'), so packing ``ROWS`` rows at a time into the finished tensors gives the
+    same bytes (tests/test_streaming.py) with temporaries of one block."""
+    import executorch.backends.mlx.ops as ops
+    import executorch.backends.mlx.patterns as patterns
+    import torch
+
+    if getattr(patterns.to_mlx_qparams, "mlxbuild_blocks", False):
+        return
+    pack = patterns.to_mlx_qparams
+
+    def to_mlx_qparams(qdata, scale, zero_point, bits, compute_biases=True, prepacked=False):
+        rows = qdata.shape[0] if qdata.dim() == 2 else 0
+        if prepacked or rows <= PACK_ROWS or scale.shape[0] != rows or \
+                (zero_point is not None and zero_point.shape[0] != rows):
+            return pack(qdata, scale, zero_point, bits, compute_biases, prepacked)
+        out_q = out_b = None
+        for r in range(0, rows, PACK_ROWS):
+            block = slice(r, r + PACK_ROWS)
+            q, b = pack(qdata[block], scale[block], None if zero_point is None else zero_point[block],
+                        bits, compute_biases, prepacked)
+            if out_q is None:
+                out_q = torch.empty((rows, *q.shape[1:]), dtype=q.dtype)
+                out_b = None if b is None else torch.empty((rows, *b.shape[1:]), dtype=b.dtype)
+            out_q[block] = q
+            if b is not None:
+                out_b[block] = b
+        return out_q, out_b
+
+    to_mlx_qparams.mlxbuild_blocks = True
+    patterns.to_mlx_qparams = ops.to_mlx_qparams = to_mlx_qparams
+
+
+PACK_ROWS = 8192  # 8 MB of int8 at 1,024 columns
 
 
 BACKEND_ID = "MLXBackend"

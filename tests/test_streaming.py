@@ -313,17 +313,25 @@ def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
 @pytest.mark.parametrize("scheme", ["4w", "mixed"], ids=["tied-head", "untied-head"])
 def test_the_pte_is_the_whole_models(tmp_path, monkeypatch, scheme):
     """Streamed quantize, export from the layout, and the MLX preprocess sharing the weights
-    instead of ExecuTorch's deep copy (backends/mlx.py), the export tracing the parameters
-    uncloned, and the lower step dropping the state entries its program never reads (a tied
-    head's second name), give the .pte the whole-model path and ExecuTorch's own copy give,
-    byte for byte."""
+    instead of ExecuTorch's deep copy and packing them in row blocks (backends/mlx.py), the
+    export tracing the parameters uncloned, and the lower step dropping the state entries
+    its program never reads (a tied head's second name), give the .pte the whole-model path
+    and ExecuTorch's own copy and packing give, byte for byte."""
+    monkeypatch.setattr("backends.mlx.PACK_ROWS", 24)  # the tiny weights span several blocks
     w = _weights(tmp_path, QWEN, "fp32")
     streamed = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q1"), "streamed")
+    import executorch.backends.mlx.ops as mlx_ops
+    import executorch.backends.mlx.patterns as mlx_patterns
+    from executorch.backends.mlx.builder import op_helpers
     from executorch.backends.mlx.preprocess import MLXBackend  # importable once lowering ran
     from executorch.exir.backend.backend_details import BackendDetails
 
     assert MLXBackend.copy_exported_program_for_preprocess.__func__ is not \
         BackendDetails.copy_exported_program_for_preprocess.__func__  # the sharing copy was installed
+    assert mlx_patterns.to_mlx_qparams is not op_helpers.to_mlx_qparams  # ... and the block packer
+    for module in (mlx_patterns, mlx_ops):
+        monkeypatch.setattr(module, "to_mlx_qparams", op_helpers.to_mlx_qparams)
+    monkeypatch.setattr("backends.mlx._pack_in_row_blocks", lambda: None)
     monkeypatch.setenv("MLXBUILD_STREAMING", "never")
     monkeypatch.setattr(MLXBackend, "copy_exported_program_for_preprocess",
                         classmethod(BackendDetails.copy_exported_program_for_preprocess.__func__))
