@@ -1,7 +1,8 @@
-"""Text decoder families: Llama 3.x, Gemma 3 (sliding window) and Qwen3-MoE.
+"""Text decoder families: Llama 3.x, Gemma 3 (sliding window), Qwen3-MoE and Qwen3.5
+(gated delta net layers with recurrent state).
 
 One `doit build -n 2` (module fixture, run as a subprocess like a user would) builds
-the three shipped tiny manifests with their targets trimmed to the cheap ones that
+the four shipped tiny manifests with their targets trimmed to the cheap ones that
 still cover every path: MLX (4-bit for Llama and the MoE's gather_qmm, fp32 for
 Gemma) and XNNPACK fp32. The checks then go beyond the build's own verification:
 artifacts are run here (MLX through `mlx_runtime`, XNNPACK through
@@ -35,6 +36,7 @@ FAST_TARGETS = {
     "llama3-tiny": [("mlx-4w", "mlx", "4w"), ("xnnpack-fp32", "xnnpack", "none")],
     "gemma3-tiny": [("mlx-fp32", "mlx", "none"), ("xnnpack-fp32", "xnnpack", "none")],
     "qwen3-moe-tiny": [("mlx-4w", "mlx", "4w"), ("xnnpack-fp32", "xnnpack", "none")],
+    "qwen3.5-tiny": [("mlx-4w", "mlx", "4w"), ("xnnpack-fp32", "xnnpack", "none")],
 }
 WINDOW, CONTEXT = 8, 32  # gemma3-tiny's sliding window and context
 
@@ -344,6 +346,49 @@ def test_unfused_experts_compute_what_transformers_does():
     assert isinstance(model.model.layers[0].mlp.experts, ExpertLinears)
     assert len(model.model.layers[0].mlp.experts.down_proj) == 5
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Qwen3.5 (recurrent)
+
+QWEN35_DECODE = 32
+
+
+def test_qwen35_xnnpack_matches_transformers_over_32_decode_steps(built):
+    """A prefill, then 32 single-token steps carrying the recurrent states through the
+    artifact, against transformers' own model over the whole sequence at once (its
+    chunked gated delta rule)."""
+    tokens = sequence(512, 8 + QWEN35_DECODE, seed=7)
+    with torch.no_grad():
+        ref = hf_model(built.weights("qwen3.5-tiny", "xnnpack-fp32"))(torch.from_numpy(tokens)).logits[0].numpy()
+    got = run_artifact(built.pte("qwen3.5-tiny", "xnnpack-fp32"), tokens, prefill=8)
+    assert got.shape == ref.shape
+    assert rel_error(got, ref) < 1e-4
+
+
+def test_qwen35_mlx_greedy_tokens_match_transformers(built):
+    """32 greedy tokens through the MLX artifact (the recurrence as a Scan, run by our
+    runtime) equal transformers' generate on the same 4-bit model with its own cache."""
+    import mlx_runtime
+    from mlxbuild.families import decoding
+
+    prompt = sequence(512, 8, seed=9)[0].tolist()
+    model = eager_quantized(built, "qwen3.5-tiny", "mlx-4w")
+    want = hf_greedy(model, prompt, QWEN35_DECODE)
+    pte = built.pte("qwen3.5-tiny", "mlx-4w")
+    got = decoding.generate(mlx_runtime.load(pte), prompt, QWEN35_DECODE, stop_at_eos=False)["tokens"]
+    assert got == want
+    assert mlx_nodes(pte)["ScanNode"] == 3  # one per gated delta layer
+
+
+def test_qwen35_refuses_backends_that_cannot_lower_it(tmp_path):
+    manifest = yaml.safe_load((REPO / "manifests" / "qwen3.5-tiny.yaml").read_text())
+    manifest["targets"] = [{"name": "coreml-fp16", "backend": "coreml", "quantization": "none"}]
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(path)], capture_output=True, text=True)
+    assert p.returncode != 0
+    line = p.stderr.strip().splitlines()[-1]
+    assert f"{path}:" in line and "targets[0].backend" in line and "cannot be built for 'coreml'" in line
 
 
 # --------------------------------------------------------------------------- shipped manifests

@@ -171,3 +171,18 @@ class DecoderCache(torch.nn.Module):
         torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
         out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, None, 0.0, True, 1.0)
         return out.transpose(1, 2)
+
+
+def gated_delta_rule(q, k, v, decay, beta, state):
+    """A gated delta net's recurrence (``mlxbuild.families.gated_delta``) as ExecuTorch's CPU
+    kernel ``llama::gated_delta_rule``: q/k/v ``[B, T, H, D]`` in, ``[B, T, H, Dv]`` out;
+    the kernel returns the new ``[B, H, Dk, Dv]`` state, written back into ``state``. Traced,
+    so it loads nothing: ``attention_implementation()`` has loaded the ops."""
+    heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v, decay, beta)]
+    out, final = torch.ops.llama.gated_delta_rule(*heads_first, state)
+    state.copy_(final)
+    return out.transpose(1, 2)
+
+
+def gated_delta_state(heads: int, k_dim: int, v_dim: int) -> tuple:
+    return (1, heads, k_dim, v_dim)

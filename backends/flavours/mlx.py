@@ -22,6 +22,9 @@ def attention_implementation() -> str | None:
     from executorch.backends.mlx.llm.hf_attention import register_mlx_attention
 
     register_mlx_attention("mlx")
+    # the gated delta recurrence's op and its lowering pattern (mlxbuild.families.gated_delta),
+    # which a saved program that uses it needs before it loads
+    import executorch.backends.mlx.custom_kernel_ops.gated_delta_rule  # noqa: F401
     return "mlx"
 
 
@@ -183,3 +186,16 @@ class DecoderCache(torch.nn.Module):
     def attend(self, q, k, v, start, positions):
         keys, values = self.cache.update(start, k, v)
         return torch.ops.mlx.custom_sdpa(q, keys, values, start_pos=start, is_causal=True, scale=1.0)
+
+
+def gated_delta_rule(q, k, v, decay, beta, state):
+    """A gated delta net's recurrence (``mlxbuild.families.gated_delta``) as the MLX
+    delegate's ``mlx::gated_delta_rule`` over a ``[B, H, Dv, Dk]`` state it mutates.
+    Lowered as a Scan (``use_custom_kernel=False``), not the fused Metal kernel: a Scan of
+    mlx ops is what our runtime can run off Apple GPUs to verify the artifact. Traced, so
+    it registers nothing: ``attention_implementation()`` has registered the op."""
+    return torch.ops.mlx.gated_delta_rule(q, k, v, decay, beta, state, use_custom_kernel=False)
+
+
+def gated_delta_state(heads: int, k_dim: int, v_dim: int) -> tuple:
+    return (1, heads, v_dim, k_dim)

@@ -11,6 +11,9 @@ NAME = "plain"
 
 
 def attention_implementation() -> str | None:
+    # ExecuTorch's CPU LLM ops (llama::gated_delta_rule, for gated delta nets), which a saved
+    # program that uses them needs before it loads
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     return None
 
 
@@ -61,3 +64,8 @@ class DecoderCache(torch.nn.Module):
         slots = torch.arange(self.k.shape[2], device=q.device)
         mask = slots.view(1, -1) <= positions.view(-1, 1)  # [T, L]: causal over the cache
         return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, scale=1.0)
+
+
+# A gated delta net's recurrence has no plain ATen form a dynamic-length export can trace
+# (a loop over the tokens); portable programs run ExecuTorch's CPU kernel for it.
+from backends.flavours.et_llm_ops import gated_delta_rule, gated_delta_state  # noqa: E402,F401

@@ -35,6 +35,8 @@ class Architecture:
     task: str
     auto_class: str = "AutoModelForCausalLM"
     flavours: tuple[str, ...] | None = None  # export flavours it builds with (None: all)
+    # backend -> why this family cannot be built for it (a manifest naming one is refused)
+    refused: tuple[tuple[str, str], ...] = ()
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
@@ -42,6 +44,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("llama", "llama", "text-generation"),
     Architecture("gemma3", "gemma3_text", "text-generation"),
     Architecture("qwen3_moe", "qwen3_moe", "text-generation"),
+    # Qwen3.5's text decoder: gated delta net layers with a recurrent state (gated_delta.py)
+    Architecture("qwen3_5", "qwen3_5_text", "text-generation", refused=(
+        ("coreml", "ExecuTorch 1.5.1's Core ML lowering fails on the recurrence's dynamic-length "
+                   "state update (a SymInt placeholder: 'Placeholder val must be a tensor')"),
+        ("vulkan", "ExecuTorch 1.5.1's Vulkan partitioner drops the recurrent states from the "
+                   "program's buffers (SpecViolationError: buffer output does not point to a buffer)"),
+        ("cuda", "ExecuTorch's CUDA backend has no kernel for the gated delta recurrence "
+                 "(llama::gated_delta_rule is a CPU kernel)"))),
     Architecture("whisper", "whisper", "speech-to-text", "AutoModelForSpeechSeq2Seq"),
     Architecture("parakeet", "parakeet_tdt", "speech-to-text", "AutoModelForTDT", flavours=("mlx",)),
 )}
@@ -90,6 +100,12 @@ def auto_class_name(model_type: str | None) -> str:
 def flavours_of_model_type(model_type: str | None) -> tuple[str, ...] | None:
     arch = _BY_MODEL_TYPE.get(model_type or "")
     return arch.flavours if arch else None
+
+
+def refusal(architecture: str, backend: str) -> str | None:
+    """Why ``architecture`` cannot be built for ``backend`` (None: it can)."""
+    arch = ARCHITECTURES.get(architecture)
+    return dict(arch.refused).get(backend) if arch else None
 
 
 def model_types_of(family: str) -> tuple[str, ...]:

@@ -83,6 +83,18 @@ def is_hf(model) -> bool:
 
 
 def make_exportable(model, max_context_length: int):
+    """The eager model as the artifact is called, ``(input_ids, cache_position) -> logits``:
+    an HF causal LM behind a static cache (a hybrid one behind transformers' own cache:
+    ``gated_delta.EagerHybrid``); a user's own module as it is."""
+    if is_hf(model):
+        from mlxbuild.families import gated_delta
+
+        if gated_delta.is_hybrid(model):
+            return gated_delta.EagerHybrid(model)
+    return static_exportable(model, max_context_length)
+
+
+def static_exportable(model, max_context_length: int):
     """Wrap an HF causal LM with a static cache; a user's own module is used as-is."""
     if not is_hf(model):
         return model

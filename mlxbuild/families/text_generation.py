@@ -37,18 +37,25 @@ def runner_prompt_length(max_context_length: int) -> int:
 
 def export(model, params: dict, flavour):
     """``forward`` over the flavour's static KV cache, traced with a dynamic length."""
+    import contextlib
+
     import torch
 
     from mlxbuild import progress
-    from mlxbuild.families import hf
+    from mlxbuild.families import gated_delta, hf
     from mlxbuild.families.moe import ExpertLinears
 
-    exportable = hf.make_exportable(model, params["max_context_length"])
-    if hf.is_hf(model):
-        hf.check_prefill_chunk(model.config, params["max_prefill_chunk"], params["max_context_length"])
-        flavour.install_cache(exportable, model.config, params["max_context_length"],
-                              params["max_prefill_chunk"], hf.DTYPES[params["dtype"]],
-                              sliding=frozenset(hf.sliding_layers(model.config)), experts=ExpertLinears)
+    hybrid = hf.is_hf(model) and gated_delta.is_hybrid(model)
+    with gated_delta.kv_layers_everywhere(model) if hybrid else contextlib.nullcontext():
+        exportable = hf.static_exportable(model, params["max_context_length"])
+        if hf.is_hf(model):
+            hf.check_prefill_chunk(model.config, params["max_prefill_chunk"], params["max_context_length"])
+            flavour.install_cache(exportable, model.config, params["max_context_length"],
+                                  params["max_prefill_chunk"], hf.DTYPES[params["dtype"]],
+                                  sliding=frozenset(hf.sliding_layers(model.config)), experts=ExpertLinears)
+    if hybrid:
+        gated_delta.install(exportable, model, flavour.gated_delta_rule, flavour.gated_delta_state,
+                            hf.DTYPES[params["dtype"]])
     exportable.eval()
     kwargs, dynamic = hf.example_inputs(params["max_prefill_chunk"])
     progress.note("torch.export")

@@ -850,6 +850,11 @@ class Manifest(_Model):
             caps = capabilities.get(t.backend)
             if not caps.supported:
                 raise _Issue((*at, "backend"), capabilities.unsupported_message(t.backend))
+            synthetic = self.model.source.synthetic
+            why = synthetic and families.refusal(synthetic.architecture, t.backend)
+            if why:
+                raise _Issue((*at, "backend"), f"architecture {synthetic.architecture!r} cannot be built "
+                                               f"for {t.backend!r}: {why}")
             try:
                 caps.options.model_validate(t.options)
             except ValidationError as e:
