@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlxbuild import evaluation, families, progress, quality
 from mlxbuild.families.hf import load_model, text_config
+from mlxbuild.families.streaming import trim
 from mlxbuild.steps import BaselineParams, BaselineResult
 
 
@@ -22,6 +23,7 @@ def run(params: BaselineParams, cache, out: Path) -> BaselineResult:
     spec = params.evaluation
     tok_dir = cache.read("tokenizer", params.tokenizer) if params.tokenizer else None
     model = load_model(cache.read("weights", params.weights), params.dtype)
+    trim()  # what loading freed goes back before the scoring (its peak is the build's, at 0.6B)
     tokens, text = evaluation.tokens(spec, tok_dir, text_config(model).get("vocab_size") or 2)
     progress.note(f"scoring {tokens.shape[0]} x {tokens.shape[1]} tokens")
     forward = kind.eager_forward(model, params.plain())
@@ -50,3 +52,4 @@ class _Sequences:
     def __iter__(self):
         for i in range(len(self)):
             yield self.kind.score(self.forward, self.tokens[i:i + 1], self.chunk)[0]
+            trim()
