@@ -47,6 +47,14 @@ def flavour(name: str) -> ModuleType:
     return importlib.import_module(f"backends.flavours.{MODULES[name]}")
 
 
+def flavour_of(backend_name: str, options: dict | None = None) -> str:
+    """The export flavour a target lowers from: its backend's ``FLAVOUR``, or the one its
+    options pick (``flavour_for(options)``: an MLX target's TurboQuant cache)."""
+    module = backend(backend_name)
+    pick = getattr(module, "flavour_for", None)
+    return pick(options or {}) if pick else module.FLAVOUR
+
+
 def flavour_module_name(name: str) -> str:
     from backends.flavours import MODULES
 

@@ -13,6 +13,11 @@ FLAVOUR = "mlx"
 VERIFY = "runtime"
 
 
+def flavour_for(options: dict) -> str:
+    """``kv_cache: turboquant`` exports with ExecuTorch's TurboQuant cache (``mlx-tq4``)."""
+    return "mlx-tq4" if options.get("kv_cache") == "turboquant" else FLAVOUR
+
+
 # ExecuTorch's Linux runtime has no MLXBackend: programs run through our MLX runtime.
 RUNTIME = "mlx_runtime"
 

@@ -336,6 +336,16 @@ class MLXGraphRunner:
             self.constants[tid] = const.astype(mx.float32) if self.promote and const.dtype in _HALF else const
         mx.eval(self.constants)
 
+    def state_bytes(self) -> int:
+        """The bytes the mutable buffers (the KV cache, recurrent states) take at the dtypes
+        the program declares (this runtime may hold half precision as fp32)."""
+        total = 0
+        for s in self.graph.mutableBufferMap or []:
+            tid = int(s.idx)
+            n = int(np.prod(self._static_shape(tid), dtype=np.int64))
+            total += n * np.dtype(np_dtype(int(self._meta(tid).scalarType))).itemsize
+        return total
+
     def reset_state(self) -> None:
         """Mutable buffers (the KV cache) back to zeros, as at load."""
         self.mutable = {}

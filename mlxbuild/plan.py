@@ -177,7 +177,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                     "tokenizer": calib_tok.key if calib_tok else None},
             label=f"{manifest.name} {scheme_name}" + (f" ({tdtype})" if other else "")))
 
-        flavour = backend.FLAVOUR
+        flavour = backends.flavour_of(target.backend, target.options)
         # The export runs the flavour's module, not the target's backend: backends that share
         # a flavour (vulkan and xnnpack, coreml and portable) share one export.
         export_key = stable_hash("export", quant.key, flavour, export_spec,
@@ -215,10 +215,10 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
         lower = plan.add(Step(
             kind=StepKind.LOWER, name=f"lower:{tname}",
             key=stable_hash("lower", export.key, lower_params,
-                            _versions("executorch", code=step_code("lower", task=task, backend=target.backend))),
+                            _versions("executorch", code=step_code("lower", task=task, flavour=flavour, backend=target.backend))),
             deps=[export.name], params=lower_params, label=tname))
 
-        tol = tolerance(tdtype, scheme)
+        tol = tolerance(tdtype, scheme, (target.options or {}).get("kv_cache", "static"))
         # Where ExecuTorch's own LLM runner runs the artifact here, verification drives it too.
         runner = "tokenizer" in verify_spec and getattr(backend, "LLM_RUNNER", False)
         verify = plan.add(Step(
@@ -285,7 +285,7 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
                      **({"preprocessor": code_hash(*step_code("preprocessor"))} if preprocessor else {}),
                      "export": code_hash(*step_code("export", task=task, flavour=flavour)),
                      "reference": code_hash(*step_code("reference", task=task)),
-                     "lower": code_hash(*step_code("lower", task=task, backend=target.backend)),
+                     "lower": code_hash(*step_code("lower", task=task, flavour=flavour, backend=target.backend)),
                      "verify": code_hash(*step_code("verify", task=task, backend=target.backend)),
                      **({"baseline": code_hash(*step_code("baseline", task=task)),
                          "quality": code_hash(*step_code("quality", task=task, backend=target.backend))}

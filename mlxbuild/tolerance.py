@@ -9,12 +9,21 @@ allowed error: a near-tie may fall either way without anything being wrong.
 from __future__ import annotations
 
 
-def tolerance(dtype: str, scheme: dict) -> dict:
+# An MLX target's TurboQuant KV cache (``kv_cache: turboquant``) stores keys and values as
+# 4-bit codebook indices: the reference keeps them exact, so the logits move by the cache's
+# own quantization error (0.096 of the largest logit on a 2-layer head_dim-64 model, 0.03 to
+# 0.1 in benchmarks/results/turboquant-*.json). That the runtime computes ExecuTorch's
+# TurboQuant kernels exactly is tested apart (tests/test_turboquant.py).
+TURBOQUANT_REL = 0.3
+
+
+def tolerance(dtype: str, scheme: dict, kv_cache: str = "static") -> dict:
     """The allowed error for a scheme: the loosest that any of its rules needs.
 
     A mixed scheme (per-layer ``rules``) is judged by its least precise rule: one
     quantized layer makes the logits those of a quantized model, and one layer with
-    dynamic activations brings the int8 kernels' rounding differences.
+    dynamic activations brings the int8 kernels' rounding differences. A compressed KV
+    cache adds its own error (``TURBOQUANT_REL``).
     """
     rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
     active = [r for r in rules if r and r.get("format", "affine") != "none"]
@@ -26,4 +35,6 @@ def tolerance(dtype: str, scheme: dict) -> dict:
         # XNNPACK's int8 kernels round activations per token like torchao's eager
         # path, but accumulate in a different order.
         rel = max(rel, 5e-2)
+    if kv_cache == "turboquant":
+        rel = max(rel, TURBOQUANT_REL)
     return {"max_rel_error": rel, "min_top1_agreement": 1.0}

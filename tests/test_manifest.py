@@ -425,8 +425,7 @@ BAD = [
      "27:5: targets[1].backend: dtype 'bf16' is not supported by xnnpack (supported: fp32, "
      "fp16)"),
     ("unknown-option", sub("options: {}", "options: {fast: true}"),
-     "25:15: targets[0].options.fast: unknown option 'fast' for backend 'mlx'; allowed: none "
-     "(it takes no options)"),
+     "25:15: targets[0].options.fast: unknown option 'fast' for backend 'mlx'; allowed: kv_cache"),
     ("unknown-target-field", sub("    options: {}\n", "    option: {}\n"),
      "25:5: targets[0].option: unknown field 'option'; allowed: name, backend, quantization, "
      "options, dtype, etrecord, quality"),

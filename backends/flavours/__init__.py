@@ -14,4 +14,4 @@ reads their names.
 from __future__ import annotations
 
 # flavour name -> module under backends.flavours
-MODULES = {"mlx": "mlx", "et-llm-ops": "et_llm_ops", "plain": "plain"}
+MODULES = {"mlx": "mlx", "mlx-tq4": "mlx_turboquant", "et-llm-ops": "et_llm_ops", "plain": "plain"}

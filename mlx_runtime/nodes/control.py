@@ -8,6 +8,7 @@ import weakref
 
 import mlx.core as mx
 
+from .. import kernels
 from ..registry import NodeUnsupported, handles
 from .shape import attr, ints, lits, text
 
@@ -92,16 +93,6 @@ ALLOW_KERNELS_ENV = "MLXBUILD_ALLOW_METAL_KERNELS"
 @handles("MetalKernelNode")
 def metal_kernel(frame, node):
     name = text(node.name)
-    if not mx.metal.is_available():
-        raise NodeUnsupported(
-            f"MetalKernelNode {name!r}: a custom Metal kernel needs an Apple GPU; "
-            "this host has no Metal device (MLX runs on the CPU here)")
-    if os.environ.get(ALLOW_KERNELS_ENV) != "1":
-        # ExecuTorch's runtime gates this behind a build flag: the .pte would run
-        # arbitrary GPU code.
-        raise NodeUnsupported(
-            f"MetalKernelNode {name!r}: custom kernel execution is disabled "
-            f"(set {ALLOW_KERNELS_ENV}=1 to let this .pte run its own GPU code)")
     lengths = lits(attr(node, "output_shape_lengths"))
     flat = ints(frame, attr(node, "output_shapes_flat"))
     if len(lengths) != len(node.outputs) or sum(lengths) != len(flat):
@@ -110,14 +101,32 @@ def metal_kernel(frame, node):
     for n in lengths:
         shapes.append(flat[at:at + n])
         at += n
-    grid, group = ints(frame, node.grid), ints(frame, node.threadgroup)
-    if len(grid) != 3 or len(group) != 3:
-        raise ValueError(f"MetalKernelNode {name!r}: grid and threadgroup need 3 entries")
     names = [text(s) for s in attr(node, "template_arg_names") or ()]
     kinds, values = lits(attr(node, "template_arg_kinds")), lits(attr(node, "template_arg_values"))
     template = []
     for arg, kind, value in zip(names, kinds, values):
         template.append((arg, value if kind == 0 else bool(value) if kind == 1 else frame.dtype(value)))
+    dtypes = [frame.dtype(d) for d in lits(attr(node, "output_dtypes"))]
+    computed = None if mx.metal.is_available() else kernels.known(name, text(node.source), text(node.header))
+    if computed is not None:  # one of ExecuTorch's own kernels, as mlx ops (mlx_runtime.kernels)
+        results = computed([frame.t(t) for t in node.inputs], dict(template), shapes, dtypes)
+        for tid, arr in zip(node.outputs, results):
+            frame.set_t(tid, arr)
+        return
+    if not mx.metal.is_available():
+        raise NodeUnsupported(
+            f"MetalKernelNode {name!r}: a custom Metal kernel needs an Apple GPU; "
+            "this host has no Metal device (MLX runs on the CPU here), and it is not one of "
+            "ExecuTorch's kernels this runtime computes without one (mlx_runtime.kernels)")
+    if os.environ.get(ALLOW_KERNELS_ENV) != "1":
+        # ExecuTorch's runtime gates this behind a build flag: the .pte would run
+        # arbitrary GPU code.
+        raise NodeUnsupported(
+            f"MetalKernelNode {name!r}: custom kernel execution is disabled "
+            f"(set {ALLOW_KERNELS_ENV}=1 to let this .pte run its own GPU code)")
+    grid, group = ints(frame, node.grid), ints(frame, node.threadgroup)
+    if len(grid) != 3 or len(group) != 3:
+        raise ValueError(f"MetalKernelNode {name!r}: grid and threadgroup need 3 entries")
     kernel = mx.fast.metal_kernel(
         name=name, input_names=[text(s) for s in attr(node, "input_names") or ()],
         output_names=[text(s) for s in attr(node, "output_names") or ()], source=text(node.source),
@@ -125,7 +134,7 @@ def metal_kernel(frame, node):
         atomic_outputs=bool(attr(node, "atomic_outputs")))
     results = kernel(
         inputs=[frame.t(t) for t in node.inputs], output_shapes=shapes,
-        output_dtypes=[frame.dtype(d) for d in lits(attr(node, "output_dtypes"))], grid=tuple(grid),
+        output_dtypes=dtypes, grid=tuple(grid),
         threadgroup=tuple(group), template=template or None, init_value=attr(node, "init_value"))
     for tid, arr in zip(node.outputs, results):
         frame.set_t(tid, arr)

@@ -856,7 +856,7 @@ class Manifest(_Model):
                 raise _Issue((*at, "backend"), f"architecture {synthetic.architecture!r} cannot be built "
                                                f"for {t.backend!r}: {why}")
             try:
-                caps.options.model_validate(t.options)
+                options = caps.options.model_validate(t.options)
             except ValidationError as e:
                 err = e.errors()[0]
                 loc = tuple(err["loc"])
@@ -873,6 +873,9 @@ class Manifest(_Model):
                 )
             scheme = self.quantization.get(t.quantization)
             dtype = self.dtype_for(t)
+            problem = options.dtype_problem(dtype)
+            if problem:
+                raise _Issue((*at, "options", problem[0]), problem[1])
             for fld, msg in capabilities.check(t.backend, scheme, dtype):
                 if fld == "dtype" and t.dtype is not None:
                     raise _Issue((*at, "dtype"), msg)

@@ -54,7 +54,7 @@ def run(params: LowerParams, cache, out: Path) -> LowerResult:
     backend = backends.backend(params.backend)
     entry = cache.read("export", params.export)
     progress.note("loading saved program")
-    programs, info = export.load_programs(entry, backend.FLAVOUR)
+    programs, info = export.load_programs(entry, backends.flavour_of(params.backend, params.options))
     methods = constant_methods(params, info)
     progress.note(f"lowering {', '.join(programs)} to {backend.NAME} and serializing")
     edge, prog = backend.lower(programs, params.options or {}, methods, etrecord=params.etrecord)
