@@ -81,16 +81,22 @@ def main() -> int:
     tokens = np.random.default_rng(0).integers(0, config["vocab_size"], (1, args.prompt + args.decode))
     runs = {}
     for target in ("mlx-4w", "mlx-4w-tq4"):
-        pte = lowered[target] / "model.pte"
+        published = work / "artifacts" / manifest["name"] / manifest["version"] / f"{manifest['name']}-{target}.pte"
+        pte = published if published.is_file() else lowered[target] / "model.pte"
         program = mlx_runtime.load(pte)
         state = sum(d.state_bytes() for d in program.method("forward").delegates)
         logits = text_generation.run_pte(program, tokens, args.prompt)
-        record = json.loads(verified[target].read_text()) if verified[target].is_file() else \
-            {"failed": [line for line in log if line.startswith("FAIL") and target in line]}
+        if published.is_file():  # verified: its record has the figures (and the quality's)
+            full = json.loads(published.with_suffix(".json").read_text())
+            record = {**full["verification"], "quality": {k: (full.get("quality") or {}).get(k)
+                                                          for k in ("kld_mean", "top1", "ppl_increase")}}
+        else:
+            record = json.loads(verified[target].read_text()) if verified[target].is_file() else \
+                {"failed": [line for line in log if line.startswith("FAIL") and target in line]}
         runs[target] = {"state_bytes": int(state), "pte_bytes": pte.stat().st_size, "logits": logits,
                         "verification": {k: record.get(k) for k in
                                          ("passed", "max_rel_error", "top1_agreement", "top1_agreement_decisive",
-                                          "tolerance", "failed") if k in record}}
+                                          "tolerance", "failed", "quality") if k in record}}
     plain, tq = runs["mlx-4w"]["logits"], runs["mlx-4w-tq4"]["logits"]
     scale = float(np.abs(plain).max())
     result = {

@@ -11,6 +11,9 @@ failing with the node named (``nodes/control.py``), never run as something else.
   (``executorch.backends.mlx.custom_kernel_ops``): per-vector L2 norm (accumulated in
   fp32), bucketize against 15 boundaries and nibble-pack (high nibble the even element),
   and unpack + codebook lookup times the vector's norm.
+- ``gated_delta_step``: the fused gated delta recurrence of ``mlx::gated_delta_rule``
+  (``custom_kernel_ops/gated_delta_rule.py``, from mlx-lm), which the ``mlx`` flavour uses
+  for gated delta net layers (``mlxbuild.families.gated_delta``).
 """
 
 from __future__ import annotations
@@ -48,11 +51,32 @@ def _tq_dequant(inputs, template, shapes, dtypes):
     return [out.astype(dtypes[0]).reshape(shapes[0])]
 
 
+def _gated_delta_step(inputs, template, shapes, dtypes):
+    # q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv]; state [B, Hv, Dv, Dk]. Each
+    # v head reads k head hv // (Hv / Hk); the state is carried in fp32, each step's output
+    # and the final state cast to the declared dtype.
+    q, k, v, g, beta, state = inputs[:6]
+    hk, hv = int(template["Hk"]), int(template["Hv"])
+    if hv != hk:
+        q, k = mx.repeat(q, hv // hk, axis=2), mx.repeat(k, hv // hk, axis=2)
+    s = state.astype(mx.float32)
+    ys = []
+    for t in range(q.shape[1]):
+        s = s * g[:, t, :, None, None]
+        remembered = mx.sum(s * k[:, t, :, None, :], axis=-1)
+        delta = (v[:, t] - remembered) * beta[:, t, :, None]
+        s = s + k[:, t, :, None, :] * delta[..., None]
+        ys.append(mx.sum(s * q[:, t, :, None, :], axis=-1).astype(dtypes[0]))
+    y = mx.stack(ys, axis=1) if ys else mx.zeros(shapes[0], dtype=dtypes[0])
+    return [y.reshape(shapes[0]), s.astype(dtypes[1]).reshape(shapes[1])]
+
+
 # (name, digest(source, header)) -> computation(inputs, template, output shapes, output dtypes)
 KNOWN = {
     ("tq_norm", "30299e83d5b02bfc0a2afb7fb0c3e88c92c0d044d2c2fe369d6eca7fb8da3161"): _tq_norm,
     ("tq4_compress", "263b92bf71bd80b84dda6e608ee0127ca2f48315ae4c8a20097e69e409f3ceaf"): _tq4_compress,
     ("tq_dequant", "574a760608045d8f6dd116af694fd663b01dfc6295e4fec017c714887532ce2c"): _tq_dequant,
+    ("gated_delta_step", "1d4bc39618726f3e567f8c8406d5d924dd14034d571f3ce501528a032a9bedac"): _gated_delta_step,
 }
 
 

@@ -366,8 +366,9 @@ def test_qwen35_xnnpack_matches_transformers_over_32_decode_steps(built):
 
 
 def test_qwen35_mlx_greedy_tokens_match_transformers(built):
-    """32 greedy tokens through the MLX artifact (the recurrence as a Scan, run by our
-    runtime) equal transformers' generate on the same 4-bit model with its own cache."""
+    """32 greedy tokens through the MLX artifact (the recurrence as ExecuTorch's fused Metal
+    kernel, which our runtime computes with mlx ops here) equal transformers' generate on the
+    same 4-bit model with its own cache."""
     import mlx_runtime
     from mlxbuild.families import decoding
 
@@ -377,7 +378,7 @@ def test_qwen35_mlx_greedy_tokens_match_transformers(built):
     pte = built.pte("qwen3.5-tiny", "mlx-4w")
     got = decoding.generate(mlx_runtime.load(pte), prompt, QWEN35_DECODE, stop_at_eos=False)["tokens"]
     assert got == want
-    assert mlx_nodes(pte)["ScanNode"] == 3  # one per gated delta layer
+    assert mlx_nodes(pte)["MetalKernelNode"] == 3  # one gated_delta_step per gated delta layer
 
 
 def test_qwen35_refuses_backends_that_cannot_lower_it(tmp_path):

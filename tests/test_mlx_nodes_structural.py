@@ -699,15 +699,32 @@ def test_scan_via_gated_delta_rule(lowered):
         check(program.forward(*args), eager(*args), rtol=1e-4, atol=1e-5)
 
 
-def test_metal_kernel_refused_without_metal(lowered):
+def test_executorchs_gated_delta_kernel_runs_without_metal(lowered):
+    """ExecuTorch's fused gated delta Metal kernel, recognised by its source and computed with
+    mlx ops off Apple GPUs (mlx_runtime.kernels), against the op's eager recurrence."""
+    import executorch.backends.mlx.custom_kernel_ops.gated_delta_rule  # noqa: F401
+
+    gen = torch.Generator().manual_seed(0)
+    path, nodes = lowered("delta_metal", lambda: (DeltaRule(True), _delta_inputs(3, gen), None))
+    has_nodes(nodes, "MetalKernelNode")
+    program, eager = run(path), DeltaRule(False)
+    for _ in range(2):  # the recurrent state carries over to the second call
+        args = _delta_inputs(3, gen)
+        check(program.forward(*args), eager(*args), rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_metal_kernel_is_refused_without_metal(lowered, monkeypatch):
     import mlx.core as mx
 
     import executorch.backends.mlx.custom_kernel_ops.gated_delta_rule  # noqa: F401
 
+    from mlx_runtime import kernels
     from mlx_runtime.registry import NodeUnsupported
 
     if mx.metal.is_available():
         pytest.skip("this host has Metal")
+    # the same kernel with another source (here: no longer listed) is not run as this one
+    monkeypatch.setattr(kernels, "KNOWN", {k: v for k, v in kernels.KNOWN.items() if k[0] != "gated_delta_step"})
     gen = torch.Generator().manual_seed(0)
     path, nodes = lowered("delta_metal", lambda: (DeltaRule(True), _delta_inputs(3, gen), None))
     has_nodes(nodes, "MetalKernelNode")

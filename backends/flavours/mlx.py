@@ -190,11 +190,12 @@ class DecoderCache(torch.nn.Module):
 
 def gated_delta_rule(q, k, v, decay, beta, state):
     """A gated delta net's recurrence (``mlxbuild.families.gated_delta``) as the MLX
-    delegate's ``mlx::gated_delta_rule`` over a ``[B, H, Dv, Dk]`` state it mutates.
-    Lowered as a Scan (``use_custom_kernel=False``), not the fused Metal kernel: a Scan of
-    mlx ops is what our runtime can run off Apple GPUs to verify the artifact. Traced, so
-    it registers nothing: ``attention_implementation()`` has registered the op."""
-    return torch.ops.mlx.gated_delta_rule(q, k, v, decay, beta, state, use_custom_kernel=False)
+    delegate's ``mlx::gated_delta_rule`` over a ``[B, H, Dv, Dk]`` state it mutates, lowered
+    as ExecuTorch's fused Metal kernel (``gated_delta_step``: one kernel per call, which our
+    runtime computes with mlx ops off Apple GPUs, ``mlx_runtime.kernels``); where the key
+    head size is not a multiple of the kernel's 32-wide SIMD groups, as a Scan of mlx ops.
+    Traced, so it registers nothing: ``attention_implementation()`` has registered the op."""
+    return torch.ops.mlx.gated_delta_rule(q, k, v, decay, beta, state, use_custom_kernel=q.shape[-1] % 32 == 0)
 
 
 def gated_delta_state(heads: int, k_dim: int, v_dim: int) -> tuple:
