@@ -7,7 +7,8 @@ they become mutable buffers of the layer, updated in place, so a runner's decode
 carry them as it carries a KV cache; a call at position 0 zeroes them (the next
 conversation), as ExecuTorch's own Qwen3.5 export does. The recurrence itself is the
 export flavour's op (``gated_delta_rule`` of ``backends.flavours``): the MLX delegate's
-``mlx::gated_delta_rule`` (a Scan) or ExecuTorch's CPU kernel ``llama::gated_delta_rule``.
+``mlx::gated_delta_rule`` (ExecuTorch's fused Metal kernel) or ExecuTorch's CPU kernel
+``llama::gated_delta_rule``.
 The full-attention layers keep the flavour's static KV cache.
 
 The eager reference is transformers' own model and cache (``EagerHybrid``): its chunked
