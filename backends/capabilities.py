@@ -56,7 +56,7 @@ class MlxOptions(BackendOptions):
 
     kv_cache: Literal["static", "turboquant"] = Field(
         "static", description="turboquant: ExecuTorch's TurboQuant KV cache on the full-attention layers "
-        "(keys and values rotated, 4-bit codebook indices plus a norm per vector: 0.27x the bytes of a "
+        "(keys and values rotated, 4-bit codebook indices plus a norm per vector: 0.26x the bytes of a "
         "bf16 cache at head_dim 128); bf16 models, head_dim a multiple of 64")
 
 

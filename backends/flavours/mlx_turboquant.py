@@ -3,7 +3,7 @@ cache (``executorch.backends.mlx.llm.turboquant_cache``) on every full-attention
 
 Keys and values are stored rotated (a fixed random orthogonal matrix), as 4-bit indices
 into a 16-entry Lloyd-Max codebook, nibble-packed, plus one bf16 norm per vector: a
-head_dim-128 cache takes 0.27x the bytes of a bf16 one. Attention runs in the rotated
+head_dim-128 cache takes 0.26x the bytes of a bf16 one. Attention runs in the rotated
 space (the query rotated in, the output rotated back). The compression and dequantization
 are ExecuTorch's custom Metal kernels (``tq_norm``, ``tq4_compress``, ``tq_dequant``),
 which our runtime recognises and computes with mlx ops off Apple GPUs
