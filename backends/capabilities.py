@@ -48,16 +48,16 @@ class BackendOptions(BaseModel):
 class MlxOptions(BackendOptions):
     """Options for the MLX delegate."""
 
+    kv_cache: Literal["static", "turboquant"] = Field(
+        "static", description="turboquant: ExecuTorch's TurboQuant KV cache on the full-attention layers "
+        "(keys and values rotated, 4-bit codebook indices plus a norm per vector: 0.26x the bytes of a "
+        "bf16 cache at head_dim 128); bf16 models, head_dim a multiple of 64")
+
     def dtype_problem(self, dtype: str) -> tuple[str, str] | None:
         if self.kv_cache == "turboquant" and dtype != "bf16":
             return "kv_cache", (f"turboquant needs a bf16 model (ExecuTorch's TurboQuant cache keeps its "
                                 f"rotation, boundaries and norms in bf16); this target is {dtype}")
         return None
-
-    kv_cache: Literal["static", "turboquant"] = Field(
-        "static", description="turboquant: ExecuTorch's TurboQuant KV cache on the full-attention layers "
-        "(keys and values rotated, 4-bit codebook indices plus a norm per vector: 0.26x the bytes of a "
-        "bf16 cache at head_dim 128); bf16 models, head_dim a multiple of 64")
 
 
 EXTERNAL_WEIGHTS = ("write the weights to a .ptd beside the .pte (ExecuTorch's external constants: "

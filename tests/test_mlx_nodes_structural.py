@@ -687,26 +687,18 @@ def _delta_inputs(t, gen):
             torch.rand(1, t, 2, generator=gen))
 
 
-def test_scan_via_gated_delta_rule(lowered):
+@pytest.mark.parametrize("custom_kernel,node", [(False, "ScanNode"), (True, "MetalKernelNode")],
+                         ids=["scan", "metal-kernel"])
+def test_gated_delta_rule(lowered, custom_kernel, node):
+    """As a Scan of mlx ops, or as ExecuTorch's fused Metal kernel (recognised by its source
+    and computed with mlx ops off Apple GPUs, mlx_runtime.kernels), against the op's eager
+    recurrence."""
     import executorch.backends.mlx.custom_kernel_ops.gated_delta_rule  # noqa: F401
 
     gen = torch.Generator().manual_seed(0)
-    path, nodes = lowered("delta_scan", lambda: (DeltaRule(False), _delta_inputs(3, gen), None))
-    has_nodes(nodes, "ScanNode")
-    program, eager = run(path), DeltaRule(False)
-    for _ in range(2):  # the recurrent state carries over to the second call
-        args = _delta_inputs(3, gen)
-        check(program.forward(*args), eager(*args), rtol=1e-4, atol=1e-5)
-
-
-def test_executorchs_gated_delta_kernel_runs_without_metal(lowered):
-    """ExecuTorch's fused gated delta Metal kernel, recognised by its source and computed with
-    mlx ops off Apple GPUs (mlx_runtime.kernels), against the op's eager recurrence."""
-    import executorch.backends.mlx.custom_kernel_ops.gated_delta_rule  # noqa: F401
-
-    gen = torch.Generator().manual_seed(0)
-    path, nodes = lowered("delta_metal", lambda: (DeltaRule(True), _delta_inputs(3, gen), None))
-    has_nodes(nodes, "MetalKernelNode")
+    key = "delta_metal" if custom_kernel else "delta_scan"
+    path, nodes = lowered(key, lambda: (DeltaRule(custom_kernel), _delta_inputs(3, gen), None))
+    has_nodes(nodes, node)
     program, eager = run(path), DeltaRule(False)
     for _ in range(2):  # the recurrent state carries over to the second call
         args = _delta_inputs(3, gen)

@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# A gated delta net's recurrence has no plain ATen form a dynamic-length export can trace
+# (a loop over the tokens): portable programs run ExecuTorch's CPU kernel for it, as the
+# et-llm-ops flavour's programs do.
+from backends.flavours.et_llm_ops import gated_delta_rule, gated_delta_state  # noqa: F401
+
 NAME = "plain"
 
 
@@ -64,8 +69,3 @@ class DecoderCache(torch.nn.Module):
         slots = torch.arange(self.k.shape[2], device=q.device)
         mask = slots.view(1, -1) <= positions.view(-1, 1)  # [T, L]: causal over the cache
         return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, scale=1.0)
-
-
-# A gated delta net's recurrence has no plain ATen form a dynamic-length export can trace
-# (a loop over the tokens); portable programs run ExecuTorch's CPU kernel for it.
-from backends.flavours.et_llm_ops import gated_delta_rule, gated_delta_state  # noqa: E402,F401
