@@ -34,7 +34,7 @@ KEEP_OUT = ("aten.index_put.default", "aten.index_copy.default")
 
 # The export runs the flavour's own hooks (backends.flavour); plain is portable's.
 
-def partitioner(options: dict):
+def partitioner(options: dict, methods: int = 1):
     import coremltools as ct
     from executorch.backends.apple.coreml.compiler import CoreMLBackend
     from executorch.backends.apple.coreml.partition import CoreMLPartitioner
@@ -50,6 +50,16 @@ def partitioner(options: dict):
     specs = CoreMLBackend.generate_compile_specs(
         compute_unit=units, minimum_deployment_target=ct.target[opts.minimum_deployment_target],
         compute_precision=precision, model_type=model_type)
+    if methods > 1:
+        # ExecuTorch shares weights between methods partition by partition (POSITIONAL),
+        # which needs the same partitions in every method; a program's methods here are
+        # different networks (an encoder, an embedding, a decoder) with nothing to share.
+        from executorch.backends.apple.coreml.compiler.coreml_preprocess import (
+            MULTIMETHOD_WEIGHT_SHARING_STRATEGY,
+        )
+
+        specs.append(CoreMLBackend.generate_multimethod_weight_sharing_strategy_compile_spec(
+            MULTIMETHOD_WEIGHT_SHARING_STRATEGY.DISABLED))
     # ExecuTorch's open-source Core ML runtime does not handle state: leave the
     # KV-cache buffers to portable kernels (as ExecuTorch's LLM export does).
     return CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=False,
@@ -90,7 +100,7 @@ def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool 
 
     if CoremlOptions.model_validate(options).model_type == "compiled_model":
         _needs_macos()
-    return to_executorch(programs, [partitioner(options)], constant_methods,
+    return to_executorch(programs, [partitioner(options, len(programs))], constant_methods,
                          transform_passes=[size_per_user], cpu_kernels=True,
                          edit_edge=reproducible_payloads, etrecord=etrecord)
 

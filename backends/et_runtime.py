@@ -31,13 +31,20 @@ class EtProgram:
                              if p.name not in self.constant_methods]
         self._runtime = Runtime.get()
         data = [str(p) for p in data_files]
-        self._program = self._runtime.load_program(self.path, data_path=data[0] if data else None)
+        self._data_path = data[0] if data else None
         self._methods: dict = {}
 
     def method(self, name: str):
         if name not in self._methods:
-            self._methods[name] = self._program.load_method(name)
-        return self._methods[name]
+            # executorch.runtime's Program gives all its host-only methods one set of planned
+            # memory arenas (Program.load_method's docstring), and mutable buffers live there:
+            # two methods with state (a streaming encoder's convolution states and KV cache, a
+            # decoder's KV cache) would overwrite each other's. ExecuTorch's C++ Module, which
+            # apps run, plans each method's memory apart; so does this, with a Program per method.
+            # (A Program also caches its methods, state and all: a reset loads a new one.)
+            program = self._runtime.load_program(self.path, data_path=self._data_path)
+            self._methods[name] = (program, program.load_method(name))
+        return self._methods[name][1]
 
     def run(self, name: str, inputs: list) -> list:
         import torch

@@ -157,7 +157,14 @@ def _run(args) -> int:
             print(json.dumps(out, indent=1))
             return 0
         kind = families.of_program(program.method_names)
+        if args.stream and not hasattr(kind, "describe_partial"):
+            raise ValueError(f"--stream: {args.pte} is a {kind.NAME} program ({', '.join(program.method_names)}), "
+                             "which takes its input whole; a streaming-speech-to-text program streams")
+        if args.chunk_ms <= 0:
+            raise ValueError(f"--chunk-ms {args.chunk_ms}: must be a positive number of milliseconds")
         tokenizer = _tokenizer(args)
+        if args.stream and not args.json:
+            args.on_partial = lambda chunk: print(kind.describe_partial(chunk, tokenizer), flush=True)
         kind.prepare_inputs(program, args, tokenizer)
         result = kind.run(program, args)
     except (mlx_runtime.ProgramError, ValueError, OSError, RuntimeError) as e:
@@ -289,6 +296,10 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
                    "features with transformers' WhisperFeatureExtractor (default: a synthetic input)")
     r.add_argument("--features", metavar="NPY", help="speech-to-text: log-mel features [n_mels, frames] "
                    "or [1, n_mels, frames] in a .npy file")
+    r.add_argument("--stream", action="store_true", help="streaming speech-to-text: feed --audio as it "
+                   "would arrive, --chunk-ms at a time, printing the transcript so far after each piece")
+    r.add_argument("--chunk-ms", type=int, default=80, metavar="N", help="--stream: milliseconds of audio "
+                   "per piece (default 80: one audio token)")
     r.add_argument("--data", action="append", default=[], metavar="PTD",
                    help="a .ptd data file (default: the ones beside the .pte)")
     r.add_argument("--info", action="store_true", help="print methods, constant methods and MLX node counts")

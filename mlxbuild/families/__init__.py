@@ -54,12 +54,19 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  "(llama::gated_delta_rule is a CPU kernel)"))),
     Architecture("whisper", "whisper", "speech-to-text", "AutoModelForSpeechSeq2Seq"),
     Architecture("parakeet", "parakeet_tdt", "speech-to-text", "AutoModelForTDT", flavours=("mlx",)),
+    # Voxtral Realtime: a causal audio encoder streamed in 80 ms chunks (voxtral_realtime.py)
+    Architecture("voxtral_realtime", "voxtral_realtime", "streaming-speech-to-text", "AutoModelForSpeechSeq2Seq",
+                 refused=(("vulkan", "ExecuTorch 1.5.1's Vulkan SDPA fusion asserts on the encoder's "
+                                     "sliding-window ring cache (llama::update_cache_with_indices): "
+                                     "AssertionError in FusePatternsPass"),)),
 )}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
 # task -> the module of its kind, and the family modules a kind dispatches to by the
 # checkpoint's model_type (a cache key covers all of them: mlxbuild.fingerprint).
-TASKS: dict[str, str] = {"text-generation": "text_generation", "speech-to-text": "speech_to_text"}
+TASKS: dict[str, str] = {"text-generation": "text_generation", "speech-to-text": "speech_to_text",
+                         # one family so far: the task kind is its module
+                         "streaming-speech-to-text": "voxtral_realtime"}
 TASK_FAMILIES: dict[str, tuple[str, ...]] = {"speech-to-text": ("whisper", "parakeet")}
 DEFAULT_TASK = "text-generation"
 
