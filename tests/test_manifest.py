@@ -323,7 +323,7 @@ BAD = [
     ("bad-dtype", sub("dtype: fp32", "dtype: int8"),
      "7:3: model.dtype: 'int8' is not allowed; expected one of: fp32, fp16, bf16"),
     ("bad-task", sub("task: text-generation", "task: chat"),
-     "8:3: model.task: 'chat' is not allowed; expected one of: text-generation, speech-to-text"),
+     "8:3: model.task: 'chat' is not allowed; expected one of: text-generation, speech-to-text, streaming-speech-to-text"),
     ("context-too-small", sub("max_context_length: 128", "max_context_length: 1"),
      "10:3: export.max_context_length: must be >= 2, got 1"),
     ("context-string", sub("max_context_length: 128", "max_context_length: '128'"),
