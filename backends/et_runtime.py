@@ -118,6 +118,46 @@ def text_llm_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, prom
     return pieces
 
 
+def multimodal_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, inputs: list, max_new_tokens: int,
+                        data_file: str | os.PathLike | None = None) -> list[str]:
+    """Greedy generation by ExecuTorch's C++ ``MultimodalRunner`` (its Python binding), as an
+    app runs a multimodal artifact: ``inputs`` in order, each ``("text", str)`` (its
+    tokenizer encodes it) or ``("audio", features[B, n_bins, n_frames] float32)``, each
+    prefilled with one ``text_decoder`` call; then ``max_new_tokens`` greedy tokens or to an
+    EOS. Returns the pieces its token callback received; its own printing is kept out."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+    import torch
+    from executorch.extension.llm.runner import (
+        GenerationConfig,
+        MultimodalRunner,
+        make_audio_input,
+        make_text_input,
+    )
+
+    items = []
+    for kind, value in inputs:
+        if kind == "text":
+            items.append(make_text_input(value))
+        elif kind == "audio":
+            items.append(make_audio_input(torch.as_tensor(np.asarray(value, dtype=np.float32))))
+        else:
+            raise ValueError(f"the multimodal runner takes text and audio here, not {kind!r}")
+    pieces: list[str] = []
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            runner = MultimodalRunner(str(pte), str(tokenizer), None if data_file is None else str(data_file))
+            runner.generate(items, GenerationConfig(echo=False, temperature=0.0, max_new_tokens=max_new_tokens),
+                            token_callback=pieces.append)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    return pieces
+
+
 def write_bundled_program(pte: str | os.PathLike, method: str, inputs: list, expected: list) -> bytes:
     """ExecuTorch's bundled program (``.bpte``) over the ``.pte``'s own bytes, with one test
     case of ``method``: a device harness loads it and checks the outputs where it runs."""

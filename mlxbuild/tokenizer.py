@@ -52,7 +52,10 @@ def files_in(folder: Path) -> list[Path]:
 def synthetic_spec(config: dict) -> dict | None:
     """What decides a synthetic model's generated tokenizer: its vocabulary size and the
     ids its config reserves (``*_token_id``); None when the vocabulary cannot hold the
-    corpus's characters and the special ids."""
+    corpus's characters and the special ids. A composite model's vocabulary is its text
+    config's (with the composite's own ids: Voxtral's audio placeholder)."""
+    if "vocab_size" not in config and isinstance(config.get("text_config"), dict):
+        config = {**config["text_config"], **{k: v for k, v in config.items() if k.endswith("token_id")}}
     vocab = config.get("vocab_size")
     if not isinstance(vocab, int):
         return None

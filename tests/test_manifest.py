@@ -317,13 +317,14 @@ BAD = [
      "'dotted.module:attr'"),
     ("bad-architecture", sub("architecture: qwen3", "architecture: gpt2"),
      "6:17: model.source.synthetic.architecture: 'gpt2' is not allowed; expected one of: "
-     "qwen3, llama, gemma3, qwen3_moe, qwen3_5, whisper, parakeet, voxtral_realtime"),
+     "qwen3, llama, gemma3, qwen3_moe, qwen3_5, whisper, parakeet, voxtral_realtime, voxtral"),
     ("negative-seed", sub("seed: 0", "seed: -1"),
      "6:38: model.source.synthetic.seed: must be >= 0, got -1"),
     ("bad-dtype", sub("dtype: fp32", "dtype: int8"),
      "7:3: model.dtype: 'int8' is not allowed; expected one of: fp32, fp16, bf16"),
     ("bad-task", sub("task: text-generation", "task: chat"),
-     "8:3: model.task: 'chat' is not allowed; expected one of: text-generation, speech-to-text, streaming-speech-to-text"),
+     "8:3: model.task: 'chat' is not allowed; expected one of: text-generation, speech-to-text, streaming-speech-to-text, "
+     "multimodal-text-to-text"),
     ("context-too-small", sub("max_context_length: 128", "max_context_length: 1"),
      "10:3: export.max_context_length: must be >= 2, got 1"),
     ("context-string", sub("max_context_length: 128", "max_context_length: '128'"),

@@ -59,6 +59,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                  refused=(("vulkan", "ExecuTorch 1.5.1's Vulkan SDPA fusion asserts on the encoder's "
                                      "sliding-window ring cache (llama::update_cache_with_indices): "
                                      "AssertionError in FusePatternsPass"),)),
+    # Voxtral: a Whisper-style audio encoder feeding a Llama decoder (multimodal.py, voxtral.py)
+    Architecture("voxtral", "voxtral", "multimodal-text-to-text", "AutoModelForSpeechSeq2Seq"),
 )}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
@@ -66,8 +68,10 @@ _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 # checkpoint's model_type (a cache key covers all of them: mlxbuild.fingerprint).
 TASKS: dict[str, str] = {"text-generation": "text_generation", "speech-to-text": "speech_to_text",
                          # one family so far: the task kind is its module
-                         "streaming-speech-to-text": "voxtral_realtime"}
-TASK_FAMILIES: dict[str, tuple[str, ...]] = {"speech-to-text": ("whisper", "parakeet")}
+                         "streaming-speech-to-text": "voxtral_realtime",
+                         "multimodal-text-to-text": "multimodal"}
+TASK_FAMILIES: dict[str, tuple[str, ...]] = {"speech-to-text": ("whisper", "parakeet"),
+                                             "multimodal-text-to-text": ("voxtral",)}
 DEFAULT_TASK = "text-generation"
 
 

@@ -1,4 +1,4 @@
-"""Whisper's audio preprocessor, as ExecuTorch's Whisper example ships it beside the model:
+"""Whisper's audio preprocessor, as ExecuTorch's Whisper and Voxtral examples ship it beside the model:
 a program that turns a mono 16 kHz waveform into the log-mel features the ``encoder`` takes
 (``executorch.extension.audio.mel_spectrogram.WhisperAudioProcessor``, the same computation
 as transformers' ``WhisperFeatureExtractor``), and the processor's ``preprocessor_config.json``.
@@ -23,10 +23,14 @@ _FEATURE_KEYS = ("feature_size", "sampling_rate", "hop_length", "n_fft", "paddin
 
 
 def spec(model_type: str | None, config: dict, folder: Path | None = None) -> dict | None:
-    """The preprocessor step's params for a Whisper model, else None. ``nb_max_frames`` is
+    """The preprocessor step's params for a Whisper (or Voxtral) model, else None. ``nb_max_frames`` is
     what the encoder takes (two frames per encoder position); the checkpoint's
     ``preprocessor_config.json``, when there is one, gives the rest and is shipped as it is."""
-    if model_type != "whisper":
+    if model_type == "voxtral":
+        # Voxtral's audio tower is Whisper's encoder: the same features (its processor is a
+        # WhisperFeatureExtractor), sized by the audio config.
+        config = config.get("audio_config") or {}
+    elif model_type != "whisper":
         return None
     feature = {"feature_size": int(config.get("num_mel_bins", 80)), "sampling_rate": 16000,
                "hop_length": 160, "n_fft": 400, "padding_value": 0.0}

@@ -84,57 +84,18 @@ def prompt_ids(cfg) -> list[int]:
 def _modules(model, params: dict, flavour):
     import torch
     from torch import nn
-    from transformers import GenerationConfig
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-    from transformers.modeling_outputs import CausalLMOutput
 
-    from mlxbuild.families import hf
+    from mlxbuild.families import embeds, hf
 
     dtype = hf.DTYPES[params["dtype"]]
-    ctx = params["max_context_length"]
     cfg = model.config
-
-    class _AsCausalLM(nn.Module):
-        """A sub-model presented as transformers' static-cache wrapper wants a causal LM
-        (config, generation config, dtype), taking embeddings."""
-
-        def __init__(self, config, body, head=None, t_cond=None):
-            super().__init__()
-            self.config, self.body, self.head = config, body, head
-            self.generation_config = GenerationConfig(use_cache=True, cache_implementation="static")
-            if t_cond is not None:
-                self.register_buffer("t_cond", t_cond, persistent=False)
-            else:
-                self.t_cond = None
-
-        @property
-        def dtype(self):
-            return dtype
-
-        @property
-        def device(self):
-            return torch.device("cpu")
-
-        def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, past_key_values=None,
-                    use_cache=True, **kwargs):
-            extra = {} if self.t_cond is None else {"t_cond": self.t_cond}
-            h = self.body(inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=True,
-                          **extra).last_hidden_state
-            return CausalLMOutput(logits=h if self.head is None else self.head(h))
-
-    def cached(view, max_len, chunk):
-        exportable = TorchExportableModuleWithStaticCache(view, batch_size=1, max_cache_len=max_len)
-        window = getattr(view.config, "sliding_window", None)
-        sliding = frozenset(range(view.config.num_hidden_layers)) if window else frozenset()
-        flavour.install_cache(exportable, view.config, max_len, chunk, dtype, sliding=sliding)
-        return exportable
-
     inner = model.model
     with torch.no_grad():
         t_cond = inner.time_embedding(torch.full((1,), float(cfg.default_num_delay_tokens), dtype=dtype))[None]
-    text_view = _AsCausalLM(cfg.text_config, inner.language_model, model.lm_head, t_cond.to(dtype))
-    text = cached(text_view, ctx, params["max_prefill_chunk"])
-    encoder = cached(_AsCausalLM(cfg.audio_config, inner.audio_tower), CHUNK_ENC * ctx, CHUNK_ENC)
+    modules = embeds.decoder_modules(cfg.text_config, inner.language_model, model.lm_head, dtype, flavour, params,
+                                     extra={"t_cond": t_cond.to(dtype)})
+    encoder = embeds.cached(embeds.AsCausalLM(cfg.audio_config, inner.audio_tower, dtype), flavour,
+                            CHUNK_ENC * params["max_context_length"], CHUNK_ENC)
 
     class EncodeAudioChunk(nn.Module):
         def __init__(self):
@@ -161,24 +122,7 @@ def _modules(model, params: dict, flavour):
             h = self.encoder(inputs_embeds=h, cache_position=enc_pos)
             return self.projector(h.reshape(1, -1, h.shape[-1] * self.fold))
 
-    class TokenEmbedding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = inner.language_model.embed_tokens
-
-        def forward(self, token_ids):
-            return self.embed(token_ids)
-
-    class TextDecoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.text = text
-
-        def forward(self, input_embeds, cache_position):
-            return self.text(inputs_embeds=input_embeds, cache_position=cache_position)
-
-    return {"encode_audio_chunk": EncodeAudioChunk().eval(), "token_embedding": TokenEmbedding().eval(),
-            "text_decoder": TextDecoder().eval()}
+    return {"encode_audio_chunk": EncodeAudioChunk().eval(), **modules}
 
 
 def _check_supported(model, params: dict) -> None:
@@ -199,26 +143,17 @@ def export(model, params: dict, flavour):
     import torch
 
     from mlxbuild import progress
-    from mlxbuild.families import hf
+    from mlxbuild.families import embeds, hf
 
     _check_supported(model, params)
     dtype = hf.DTYPES[params["dtype"]]
     cfg = model.config
     modules = _modules(model, params, flavour)
-    n = min(2, params["max_prefill_chunk"])
-    dec_dyn = None
-    if params["max_prefill_chunk"] > 1:
-        t = torch.export.Dim("seq_len", min=1, max=params["max_prefill_chunk"])
-        dec_dyn = {"input_embeds": {1: t}, "cache_position": {0: t}}
-    tok = torch.export.Dim("tokens", min=1, max=params["max_prefill_chunk"])
     examples = {
         "encode_audio_chunk": ({"mel_chunk": torch.zeros(1, cfg.audio_config.num_mel_bins, cfg.audio_length_per_tok,
                                                          dtype=dtype),
                                 "enc_pos": torch.arange(CHUNK_ENC)}, None),
-        "token_embedding": ({"token_ids": torch.zeros(1, n, dtype=torch.long)},
-                            {"token_ids": {1: tok}} if params["max_prefill_chunk"] > 1 else None),
-        "text_decoder": ({"input_embeds": torch.zeros(1, n, cfg.text_config.hidden_size, dtype=dtype),
-                          "cache_position": torch.arange(n)}, dec_dyn),
+        **embeds.decoder_examples(cfg.text_config.hidden_size, dtype, params["max_prefill_chunk"]),
     }
     programs = {}
     with torch.no_grad():

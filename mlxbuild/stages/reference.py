@@ -22,9 +22,13 @@ def run(params: ReferenceParams, cache, out: Path) -> ReferenceResult:
     if params.tokenizer:
         plain["tokenizer_dir"] = str(cache.read("tokenizer", params.tokenizer))
     model = quantized_model(cache, params)
+    kind = families.get(params.task)
     with device_for(model):
-        info = families.get(params.task).reference(model, plain, out)
-        if params.tokenizer and params.runner_prompt and text_runner.applies(model):
+        info = kind.reference(model, plain, out)
+        if params.tokenizer and params.runner_prompt and hasattr(kind, "runner_reference"):
+            # a kind whose runner is not TextLLMRunner (the multimodal runner) says its own
+            info["runner"] = kind.runner_reference(model, plain, Path(plain["tokenizer_dir"]), out)
+        elif params.tokenizer and params.runner_prompt and text_runner.applies(model):
             runner = text_runner.runner_reference(model, plain, Path(plain["tokenizer_dir"]))
             (out / text_runner.RUNNER_FILE).write_text(json.dumps(runner))
             info["runner"] = {k: runner[k] for k in ("prompt_tokens", "new_tokens")}

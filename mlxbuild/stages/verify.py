@@ -33,8 +33,10 @@ def run(params: VerifyParams, cache, out: Path) -> VerifyResult:
             if not shape["passed"]:
                 result.update(passed=False, reason=f"structure: {shape['reason']}")
         if result["passed"] and params.tokenizer:
-            result["runner"] = runner(lowered / "model.pte", cache.read("tokenizer", params.tokenizer),
-                                      cache.read("reference", params.reference), result, data)
+            args = (lowered / "model.pte", cache.read("tokenizer", params.tokenizer),
+                    cache.read("reference", params.reference), result, data)
+            result["runner"] = multimodal_runner(kind, *args) if getattr(kind, "RUNNER", None) == "multimodal" \
+                else runner(*args)
             if not result["runner"]["passed"]:
                 result.update(passed=False, reason=f"runner: {result['runner']['reason']}")
         if result["passed"] and getattr(backend, "LLM_RUNNER", False) and params.task == "text-generation":
@@ -108,6 +110,24 @@ def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, data_
         tail = " | ".join(log["text"].strip().splitlines()[-3:])
         return {"passed": False, "reason": f"TextLLMRunner failed: {e}" + (f" ({tail})" if tail else "")}
     return text_runner.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
+
+
+def multimodal_runner(kind, pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, data_files=()) -> dict:
+    """A multimodal artifact as an app runs it: ExecuTorch's MultimodalRunner with the
+    tokenizer that ships beside it, the task kind's inputs (media, then text)."""
+    from backends.et_runtime import multimodal_generate, native_stderr_captured
+
+    given = kind.runner_inputs(reference)
+    if given is None:
+        return {"passed": True, "skipped": "no runner reference"}
+    inputs, new_tokens = given
+    try:
+        with native_stderr_captured() as log:
+            pieces = multimodal_generate(pte, tokenizer_dir, inputs, new_tokens, data_files[0] if data_files else None)
+    except Exception as e:  # noqa: BLE001 - the binding raises RuntimeError on a failed generation
+        tail = " | ".join(log["text"].strip().splitlines()[-3:])
+        return {"passed": False, "reason": f"MultimodalRunner failed: {e}" + (f" ({tail})" if tail else "")}
+    return kind.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
 
 
 BUNDLED = "model.bpte"

@@ -1,0 +1,178 @@
+"""The multimodal task kind (multimodal-text-to-text) on Voxtral: the tiny synthetic manifest
+builds, verifies, runs through ExecuTorch's MultimodalRunner and through `mlxbuild run`.
+
+One build (a subprocess `doit build`, as a user runs it) of manifests/voxtral-tiny.yaml with
+its MLX (encoder 8-bit, decoder 4-bit) and portable targets runs once for the module
+(~1.5 min on 2 cores); the whole manifest, XNNPACK included, is `slow` (~3 min). The checks
+here are independent of the build's verify step: `mlxbuild run --audio` against
+transformers' own `generate` on the same wav.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from buildlog import doit_command
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = REPO / "manifests" / "voxtral-tiny.yaml"
+NAME, VERSION = "voxtral-tiny", "0.1.0"
+FAST_TARGETS = ("mlx-enc8-dec4", "portable-fp32")
+AUDIO_TOKENS = 25  # 200 frames -> 100 encoder positions -> 25 embeddings
+
+
+def write_manifest(root: Path, targets) -> Path:
+    data = yaml.safe_load(MANIFEST.read_text())
+    data["targets"] = [t for t in data["targets"] if t["name"] in targets]
+    used = {t["quantization"] for t in data["targets"]}
+    data["quantization"] = {k: v for k, v in data["quantization"].items() if k in used}
+    (root / "manifests").mkdir(parents=True, exist_ok=True)
+    path = root / "manifests" / MANIFEST.name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def build(root: Path, env, manifest: Path):
+    env = env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
+    return subprocess.run(doit_command() + ["build", str(manifest)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("voxtral")
+    p = build(root, subprocess_env, write_manifest(root, FAST_TARGETS))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return root
+
+
+def artifact(root: Path, target: str) -> tuple[Path, dict]:
+    out = root / "artifacts" / NAME / VERSION
+    return out / f"{NAME}-{target}.pte", json.loads((out / f"{NAME}-{target}.json").read_text())
+
+
+def eager_model(root: Path, record: dict):
+    from mlxbuild.cache import Cache
+    from mlxbuild.families.hf import load_model
+    from mlxbuild.stages import quantize
+
+    cache = Cache(root / "cache")
+    model = load_model(cache.path("weights", record["keys"]["weights"]), record["dtype"])
+    quantize.load_into(model, cache.path("quantize", record["keys"]["quantize"]))
+    return model
+
+
+def write_wav(path: Path, seconds: float = 2.0, rate: int = 16000) -> None:
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.3 * np.sin(2 * np.pi * 330 * t * (1 + 2 * t)) + 0.05 * np.random.default_rng(3).standard_normal(len(t))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def _run_json(capsys, *args) -> tuple[int, dict | None, str]:
+    from mlxbuild import cli
+
+    rc = cli.main(["run", *map(str, args), "--json"])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 else None), err
+
+
+@pytest.mark.parametrize("target", FAST_TARGETS)
+def test_build_verifies_as_the_multimodal_runner_drives_it(built, target):
+    from mlxbuild.families import multimodal
+
+    _, record = artifact(built, target)
+    check = record["verification"]
+    assert check["passed"] and check["executed"], check
+    # BOS, the audio window, 3 text tokens, then 8 greedy tokens
+    assert check["positions"] == 1 + AUDIO_TOKENS + multimodal.VERIFY_SUFFIX + multimodal.VERIFY_DECODE_STEPS
+    assert check["max_rel_error"] <= check["tolerance"]["max_rel_error"]
+    assert check["greedy"] == {"passed": True, "matched": multimodal.VERIFY_DECODE_STEPS}
+    assert set(record["delegation"]) == {"audio_encoder", "token_embedding", "text_decoder"}
+    if target == "portable-fp32":
+        # ExecuTorch's own MultimodalRunner, with the tokenizer that ships beside the artifact
+        assert check["runner"]["passed"] and check["runner"]["matched"] == multimodal.RUNNER_NEW_TOKENS, check
+    else:
+        for method in record["delegation"]:
+            assert record["delegation"][method]["delegates"] == ["MLXBackend"]
+
+
+def test_per_method_rules_put_the_encoder_at_8_bits_and_the_decoder_at_4(built):
+    _, record = artifact(built, "mlx-enc8-dec4")
+    layers = record["layer_quantization"]["layers"]
+    encoder = {k: v for k, v in layers.items() if k.startswith("model.audio_tower.layers.")}
+    decoder = {k: v for k, v in layers.items() if k.startswith("model.language_model.layers.")}
+    assert encoder and all(v["bits"] == 8 for v in encoder.values())
+    assert decoder and all(v["bits"] == 4 for v in decoder.values())
+    assert all(v["bits"] == 8 for k, v in layers.items() if k.startswith("model.multi_modal_projector."))
+
+
+def test_the_audio_preprocessor_and_tokenizer_travel_with_the_artifact(built):
+    out = built / "artifacts" / NAME / VERSION
+    for name in ("preprocessor.pte", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    _, record = artifact(built, "portable-fp32")
+    assert record["preprocessor"]["features"] == [1, 32, 200]
+    assert record["preprocessor"]["max_abs_error_vs_transformers"] <= record["preprocessor"]["bound"]
+
+
+def test_constant_methods_name_the_audio_window(built):
+    from mlxbuild.pte_inspect import inspect_pte
+
+    info = inspect_pte(artifact(built, "mlx-enc8-dec4")[0])
+    assert [i["sizes"] for i in info["methods"]["audio_encoder"]["inputs"]] == [[1, 32, 200]]
+    c = info["constant_methods"]
+    assert (c["get_num_mel_bins"], c["get_num_frames"], c["get_audio_tokens"]) == (32, 200, AUDIO_TOKENS)
+    assert (c["get_bos_id"], c["get_eos_ids"], c["audio_token_id"]) == (1, [2], 5)
+    assert (c["get_max_context_len"], c["get_prefill_chunk_size"]) == (64, 32)
+
+
+@pytest.mark.parametrize("target", FAST_TARGETS)
+def test_run_audio_matches_transformers_generate(built, target, tmp_path, capsys):
+    """`mlxbuild run --audio x.wav --ids ...`: BOS, the wav's log-mel window, the ids, then
+    greedy tokens, equal to transformers' generate() with the audio placeholders."""
+    import torch
+
+    from mlxbuild.families import voxtral, whisper_modules
+
+    pte, record = artifact(built, target)
+    wav = tmp_path / "sweep.wav"
+    write_wav(wav)
+    rc, result, err = _run_json(capsys, pte, "--audio", wav, "--ids", "7 8 9", "--max-new-tokens", 16, "--no-eos")
+    assert rc == 0, err
+    assert result["prompt_segments"] == [["text", 1], ["audio_encoder", [1, 32, 200]], ["text", 3]]
+    model = eager_model(built, record)
+    feats = torch.from_numpy(whisper_modules.log_mel(wav, 32, 200))
+    inputs = voxtral.with_prompt(model, {"media": feats}, [1], [7, 8, 9])
+    ids = voxtral.eager_generate(model, inputs, 16)
+    assert result["tokens"] == ids[len(inputs["prompt_ids"]):]
+    assert len(set(result["tokens"])) >= 2
+
+
+def test_run_refuses_inputs_the_program_does_not_take(built, capsys):
+    from mlxbuild import cli
+
+    pte, _ = artifact(built, "mlx-enc8-dec4")
+    assert cli.main(["run", str(pte), "--image", "x.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--image: this program has no vision_encoder" in err and "takes audio" in err
+    assert cli.main(["run", str(pte), "--stream", "--audio", "x.wav"]) == 2
+    assert "--stream:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_whole_manifest_builds_and_verifies(tmp_path, subprocess_env):
+    """Every shipped target, XNNPACK 8da4w included (~3 min on 2 cores)."""
+    data = yaml.safe_load(MANIFEST.read_text())
+    p = build(tmp_path, subprocess_env, write_manifest(tmp_path, [t["name"] for t in data["targets"]]))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for t in data["targets"]:
+        _, record = artifact(tmp_path, t["name"])
+        assert record["verification"]["passed"] and record["verification"]["greedy"]["passed"], t["name"]
