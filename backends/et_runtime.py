@@ -122,7 +122,8 @@ def multimodal_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, in
                         data_file: str | os.PathLike | None = None) -> list[str]:
     """Greedy generation by ExecuTorch's C++ ``MultimodalRunner`` (its Python binding), as an
     app runs a multimodal artifact: ``inputs`` in order, each ``("text", str)`` (its
-    tokenizer encodes it) or ``("audio", features[B, n_bins, n_frames] float32)``, each
+    tokenizer encodes it), ``("audio", features[B, n_bins, n_frames] float32)`` or ``("image",
+    [3, H, W] uint8)``, each
     prefilled with one ``text_decoder`` call; then ``max_new_tokens`` greedy tokens or to an
     EOS. Returns the pieces its token callback received; its own printing is kept out."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
@@ -132,6 +133,7 @@ def multimodal_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, in
         GenerationConfig,
         MultimodalRunner,
         make_audio_input,
+        make_image_input,
         make_text_input,
     )
 
@@ -141,8 +143,10 @@ def multimodal_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, in
             items.append(make_text_input(value))
         elif kind == "audio":
             items.append(make_audio_input(torch.as_tensor(np.asarray(value, dtype=np.float32))))
+        elif kind == "image":
+            items.append(make_image_input(torch.as_tensor(np.asarray(value, dtype=np.uint8))))
         else:
-            raise ValueError(f"the multimodal runner takes text and audio here, not {kind!r}")
+            raise ValueError(f"the multimodal runner takes text, audio and images, not {kind!r}")
     pieces: list[str] = []
     sys.stdout.flush()
     saved = os.dup(1)

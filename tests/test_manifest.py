@@ -317,7 +317,7 @@ BAD = [
      "'dotted.module:attr'"),
     ("bad-architecture", sub("architecture: qwen3", "architecture: gpt2"),
      "6:17: model.source.synthetic.architecture: 'gpt2' is not allowed; expected one of: "
-     "qwen3, llama, gemma3, qwen3_moe, qwen3_5, whisper, parakeet, voxtral_realtime, voxtral"),
+     "qwen3, llama, gemma3, qwen3_moe, qwen3_5, whisper, parakeet, voxtral_realtime, voxtral, llava"),
     ("negative-seed", sub("seed: 0", "seed: -1"),
      "6:38: model.source.synthetic.seed: must be >= 0, got -1"),
     ("bad-dtype", sub("dtype: fp32", "dtype: int8"),

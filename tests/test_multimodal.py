@@ -1,11 +1,12 @@
-"""The multimodal task kind (multimodal-text-to-text) on Voxtral: the tiny synthetic manifest
-builds, verifies, runs through ExecuTorch's MultimodalRunner and through `mlxbuild run`.
+"""The multimodal task kind (multimodal-text-to-text) on Voxtral (audio) and LLaVA (images):
+each tiny synthetic manifest builds, verifies, runs through ExecuTorch's MultimodalRunner and
+through `mlxbuild run`.
 
-One build (a subprocess `doit build`, as a user runs it) of manifests/voxtral-tiny.yaml with
-its MLX (encoder 8-bit, decoder 4-bit) and portable targets runs once for the module
-(~1.5 min on 2 cores); the whole manifest, XNNPACK included, is `slow` (~3 min). The checks
-here are independent of the build's verify step: `mlxbuild run --audio` against
-transformers' own `generate` on the same wav.
+One build per family (a subprocess `doit build`, as a user runs it) with its MLX (encoder
+8-bit, decoder 4-bit) and portable targets runs once for the module (~1.5 min each on 2
+cores); the whole manifests, XNNPACK included, are `slow` (~3 min each). The checks here are
+independent of the build's verify step: `mlxbuild run --audio` / `--image` against
+transformers' own `generate` on the same file.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ FAST_TARGETS = ("mlx-enc8-dec4", "portable-fp32")
 AUDIO_TOKENS = 25  # 200 frames -> 100 encoder positions -> 25 embeddings
 
 
-def write_manifest(root: Path, targets) -> Path:
-    data = yaml.safe_load(MANIFEST.read_text())
+def write_manifest(root: Path, targets, manifest: Path = MANIFEST) -> Path:
+    data = yaml.safe_load(manifest.read_text())
     data["targets"] = [t for t in data["targets"] if t["name"] in targets]
     used = {t["quantization"] for t in data["targets"]}
     data["quantization"] = {k: v for k, v in data["quantization"].items() if k in used}
     (root / "manifests").mkdir(parents=True, exist_ok=True)
-    path = root / "manifests" / MANIFEST.name
+    path = root / "manifests" / manifest.name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -52,9 +53,9 @@ def built(tmp_path_factory, subprocess_env):
     return root
 
 
-def artifact(root: Path, target: str) -> tuple[Path, dict]:
-    out = root / "artifacts" / NAME / VERSION
-    return out / f"{NAME}-{target}.pte", json.loads((out / f"{NAME}-{target}.json").read_text())
+def artifact(root: Path, target: str, name: str = NAME) -> tuple[Path, dict]:
+    out = root / "artifacts" / name / VERSION
+    return out / f"{name}-{target}.pte", json.loads((out / f"{name}-{target}.json").read_text())
 
 
 def eager_model(root: Path, record: dict):
@@ -168,11 +169,95 @@ def test_run_refuses_inputs_the_program_does_not_take(built, capsys):
 
 
 @pytest.mark.slow
-def test_whole_manifest_builds_and_verifies(tmp_path, subprocess_env):
-    """Every shipped target, XNNPACK 8da4w included (~3 min on 2 cores)."""
-    data = yaml.safe_load(MANIFEST.read_text())
-    p = build(tmp_path, subprocess_env, write_manifest(tmp_path, [t["name"] for t in data["targets"]]))
+@pytest.mark.parametrize("manifest", [MANIFEST, REPO / "manifests" / "llava-tiny.yaml"], ids=lambda p: p.stem)
+def test_whole_manifest_builds_and_verifies(manifest, tmp_path, subprocess_env):
+    """Every shipped target, XNNPACK 8da4w included (~3 min on 2 cores each)."""
+    data = yaml.safe_load(manifest.read_text())
+    p = build(tmp_path, subprocess_env, write_manifest(tmp_path, [t["name"] for t in data["targets"]], manifest))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for t in data["targets"]:
-        _, record = artifact(tmp_path, t["name"])
+        _, record = artifact(tmp_path, t["name"], data["name"])
         assert record["verification"]["passed"] and record["verification"]["greedy"]["passed"], t["name"]
+
+
+# --------------------------------------------------------------------------- LLaVA
+
+LLAVA = REPO / "manifests" / "llava-tiny.yaml"
+LLAVA_NAME = "llava-tiny"
+IMAGE_TOKENS = 16  # a 32 x 32 image in 8 x 8 patches
+
+
+@pytest.fixture(scope="module")
+def llava_built(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("llava")
+    p = build(root, subprocess_env, write_manifest(root, FAST_TARGETS, LLAVA))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return root
+
+
+def write_png(path: Path) -> None:
+    from PIL import Image
+
+    x = np.zeros((48, 64, 3), np.uint8)
+    x[:, :32], x[:, 32:], x[10:20] = [200, 30, 30], [20, 180, 240], 255
+    Image.fromarray(x).save(path)
+
+
+@pytest.mark.parametrize("target", FAST_TARGETS)
+def test_llava_verifies_as_the_multimodal_runner_drives_it(llava_built, target):
+    from mlxbuild.families import multimodal
+
+    _, record = artifact(llava_built, target, LLAVA_NAME)
+    check = record["verification"]
+    assert check["passed"] and check["executed"], check
+    assert check["positions"] == 1 + IMAGE_TOKENS + multimodal.VERIFY_SUFFIX + multimodal.VERIFY_DECODE_STEPS
+    assert check["greedy"] == {"passed": True, "matched": multimodal.VERIFY_DECODE_STEPS}
+    assert set(record["delegation"]) == {"vision_encoder", "token_embedding", "text_decoder"}
+    if target == "portable-fp32":
+        # ExecuTorch's own MultimodalRunner, handed the uint8 image as an app hands it over
+        assert check["runner"]["passed"] and check["runner"]["matched"] == multimodal.RUNNER_NEW_TOKENS, check
+    else:
+        for method in record["delegation"]:
+            assert record["delegation"][method]["delegates"] == ["MLXBackend"]
+        layers = record["layer_quantization"]["layers"]
+        assert all(v["bits"] == 8 for k, v in layers.items() if k.startswith("model.vision_tower.") and "bits" in v)
+        assert all(v["bits"] == 4 for k, v in layers.items() if k.startswith("model.language_model.layers."))
+
+
+@pytest.mark.parametrize("target", FAST_TARGETS)
+def test_llava_run_image_matches_transformers_generate(llava_built, target, tmp_path, capsys):
+    """`mlxbuild run --image x.png --ids ...`: the image resized to the tower's 32 x 32 (bicubic),
+    normalised in the graph; greedy tokens equal transformers' generate() with the image
+    placeholders and the processor's normalisation."""
+    import torch
+    from PIL import Image
+
+    from mlxbuild.families import llava
+
+    pte, record = artifact(llava_built, target, LLAVA_NAME)
+    png = tmp_path / "x.png"
+    write_png(png)
+    rc, result, err = _run_json(capsys, pte, "--image", png, "--ids", "7 8 9", "--max-new-tokens", 12, "--no-eos")
+    assert rc == 0, err
+    assert result["prompt_segments"] == [["text", 1], ["vision_encoder", [3, 32, 32]], ["text", 3]]
+    model = eager_model(llava_built, record)
+    with Image.open(png) as im:
+        pixels = np.asarray(im.convert("RGB").resize((32, 32), Image.BICUBIC)).transpose(2, 0, 1).copy()
+    inputs = llava.with_prompt(model, {"media": torch.from_numpy(pixels)}, [1], [7, 8, 9])
+    ids = llava.eager_generate(model, inputs, 12)
+    assert result["tokens"] == ids[len(inputs["prompt_ids"]):]
+    assert len(set(result["tokens"])) >= 3
+
+
+def test_llava_run_refuses_audio_and_unreadable_images(llava_built, tmp_path, capsys):
+    from mlxbuild import cli
+
+    pte, _ = artifact(llava_built, "mlx-enc8-dec4", LLAVA_NAME)
+    assert cli.main(["run", str(pte), "--audio", "x.wav"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --audio: this program has no audio_encoder (its methods: text_decoder, "
+                   "token_embedding, vision_encoder); it takes images")
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    assert cli.main(["run", str(pte), "--image", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --image {bad}: not an image Pillow can read"

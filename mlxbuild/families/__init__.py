@@ -61,6 +61,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
                                      "AssertionError in FusePatternsPass"),)),
     # Voxtral: a Whisper-style audio encoder feeding a Llama decoder (multimodal.py, voxtral.py)
     Architecture("voxtral", "voxtral", "multimodal-text-to-text", "AutoModelForSpeechSeq2Seq"),
+    # LLaVA: a CLIP vision tower feeding a Llama decoder (multimodal.py, llava.py)
+    Architecture("llava", "llava", "multimodal-text-to-text", "AutoModelForImageTextToText"),
 )}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
@@ -71,7 +73,7 @@ TASKS: dict[str, str] = {"text-generation": "text_generation", "speech-to-text":
                          "streaming-speech-to-text": "voxtral_realtime",
                          "multimodal-text-to-text": "multimodal"}
 TASK_FAMILIES: dict[str, tuple[str, ...]] = {"speech-to-text": ("whisper", "parakeet"),
-                                             "multimodal-text-to-text": ("voxtral",)}
+                                             "multimodal-text-to-text": ("voxtral", "llava")}
 DEFAULT_TASK = "text-generation"
 
 

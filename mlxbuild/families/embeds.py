@@ -97,3 +97,79 @@ def decoder_examples(hidden: int, dtype, max_prefill_chunk: int) -> dict:
     seq = torch.export.Dim("seq_len", min=1, max=max_prefill_chunk)
     return {"token_embedding": (tokens, {"token_ids": {1: tok}}),
             "text_decoder": (dec, {"input_embeds": {1: seq}, "cache_position": {0: seq}})}
+
+
+def export_methods(modules: dict, examples: dict, names) -> dict:
+    """``torch.export`` (strict) each of ``names`` with its (example kwargs, dynamic shapes)."""
+    from mlxbuild import progress
+
+    programs = {}
+    with torch.no_grad():
+        for name in names:
+            progress.note(f"torch.export {name}")
+            kwargs, dynamic = examples[name]
+            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
+    return programs
+
+
+def text_ids(model) -> dict:
+    """A composite model's decoder facts the runners read: vocabulary, BOS, EOS, width."""
+    text = model.config.text_config
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else text.eos_token_id
+    bos = gen.bos_token_id if gen.bos_token_id is not None else text.bos_token_id
+    return {"model_type": model.config.model_type, "vocab_size": text.vocab_size, "bos_token_id": bos,
+            "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos], "hidden_size": text.hidden_size}
+
+
+def runner_constants(params: dict, fc: dict) -> dict:
+    """The LLM runners' constant methods of a decoder over embeddings (``text_ids``'s facts)."""
+    from mlxbuild.families.common import kv_cache_methods
+
+    methods = {**kv_cache_methods(params), "get_vocab_size": fc["vocab_size"]}
+    if fc.get("bos_token_id") is not None:
+        methods["get_bos_id"] = fc["bos_token_id"]
+        methods["get_prompt_prefix_ids"] = [fc["bos_token_id"]]
+    if fc.get("eos_token_id"):
+        methods["get_eos_ids"] = fc["eos_token_id"]
+    return methods
+
+
+def media_prompt(inputs: dict, encoder: str, placeholder: int, count: int, before, after) -> dict:
+    """``inputs`` with the prompt ids (``count`` placeholders for the media between the text
+    before and after it) and the runner's segments (the media's as ``[encoder, None]``)."""
+    prompt = list(before) + [placeholder] * count + list(after)
+    segments = ([["text", list(before)]] if before else []) + [[encoder, None]] + \
+        ([["text", list(after)]] if after else [])
+    return {**inputs, "prompt_ids": prompt, "segments": segments}
+
+
+def seeded_text(fc: dict, n: int, seed: int, reserved) -> list[int]:
+    """``n`` seeded token ids, none of them special (BOS, EOS, the media placeholder)."""
+    g = torch.Generator().manual_seed(seed)
+    special = {fc["bos_token_id"], *(fc["eos_token_id"] or []), *reserved}
+    pool = [t for t in range(fc["vocab_size"]) if t not in special]
+    return [pool[int(i)] for i in torch.randint(0, len(pool), (n,), generator=g)]
+
+
+def eager_generate(model, prompt_ids: list[int], new_tokens: int, **media) -> list[int]:
+    """transformers' greedy ``generate`` from ``prompt_ids`` with the media keyword arguments,
+    exactly ``new_tokens`` tokens."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        # The mask is given: generate() would infer one from pad_token_id.
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=prompt_ids[0], **media)
+    return out[0].tolist()
+
+
+def logits_with_media(model, prompt_ids: list[int], ids: list[int], placeholder: int, features):
+    """Every position's logits along ``ids``, ``features`` ([1, T, D]) at the prompt's
+    placeholders only (a generated token may be the placeholder id; the runner feeds it as a
+    token embedding)."""
+    at = torch.tensor([i for i, t in enumerate(prompt_ids) if t == placeholder])
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(torch.tensor([ids]))
+        emb[0, at] = features.reshape(-1, emb.shape[-1]).to(emb.dtype)
+        return model(inputs_embeds=emb).logits[0]

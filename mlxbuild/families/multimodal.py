@@ -27,10 +27,10 @@ import json
 import time
 from pathlib import Path
 
-from mlxbuild.families import model_types_of, voxtral
+from mlxbuild.families import llava, model_types_of, voxtral
 
 NAME = "multimodal-text-to-text"
-FAMILIES = (voxtral,)
+FAMILIES = (voxtral, llava)
 METHODS = ("token_embedding", "text_decoder")
 ENCODERS = ("audio_encoder", "vision_encoder")
 USES_FLAVOUR_ATTENTION = True
@@ -137,12 +137,14 @@ def reference(model, params: dict, out: Path) -> dict:
     """transformers' own model on a seeded input: ``generate`` from the family's prompt
     (media placeholders expanded), and the logits of every position along it."""
     import numpy as np
+    import torch
 
     fam = family(model.config.model_type)
     inputs = fam.reference_inputs(model, params)
     ids = fam.eager_generate(model, inputs, params["decode_steps"])
     logits = fam.eager_logits(model, inputs, ids)
-    np.save(out / "media.npy", inputs["media"].float().numpy())
+    media = inputs["media"]
+    np.save(out / "media.npy", (media if media.dtype == torch.uint8 else media.float()).numpy())
     np.save(out / "tokens.npy", np.array(ids, dtype=np.int64))
     np.save(out / "logits.npy", logits.float().numpy())
     (out / "segments.json").write_text(json.dumps(inputs["segments"]))
@@ -162,7 +164,7 @@ def input_dtype(program, method: str):
     import torch
 
     name = program.input_dtype(method, 0)
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}.get(name, torch.float32)
 
 
 def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
@@ -219,7 +221,8 @@ def runner_reference(model, params: dict, tokenizer_dir: Path, out: Path) -> dic
         seq.append(tokens[-1])
         if len(tokens) > 1 and tokens[-1] in eos:
             break
-    ref = {"text": text, "prompt_tokens": len(inputs["prompt_ids"]), "tokens": tokens, "margins": margins,
+    ref = {"media": fam.MODALITY, "text": text, "prompt_tokens": len(inputs["prompt_ids"]), "tokens": tokens,
+           "margins": margins,
            "pieces": tokenizer.pieces(tokenizer_dir, tokens), "max_new_tokens": RUNNER_NEW_TOKENS}
     (out / RUNNER_FILE).write_text(json.dumps(ref))
     return {"prompt_tokens": ref["prompt_tokens"], "new_tokens": len(tokens)}
@@ -233,7 +236,8 @@ def runner_inputs(reference_dir: Path):
     if not (reference_dir / RUNNER_FILE).is_file():
         return None
     ref = json.loads((reference_dir / RUNNER_FILE).read_text())
-    return [("audio", np.load(reference_dir / "media.npy")), ("text", ref["text"])], ref["max_new_tokens"]
+    kind = {"audio": "audio", "images": "image"}[ref["media"]]
+    return [(kind, np.load(reference_dir / "media.npy")), ("text", ref["text"])], ref["max_new_tokens"]
 
 
 def compare_runner(pieces: list[str], reference_dir: Path, max_abs_error: float) -> dict:

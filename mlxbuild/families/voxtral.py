@@ -31,22 +31,17 @@ def audio_tokens(cfg) -> int:
 
 
 def family_config(model) -> dict:
+    from mlxbuild.families import embeds
+
     cfg = model.config
-    text = cfg.text_config
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else text.eos_token_id
-    bos = gen.bos_token_id if gen.bos_token_id is not None else text.bos_token_id
-    return {"model_type": cfg.model_type, "vocab_size": text.vocab_size, "num_mel_bins": cfg.audio_config.num_mel_bins,
-            "frames": frames(cfg), "audio_tokens": audio_tokens(cfg), "audio_token_id": cfg.audio_token_id,
-            "bos_token_id": bos, "eos_token_id": eos if isinstance(eos, list) or eos is None else [eos],
-            "hidden_size": text.hidden_size}
+    return {**embeds.text_ids(model), "num_mel_bins": cfg.audio_config.num_mel_bins, "frames": frames(cfg),
+            "audio_tokens": audio_tokens(cfg), "audio_token_id": cfg.audio_token_id}
 
 
 def export(model, params: dict, flavour):
     import torch
     from torch import nn
 
-    from mlxbuild import progress
     from mlxbuild.errors import BuildError
     from mlxbuild.families import embeds, hf
 
@@ -75,26 +70,15 @@ def export(model, params: dict, flavour):
                                         params)}
     examples = {ENCODER: ({"input_features": torch.zeros(1, fc["num_mel_bins"], fc["frames"], dtype=dtype)}, None),
                 **embeds.decoder_examples(fc["hidden_size"], dtype, params["max_prefill_chunk"])}
-    programs = {}
-    with torch.no_grad():
-        for name in METHODS:
-            progress.note(f"torch.export {name}")
-            kwargs, dynamic = examples[name]
-            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return programs, fc
+    return embeds.export_methods(modules, examples, METHODS), fc
 
 
 def constant_methods(params: dict, fc: dict) -> dict:
     """What ExecuTorch's multimodal runner reads, and the audio window's shape."""
-    from mlxbuild.families.common import kv_cache_methods
+    from mlxbuild.families import embeds
 
-    methods = {**kv_cache_methods(params), "get_vocab_size": fc["vocab_size"], "get_num_mel_bins": fc["num_mel_bins"],
+    methods = {**embeds.runner_constants(params, fc), "get_num_mel_bins": fc["num_mel_bins"],
                "get_num_frames": fc["frames"], "get_audio_tokens": fc["audio_tokens"]}
-    if fc.get("bos_token_id") is not None:
-        methods["get_bos_id"] = fc["bos_token_id"]
-        methods["get_prompt_prefix_ids"] = [fc["bos_token_id"]]
-    if fc.get("eos_token_id"):
-        methods["get_eos_ids"] = fc["eos_token_id"]
     if fc.get("audio_token_id") is not None:
         methods["audio_token_id"] = fc["audio_token_id"]
     return methods
@@ -107,56 +91,40 @@ def synthetic_features(n_mels: int, n_frames: int, seed: int):
     return torch.rand(1, n_mels, n_frames, generator=g) * 2.5 - 1.0
 
 
-def reference_inputs(model, params: dict) -> dict:
-    """BOS, one audio window (seeded log-mel), then seeded text tokens."""
-    import torch
-
-    from mlxbuild.families import hf
+def with_prompt(model, inputs: dict, before: list[int], after: list[int]) -> dict:
+    """``inputs`` with the text around the audio window replaced."""
+    from mlxbuild.families import embeds
 
     fc = family_config(model)
-    g = torch.Generator().manual_seed(params["seed"] + 1)
-    special = {fc["audio_token_id"], fc["bos_token_id"], *(fc["eos_token_id"] or [])}
-    pool = [t for t in range(fc["vocab_size"]) if t not in special]
-    suffix = [pool[int(i)] for i in torch.randint(0, len(pool), (params["prompt"],), generator=g)]
+    return embeds.media_prompt(inputs, ENCODER, fc["audio_token_id"], fc["audio_tokens"], before, after)
+
+
+def reference_inputs(model, params: dict) -> dict:
+    """BOS, one audio window (seeded log-mel), then seeded text tokens."""
+    from mlxbuild.families import embeds, hf
+
+    fc = family_config(model)
+    suffix = embeds.seeded_text(fc, params["prompt"], params["seed"] + 1, [fc["audio_token_id"]])
     media = synthetic_features(fc["num_mel_bins"], fc["frames"], params["seed"]).to(hf.DTYPES[params["dtype"]])
     prefix = [fc["bos_token_id"]] if fc["bos_token_id"] is not None else []
     return with_prompt(model, {"media": media}, prefix, suffix)
 
 
-def with_prompt(model, inputs: dict, before: list[int], after: list[int]) -> dict:
-    """``inputs`` with the text around the audio window replaced."""
-    fc = family_config(model)
-    prompt = list(before) + [fc["audio_token_id"]] * fc["audio_tokens"] + list(after)
-    segments = ([["text", list(before)]] if before else []) + [[ENCODER, None]] + \
-        ([["text", list(after)]] if after else [])
-    return {**inputs, "prompt_ids": prompt, "segments": segments}
-
-
 def eager_generate(model, inputs: dict, new_tokens: int) -> list[int]:
-    import torch
+    from mlxbuild.families import embeds
 
-    ids = torch.tensor([inputs["prompt_ids"]])
-    with torch.no_grad():
-        # The mask is given: generate() would infer one from pad_token_id.
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=inputs["media"],
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=inputs["prompt_ids"][0])
-    return out[0].tolist()
+    return embeds.eager_generate(model, inputs["prompt_ids"], new_tokens, input_features=inputs["media"])
 
 
 def eager_logits(model, inputs: dict, ids: list[int]):
-    """Every position's logits along ``ids``: the audio embeddings at the prompt's
-    placeholders only (a generated token may be the placeholder id, as the runner feeds it:
-    a token embedding)."""
+    """Every position's logits along ``ids``, the audio embeddings at the prompt's placeholders."""
     import torch
 
-    prompt = inputs["prompt_ids"]
-    at = torch.tensor([i for i, t in enumerate(prompt) if t == model.config.audio_token_id])
+    from mlxbuild.families import embeds
+
     with torch.no_grad():
-        emb = model.get_input_embeddings()(torch.tensor([ids]))
         audio = model.get_audio_features(inputs["media"]).pooler_output
-        emb[0, at] = audio.to(emb.dtype)
-        return model(inputs_embeds=emb).logits[0]
+    return embeds.logits_with_media(model, inputs["prompt_ids"], ids, model.config.audio_token_id, audio)
 
 
 def media(program, args):

@@ -142,7 +142,6 @@ def _check_supported(model, params: dict) -> None:
 def export(model, params: dict, flavour):
     import torch
 
-    from mlxbuild import progress
     from mlxbuild.families import embeds, hf
 
     _check_supported(model, params)
@@ -155,13 +154,7 @@ def export(model, params: dict, flavour):
                                 "enc_pos": torch.arange(CHUNK_ENC)}, None),
         **embeds.decoder_examples(cfg.text_config.hidden_size, dtype, params["max_prefill_chunk"]),
     }
-    programs = {}
-    with torch.no_grad():
-        for name in METHODS:
-            progress.note(f"torch.export {name}")
-            kwargs, dynamic = examples[name]
-            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return programs, {"audio_config": audio_config(model)}
+    return embeds.export_methods(modules, examples, METHODS), {"audio_config": audio_config(model)}
 
 
 def constant_methods(params: dict, info: dict) -> dict:

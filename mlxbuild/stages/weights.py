@@ -75,6 +75,7 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
         channels = torch.randperm(hidden, generator=gen)[:recipe["outliers"]["channels"]]
     saved = set(checkpoint_tensors(model))
     pieces = split(model)
+    init = _initializers(model)
     for _prefix, modules in (reversed(pieces) if reverse else pieces):
         # Children before parents, as Hugging Face's init applies: a parent's init may
         # overwrite a child's tensor (Whisper's encoder writes its sinusoids so).
@@ -87,7 +88,7 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
             # into its children's, here already materialized)
             torch.manual_seed(_seed(recipe["seed"], name))
             with torch.no_grad():
-                model._init_weights(module)
+                init(name)(module)
                 if channels is not None and type(module).__name__.endswith("RMSNorm") \
                         and tuple(module.weight.shape) == (hidden,):
                     module.weight[channels] *= recipe["outliers"]["scale"]
@@ -100,6 +101,26 @@ def synthetic_tensors(recipe: dict, dtype, model=None, reverse: bool = False):
         for _name, module in modules:
             module.to_empty(device="meta", recurse=False)  # give the memory back
         trim()
+
+
+def _initializers(model):
+    """name -> the ``_init_weights`` that transformers' own initialization applies to that
+    module: the innermost pretrained model holding it (its ``smart_apply`` hands each
+    sub-model's modules to that sub-model's init). A composite model's own init does not
+    know its towers' modules: LLaVA's leaves CLIP's class embedding as allocated, and
+    initializes its Llama decoder with the composite's config."""
+    from transformers import PreTrainedModel
+
+    owners = sorted(((n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel)),
+                    key=lambda item: -len(item[0]))
+
+    def init(name: str):
+        for prefix, owner in owners:
+            if not prefix or name == prefix or name.startswith(prefix + "."):
+                return owner._init_weights
+        return model._init_weights
+
+    return init
 
 
 def _checkpoint_state(model, modules, saved: set[str]) -> dict:
