@@ -62,11 +62,40 @@ def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool 
 
 def payload_problem(blob: bytes) -> str:
     """"" when ``blob`` is a serialized Vulkan graph with at least one op."""
-    from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
-        extract_vk_flatbuffer, flatbuffer_to_vk_graph)
+    from executorch.backends.vulkan.serialization.vulkan_graph_serialize import extract_vk_flatbuffer
 
     try:
-        graph = flatbuffer_to_vk_graph(extract_vk_flatbuffer(blob))
+        graph = _vk_graph(extract_vk_flatbuffer(blob))
     except Exception as e:
         return f"not a Vulkan graph: {e}"
     return "" if graph.chain else "the Vulkan graph has no ops"
+
+
+def _vk_graph(flatbuffer: bytes):
+    """ExecuTorch's ``flatbuffer_to_vk_graph``, except for one thing: it reads flatc's JSON
+    with ``json.load``, which refuses the bare ``inf`` / ``nan`` flatc writes for a float
+    constant (an attention mask's -inf, a clamp's bound); those are spelled as Python's json
+    reads them. (ExecuTorch's decompile and dataclass helpers are private; no public API
+    reads a Vulkan payload back.)"""
+    import json
+    import os
+    import re
+    import tempfile
+    from importlib import resources
+
+    from executorch.backends.vulkan import serialization
+    from executorch.backends.vulkan.serialization import vulkan_graph_serialize as vgs
+
+    with tempfile.TemporaryDirectory() as d:
+        schema = os.path.join(d, "schema.fbs")
+        with open(schema, "wb") as f:
+            f.write(resources.files(serialization).joinpath("schema.fbs").read_bytes())
+        binary = os.path.join(d, "schema.bin")
+        with open(binary, "wb") as f:
+            f.write(flatbuffer)
+        vgs._flatc_decompile(d, schema, binary, ["--raw-binary"])
+        with open(os.path.join(d, "schema.json")) as f:
+            text = f.read()
+    text = re.sub(r"(?<![\w.\"])(-?)inf(?![\w\"])", lambda m: f"{m.group(1)}Infinity", text)
+    text = re.sub(r"(?<![\w.\"])-?nan(?![\w\"])", "NaN", text)
+    return vgs._json_to_dataclass(json.loads(text), vgs.VkGraph)

@@ -238,6 +238,27 @@ def test_payload_checks_reject_garbage():
     assert delegate_module("vulkan").payload_problem(b"\0" * 64)
 
 
+def test_vulkan_payload_with_an_infinite_constant_is_read():
+    """A causal mask's -inf is written by flatc as a bare `-inf`, which ExecuTorch's own reader
+    (json.load) refuses; the structural check reads it (the multimodal decoders have one)."""
+    import torch
+    from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+    from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
+        extract_vk_flatbuffer, flatbuffer_to_vk_graph)
+    from executorch.exir import to_edge_transform_and_lower
+
+    class Masked(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(x + torch.full((4, 4), float("-inf")).triu(1), dim=-1)
+
+    ep = torch.export.export(Masked(), (torch.randn(4, 4),))
+    program = to_edge_transform_and_lower(ep, partitioner=[VulkanPartitioner()]).to_executorch().executorch_program
+    payload = bytes(program.backend_delegate_data[program.execution_plan[0].delegates[0].processed.index].data)
+    with pytest.raises(ValueError):  # what the check works around
+        flatbuffer_to_vk_graph(extract_vk_flatbuffer(payload))
+    assert delegate_module("vulkan").payload_problem(payload) == ""
+
+
 # --------------------------------------------------------------------------- refusals
 
 

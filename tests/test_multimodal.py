@@ -261,3 +261,16 @@ def test_llava_run_refuses_audio_and_unreadable_images(llava_built, tmp_path, ca
     bad.write_text("not a png")
     assert cli.main(["run", str(pte), "--image", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == f"error: --image {bad}: not an image Pillow can read"
+
+
+def test_llava_refuses_core_ml_at_validation(tmp_path):
+    import sys
+
+    data = yaml.safe_load(LLAVA.read_text())
+    data["targets"] = [{"name": "coreml-fp32", "backend": "coreml", "quantization": "none"}]
+    path = tmp_path / "l.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(path)], capture_output=True, text=True)
+    assert p.returncode != 0
+    line = p.stderr.strip().splitlines()[-1]
+    assert f"{path}:" in line and "targets[0].backend" in line and "'llava' cannot be built for 'coreml'" in line

@@ -62,7 +62,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     # Voxtral: a Whisper-style audio encoder feeding a Llama decoder (multimodal.py, voxtral.py)
     Architecture("voxtral", "voxtral", "multimodal-text-to-text", "AutoModelForSpeechSeq2Seq"),
     # LLaVA: a CLIP vision tower feeding a Llama decoder (multimodal.py, llava.py)
-    Architecture("llava", "llava", "multimodal-text-to-text", "AutoModelForImageTextToText"),
+    Architecture("llava", "llava", "multimodal-text-to-text", "AutoModelForImageTextToText", refused=(
+        ("coreml", "coremltools 9 has no uint8 tensor input, and the vision_encoder takes the runner's "
+                   "uint8 image (KeyError: torch.uint8 converting it)"),)),
 )}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
