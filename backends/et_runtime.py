@@ -104,18 +104,25 @@ def text_llm_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, prom
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     pieces: list[str] = []
+    with _stdout_discarded():
+        runner = TextLLMRunner(str(pte), str(tokenizer), None if data_file is None else str(data_file))
+        runner.generate(prompt, GenerationConfig(echo=False, temperature=0.0, max_new_tokens=-1),
+                        token_callback=pieces.append)
+    return pieces
+
+
+@contextlib.contextmanager
+def _stdout_discarded():
+    """fd 1 to /dev/null: the C++ runners print the text they generate and their statistics."""
     sys.stdout.flush()
     saved = os.dup(1)
     try:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 1)
-            runner = TextLLMRunner(str(pte), str(tokenizer), None if data_file is None else str(data_file))
-            runner.generate(prompt, GenerationConfig(echo=False, temperature=0.0, max_new_tokens=-1),
-                            token_callback=pieces.append)
+            yield
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-    return pieces
 
 
 def multimodal_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, inputs: list, max_new_tokens: int,
@@ -148,17 +155,10 @@ def multimodal_generate(pte: str | os.PathLike, tokenizer: str | os.PathLike, in
         else:
             raise ValueError(f"the multimodal runner takes text, audio and images, not {kind!r}")
     pieces: list[str] = []
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            runner = MultimodalRunner(str(pte), str(tokenizer), None if data_file is None else str(data_file))
-            runner.generate(items, GenerationConfig(echo=False, temperature=0.0, max_new_tokens=max_new_tokens),
-                            token_callback=pieces.append)
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    with _stdout_discarded():
+        runner = MultimodalRunner(str(pte), str(tokenizer), None if data_file is None else str(data_file))
+        runner.generate(items, GenerationConfig(echo=False, temperature=0.0, max_new_tokens=max_new_tokens),
+                        token_callback=pieces.append)
     return pieces
 
 

@@ -27,3 +27,47 @@ TINY_SOURCE = """\
 def doit_command() -> list[str]:
     script = Path(sys.executable).with_name("doit")
     return [str(script)] if script.exists() else [sys.executable, "-m", "doit"]
+
+
+def write_manifest(root: Path, manifest: Path, targets) -> Path:
+    """A copy of a shipped ``manifest`` under ``root/manifests`` keeping only ``targets``
+    (and the schemes they use): the family tests build a few targets of a manifest."""
+    import yaml
+
+    data = yaml.safe_load(Path(manifest).read_text())
+    data["targets"] = [t for t in data["targets"] if t["name"] in targets]
+    used = {t["quantization"] for t in data["targets"]}
+    data["quantization"] = {k: v for k, v in data["quantization"].items() if k in used}
+    (root / "manifests").mkdir(parents=True, exist_ok=True)
+    path = root / "manifests" / Path(manifest).name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def build(root: Path, env, manifest: Path):
+    """`doit build manifest` in ``root`` with its own cache and artifacts, as a user runs it."""
+    import subprocess
+
+    env = env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
+    return subprocess.run(doit_command() + ["build", str(manifest)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def artifact(root: Path, name: str, version: str, target: str) -> tuple[Path, dict]:
+    """A built target's ``.pte`` and its record."""
+    import json
+
+    out = root / "artifacts" / name / version
+    return out / f"{name}-{target}.pte", json.loads((out / f"{name}-{target}.json").read_text())
+
+
+def eager_model(root: Path, record: dict):
+    """transformers' model from a build's weights, quantized like the record's target."""
+    from mlxbuild.cache import Cache
+    from mlxbuild.families.hf import load_model
+    from mlxbuild.stages import quantize
+
+    cache = Cache(root / "cache")
+    model = load_model(cache.path("weights", record["keys"]["weights"]), record["dtype"])
+    quantize.load_into(model, cache.path("quantize", record["keys"]["quantize"]))
+    return model

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from buildlog import doit_command
+import buildlog
+from buildlog import build, eager_model
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "voxtral-tiny.yaml"
@@ -28,21 +29,8 @@ FAST_TARGETS = ("mlx-enc8-dec4", "portable-fp32")
 AUDIO_TOKENS = 25  # 200 frames -> 100 encoder positions -> 25 embeddings
 
 
-def write_manifest(root: Path, targets, manifest: Path = MANIFEST) -> Path:
-    data = yaml.safe_load(manifest.read_text())
-    data["targets"] = [t for t in data["targets"] if t["name"] in targets]
-    used = {t["quantization"] for t in data["targets"]}
-    data["quantization"] = {k: v for k, v in data["quantization"].items() if k in used}
-    (root / "manifests").mkdir(parents=True, exist_ok=True)
-    path = root / "manifests" / manifest.name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
-def build(root: Path, env, manifest: Path):
-    env = env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
-    return subprocess.run(doit_command() + ["build", str(manifest)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +41,16 @@ def built(tmp_path_factory, subprocess_env):
     return root
 
 
+
+
+
+
+def write_manifest(root: Path, targets, manifest: Path = MANIFEST) -> Path:
+    return buildlog.write_manifest(root, manifest, targets)
+
+
 def artifact(root: Path, target: str, name: str = NAME) -> tuple[Path, dict]:
-    out = root / "artifacts" / name / VERSION
-    return out / f"{name}-{target}.pte", json.loads((out / f"{name}-{target}.json").read_text())
-
-
-def eager_model(root: Path, record: dict):
-    from mlxbuild.cache import Cache
-    from mlxbuild.families.hf import load_model
-    from mlxbuild.stages import quantize
-
-    cache = Cache(root / "cache")
-    model = load_model(cache.path("weights", record["keys"]["weights"]), record["dtype"])
-    quantize.load_into(model, cache.path("quantize", record["keys"]["quantize"]))
-    return model
+    return buildlog.artifact(root, name, VERSION, target)
 
 
 def write_wav(path: Path, seconds: float = 2.0, rate: int = 16000) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from buildlog import doit_command
+import buildlog
+from buildlog import build, eager_model
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "voxtral-realtime-tiny.yaml"
@@ -27,21 +28,8 @@ NAME, VERSION = "voxtral-realtime-tiny", "0.1.0"
 FAST_TARGETS = ("mlx-4w", "portable-fp32")
 
 
-def write_manifest(root: Path, targets) -> Path:
-    data = yaml.safe_load(MANIFEST.read_text())
-    data["targets"] = [t for t in data["targets"] if t["name"] in targets]
-    used = {t["quantization"] for t in data["targets"]}
-    data["quantization"] = {k: v for k, v in data["quantization"].items() if k in used}
-    (root / "manifests").mkdir(parents=True, exist_ok=True)
-    path = root / "manifests" / MANIFEST.name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
-def build(root: Path, env, manifest: Path):
-    env = env(MLXBUILD_CACHE=root / "cache", MLXBUILD_ARTIFACTS=root / "artifacts")
-    return subprocess.run(doit_command() + ["build", str(manifest)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +40,16 @@ def built(tmp_path_factory, subprocess_env):
     return root
 
 
+
+
+
+
+def write_manifest(root: Path, targets) -> Path:
+    return buildlog.write_manifest(root, MANIFEST, targets)
+
+
 def artifact(root: Path, target: str) -> tuple[Path, dict]:
-    out = root / "artifacts" / NAME / VERSION
-    return out / f"{NAME}-{target}.pte", json.loads((out / f"{NAME}-{target}.json").read_text())
-
-
-def eager_model(root: Path, record: dict):
-    """transformers' model from the build's weights, quantized like the target."""
-    from mlxbuild.cache import Cache
-    from mlxbuild.families.hf import load_model
-    from mlxbuild.stages import quantize
-
-    cache = Cache(root / "cache")
-    model = load_model(cache.path("weights", record["keys"]["weights"]), record["dtype"])
-    quantize.load_into(model, cache.path("quantize", record["keys"]["quantize"]))
-    return model
+    return buildlog.artifact(root, NAME, VERSION, target)
 
 
 def write_wav(path: Path, seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
