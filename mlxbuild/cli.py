@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None, parse_only: bool = False):
     r.add_argument("--features", metavar="NPY", help="speech-to-text: log-mel features [n_mels, frames] "
                    "or [1, n_mels, frames] in a .npy file")
     r.add_argument("--image", metavar="PNG", help="multimodal: an image for the program's vision_encoder")
+    r.add_argument("--prefix-ids", metavar="IDS", help="multimodal: token ids before the media, e.g. a chat "
+                   "template's '1 3 25' (default: the program's get_prompt_prefix_ids, its BOS)")
     r.add_argument("--stream", action="store_true", help="streaming speech-to-text: feed --audio as it "
                    "would arrive, --chunk-ms at a time, printing the transcript so far after each piece")
     r.add_argument("--chunk-ms", type=int, default=80, metavar="N", help="--stream: milliseconds of audio "

@@ -141,6 +141,29 @@ def test_run_audio_matches_transformers_generate(built, target, tmp_path, capsys
     assert len(set(result["tokens"])) >= 2
 
 
+def test_run_prefix_ids_go_before_the_audio(built, tmp_path, capsys):
+    """--prefix-ids (a chat template's tokens before the media) replace the BOS-only prefix."""
+    import torch
+
+    from mlxbuild.families import voxtral, whisper_modules
+
+    pte, record = artifact(built, "mlx-enc8-dec4")
+    wav = tmp_path / "sweep.wav"
+    write_wav(wav)
+    rc, result, err = _run_json(capsys, pte, "--audio", wav, "--prefix-ids", "1 9 10", "--ids", "7",
+                                "--max-new-tokens", 6, "--no-eos")
+    assert rc == 0, err
+    assert result["prompt_segments"] == [["text", 3], ["audio_encoder", [1, 32, 200]], ["text", 1]]
+    model = eager_model(built, record)
+    inputs = voxtral.with_prompt(model, {"media": torch.from_numpy(whisper_modules.log_mel(wav, 32, 200))},
+                                 [1, 9, 10], [7])
+    assert result["tokens"] == voxtral.eager_generate(model, inputs, 6)[len(inputs["prompt_ids"]):]
+    from mlxbuild import cli
+
+    assert cli.main(["run", str(pte), "--prefix-ids", "1 x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --prefix-ids '1 x': token ids separated by spaces"
+
+
 def test_run_refuses_inputs_the_program_does_not_take(built, capsys):
     from mlxbuild import cli
 

@@ -266,7 +266,13 @@ def prepare_inputs(program, args, tokenizer) -> None:
             raise ValueError(f"--{flag}: this program has no {method} (its methods: "
                              f"{', '.join(program.method_names)}); it takes {fam.MODALITY}")
     meta = program.constant_methods
-    before = [int(t) for t in meta.get("get_prompt_prefix_ids") or []]
+    if getattr(args, "prefix_ids", None) is not None:
+        try:
+            before = [int(t) for t in args.prefix_ids.split()]
+        except ValueError:
+            raise ValueError(f"--prefix-ids {args.prefix_ids!r}: token ids separated by spaces") from None
+    else:
+        before = [int(t) for t in meta.get("get_prompt_prefix_ids") or []]
     if getattr(args, "prompt", None):
         if tokenizer is None:
             raise ValueError("--prompt needs a tokenizer (--tokenizer, or the manifest's beside the artifact)")
