@@ -71,3 +71,14 @@ def eager_model(root: Path, record: dict):
     model = load_model(cache.path("weights", record["keys"]["weights"]), record["dtype"])
     quantize.load_into(model, cache.path("quantize", record["keys"]["quantize"]))
     return model
+
+
+def run_json(capsys, *args) -> tuple[int, dict | None, str]:
+    """`mlxbuild run ... --json` in-process: (exit code, the result, stderr)."""
+    import json
+
+    from mlxbuild import cli
+
+    rc = cli.main(["run", *map(str, args), "--json"])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 else None), err

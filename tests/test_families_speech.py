@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import buildlog
-from buildlog import build, eager_model
+from buildlog import build, eager_model, run_json as _run_json
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,14 +191,6 @@ def test_mlxbuild_run_prints_a_transcription(built, subprocess_env):
     n = int(line.split("(")[1].split()[0])
     assert 1 <= n <= 6 and len(line.rsplit("): ", 1)[1].split()) == n
     assert lines[-1].startswith("encoder ") and "tok/s" in lines[-1]
-
-
-def _run_json(capsys, *args) -> tuple[int, dict | None, str]:
-    from mlxbuild import cli
-
-    rc = cli.main(["run", *map(str, args), "--json"])
-    out, err = capsys.readouterr()
-    return rc, (json.loads(out) if rc == 0 else None), err
 
 
 def test_run_inputs_audio_features_and_backends(built, tmp_path, capsys):

@@ -11,7 +11,6 @@ transformers' own `generate` on the same file.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import wave
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 import buildlog
-from buildlog import build, eager_model
+from buildlog import build, eager_model, run_json as _run_json
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "voxtral-tiny.yaml"
@@ -59,14 +58,6 @@ def write_wav(path: Path, seconds: float = 2.0, rate: int = 16000) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
         w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-
-
-def _run_json(capsys, *args) -> tuple[int, dict | None, str]:
-    from mlxbuild import cli
-
-    rc = cli.main(["run", *map(str, args), "--json"])
-    out, err = capsys.readouterr()
-    return rc, (json.loads(out) if rc == 0 else None), err
 
 
 @pytest.mark.parametrize("target", FAST_TARGETS)

@@ -11,7 +11,6 @@ and the encoder's state across chunk calls.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import wave
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 import buildlog
-from buildlog import build, eager_model
+from buildlog import build, eager_model, run_json as _run_json
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "voxtral-realtime-tiny.yaml"
@@ -61,14 +60,6 @@ def write_wav(path: Path, seconds: float, rate: int = 16000, seed: int = 0) -> n
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
         w.writeframes(pcm.tobytes())
     return pcm.astype(np.float32) / 32767
-
-
-def _run_json(capsys, *args) -> tuple[int, dict | None, str]:
-    from mlxbuild import cli
-
-    rc = cli.main(["run", *map(str, args), "--json"])
-    out, err = capsys.readouterr()
-    return rc, (json.loads(out) if rc == 0 else None), err
 
 
 # --------------------------------------------------------------------------- the build

@@ -123,6 +123,17 @@ def refusal(architecture: str, backend: str) -> str | None:
     return dict(arch.refused).get(backend) if arch else None
 
 
+def family_of(task: str, family_modules, model_type: str):
+    """The family module of ``family_modules`` (a task kind's) that handles ``model_type``."""
+    from mlxbuild.errors import BuildError
+
+    for fam in family_modules:
+        if model_type in model_types_of(fam.NAME):
+            return fam
+    known = ", ".join(t for fam in family_modules for t in model_types_of(fam.NAME))
+    raise BuildError(f"{task}: model_type {model_type!r} is not supported (supported: {known})")
+
+
 def model_types_of(family: str) -> tuple[str, ...]:
     """The transformers model_types a family module (``whisper``) handles."""
     return tuple(a.model_type for a in ARCHITECTURES.values() if a.name == family)

@@ -83,3 +83,18 @@ def first_parting(got: list, want: list, margins: list, max_abs_error: float, wh
                     "reason": f"{who}'s token {i} is {a!r}, eager greedy gives {b!r} "
                               f"(a decisive choice: margin {margins[i]:.3g})"}
     return None
+
+
+def export_methods(modules: dict, examples: dict, names) -> dict:
+    """``torch.export`` (strict) each of ``names`` with its (example kwargs, dynamic shapes)."""
+    import torch
+
+    from mlxbuild import progress
+
+    programs = {}
+    with torch.no_grad():
+        for name in names:
+            progress.note(f"torch.export {name}")
+            kwargs, dynamic = examples[name]
+            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
+    return programs

@@ -99,19 +99,6 @@ def decoder_examples(hidden: int, dtype, max_prefill_chunk: int) -> dict:
             "text_decoder": (dec, {"input_embeds": {1: seq}, "cache_position": {0: seq}})}
 
 
-def export_methods(modules: dict, examples: dict, names) -> dict:
-    """``torch.export`` (strict) each of ``names`` with its (example kwargs, dynamic shapes)."""
-    from mlxbuild import progress
-
-    programs = {}
-    with torch.no_grad():
-        for name in names:
-            progress.note(f"torch.export {name}")
-            kwargs, dynamic = examples[name]
-            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return programs
-
-
 def text_ids(model) -> dict:
     """A composite model's decoder facts the runners read: vocabulary, BOS, EOS, width."""
     text = model.config.text_config

@@ -69,6 +69,7 @@ def export(model, params: dict, flavour):
 
     from mlxbuild.errors import BuildError
     from mlxbuild.families import embeds, hf
+    from mlxbuild.families.common import export_methods
 
     cfg = model.config
     fc = family_config(model)
@@ -99,7 +100,7 @@ def export(model, params: dict, flavour):
         # transformers installs its hidden-state capturing hooks (vision_feature_layer reads
         # them) on the first call, under a lock dynamo cannot trace: make that call eagerly.
         modules[ENCODER](**examples[ENCODER][0])
-    return embeds.export_methods(modules, examples, METHODS), fc
+    return export_methods(modules, examples, METHODS), fc
 
 
 def constant_methods(params: dict, fc: dict) -> dict:

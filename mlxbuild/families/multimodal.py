@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from mlxbuild.families import llava, model_types_of, voxtral
+from mlxbuild.families import family_of, llava, voxtral
 
 NAME = "multimodal-text-to-text"
 FAMILIES = (voxtral, llava)
@@ -48,13 +48,7 @@ def verify_spec(max_context_length: int, max_prefill_chunk: int) -> dict:
 
 
 def family(model_type: str):
-    from mlxbuild.errors import BuildError
-
-    for fam in FAMILIES:
-        if model_type in model_types_of(fam.NAME):
-            return fam
-    known = ", ".join(t for fam in FAMILIES for t in model_types_of(fam.NAME))
-    raise BuildError(f"{NAME}: model_type {model_type!r} is not supported (supported: {known})")
+    return family_of(NAME, FAMILIES, model_type)
 
 
 def family_of_program(method_names):

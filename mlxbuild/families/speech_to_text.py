@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlxbuild.families import model_types_of, parakeet, whisper
+from mlxbuild.families import family_of, parakeet, whisper
 
 NAME = "speech-to-text"
 FAMILIES = (whisper, parakeet)
@@ -42,13 +42,7 @@ def verify_spec(max_context_length: int, max_prefill_chunk: int) -> dict:
 
 
 def family(model_type: str):
-    from mlxbuild.errors import BuildError
-
-    for fam in FAMILIES:
-        if model_type in model_types_of(fam.NAME):
-            return fam
-    known = ", ".join(t for fam in FAMILIES for t in model_types_of(fam.NAME))
-    raise BuildError(f"speech-to-text: model_type {model_type!r} is not supported (supported: {known})")
+    return family_of(NAME, FAMILIES, model_type)
 
 
 def family_of_program(method_names):

@@ -44,6 +44,7 @@ def export(model, params: dict, flavour):
 
     from mlxbuild.errors import BuildError
     from mlxbuild.families import embeds, hf
+    from mlxbuild.families.common import export_methods
 
     cfg = model.config
     fc = family_config(model)
@@ -70,7 +71,7 @@ def export(model, params: dict, flavour):
                                         params)}
     examples = {ENCODER: ({"input_features": torch.zeros(1, fc["num_mel_bins"], fc["frames"], dtype=dtype)}, None),
                 **embeds.decoder_examples(fc["hidden_size"], dtype, params["max_prefill_chunk"])}
-    return embeds.export_methods(modules, examples, METHODS), fc
+    return export_methods(modules, examples, METHODS), fc
 
 
 def constant_methods(params: dict, fc: dict) -> dict:

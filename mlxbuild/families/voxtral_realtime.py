@@ -143,6 +143,7 @@ def export(model, params: dict, flavour):
     import torch
 
     from mlxbuild.families import embeds, hf
+    from mlxbuild.families.common import export_methods
 
     _check_supported(model, params)
     dtype = hf.DTYPES[params["dtype"]]
@@ -154,7 +155,7 @@ def export(model, params: dict, flavour):
                                 "enc_pos": torch.arange(CHUNK_ENC)}, None),
         **embeds.decoder_examples(cfg.text_config.hidden_size, dtype, params["max_prefill_chunk"]),
     }
-    return embeds.export_methods(modules, examples, METHODS), {"audio_config": audio_config(model)}
+    return export_methods(modules, examples, METHODS), {"audio_config": audio_config(model)}
 
 
 def constant_methods(params: dict, info: dict) -> dict:

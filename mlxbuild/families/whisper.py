@@ -71,23 +71,15 @@ def _check_supported(model, params: dict) -> None:
 
 
 def export(model, params: dict, flavour):
-    import torch
-
-    from mlxbuild import progress
     from mlxbuild.families import hf, whisper_modules
+    from mlxbuild.families.common import export_methods
 
     _check_supported(model, params)
     dtype = hf.DTYPES[params["dtype"]]
     modules = {"encoder": whisper_modules.WhisperEncoder(model).eval(),
                "text_decoder": whisper_modules.WhisperTextDecoder(model, flavour.DecoderCache, params["max_context_length"]).eval()}
     examples = whisper_modules.example_inputs(model.config, dtype, params["max_prefill_chunk"])
-    programs = {}
-    with torch.no_grad():
-        for name in METHODS:
-            progress.note(f"torch.export {name}")
-            kwargs, dynamic = examples[name]
-            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return programs, speech_config(model)
+    return export_methods(modules, examples, METHODS), speech_config(model)
 
 
 def constant_methods(params: dict, sc: dict) -> dict:

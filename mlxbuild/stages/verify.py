@@ -95,7 +95,7 @@ def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, data_
     ships beside it, the family's runner reference prompt, generation to the context limit."""
     import json
 
-    from backends.et_runtime import native_stderr_captured, text_llm_generate
+    from backends.et_runtime import text_llm_generate
 
     from mlxbuild.families import text_runner
 
@@ -103,31 +103,36 @@ def runner(pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, data_
         return {"passed": True, "skipped": "no runner reference (a sliding-window model: "
                                            "TextLLMRunner budgets it as an all-ring model)"}
     prompt = json.loads((reference / text_runner.RUNNER_FILE).read_text())["prompt"]
-    try:
-        with native_stderr_captured() as log:
-            pieces = text_llm_generate(pte, tokenizer_dir, prompt, data_files[0] if data_files else None)
-    except Exception as e:  # noqa: BLE001 - the binding raises RuntimeError("Generation failed")
-        tail = " | ".join(log["text"].strip().splitlines()[-3:])
-        return {"passed": False, "reason": f"TextLLMRunner failed: {e}" + (f" ({tail})" if tail else "")}
-    return text_runner.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
+    pieces, failed = _pieces("TextLLMRunner", lambda: text_llm_generate(
+        pte, tokenizer_dir, prompt, data_files[0] if data_files else None))
+    return failed or text_runner.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
 
 
 def multimodal_runner(kind, pte: Path, tokenizer_dir: Path, reference: Path, numbers: dict, data_files=()) -> dict:
     """A multimodal artifact as an app runs it: ExecuTorch's MultimodalRunner with the
     tokenizer that ships beside it, the task kind's inputs (media, then text)."""
-    from backends.et_runtime import multimodal_generate, native_stderr_captured
+    from backends.et_runtime import multimodal_generate
 
     given = kind.runner_inputs(reference)
     if given is None:
         return {"passed": True, "skipped": "no runner reference"}
     inputs, new_tokens = given
+    pieces, failed = _pieces("MultimodalRunner", lambda: multimodal_generate(
+        pte, tokenizer_dir, inputs, new_tokens, data_files[0] if data_files else None))
+    return failed or kind.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
+
+
+def _pieces(who: str, generate):
+    """(the pieces a runner binding's callback received, None), or (None, the failed check
+    with the native log's last lines): the bindings raise RuntimeError on a failed generation."""
+    from backends.et_runtime import native_stderr_captured
+
     try:
         with native_stderr_captured() as log:
-            pieces = multimodal_generate(pte, tokenizer_dir, inputs, new_tokens, data_files[0] if data_files else None)
-    except Exception as e:  # noqa: BLE001 - the binding raises RuntimeError on a failed generation
+            return generate(), None
+    except Exception as e:  # noqa: BLE001 - whatever the runner raises fails the check
         tail = " | ".join(log["text"].strip().splitlines()[-3:])
-        return {"passed": False, "reason": f"MultimodalRunner failed: {e}" + (f" ({tail})" if tail else "")}
-    return kind.compare_runner(pieces, reference, float(numbers.get("max_abs_error") or 0.0))
+        return None, {"passed": False, "reason": f"{who} failed: {e}" + (f" ({tail})" if tail else "")}
 
 
 BUNDLED = "model.bpte"
