@@ -69,7 +69,7 @@ class ManifestLoader(TaskLoader2):
     def load_tasks(self, cmd, pos_args):
         from mlxbuild.errors import MlxbuildError, UsageError
         from mlxbuild.build import plan_manifests
-        from mlxbuild.report import EXIT_MANIFEST, EXIT_USAGE
+        from mlxbuild.report import EXIT_BUILD, EXIT_MANIFEST, EXIT_USAGE
         from mlxbuild.settings import roots
         from mlxbuild.tasks import task_dicts
 
@@ -98,10 +98,20 @@ class ManifestLoader(TaskLoader2):
                     from mlxbuild.build import preflight
 
                     preflight({s.params.backend for s in plan.steps.values() if s.kind == "lower"})
+                if self.executor is None and not plan.remote_cache:
+                    # (on Ray each worker has its own budget; a remote cache may hold the step)
+                    from mlxbuild import memory
+                    from mlxbuild.cache import Cache
+
+                    memory.refuse_over_budget(plan, Cache(r.cache), memory.budget())
         except MlxbuildError as e:
             # One line, and the exit code doit uses for errors before any task runs.
             print(f"error: {e}", file=sys.stderr)
-            raise PlanFailed(EXIT_USAGE if isinstance(e, UsageError) else EXIT_MANIFEST, e)
+            from mlxbuild.memory import OverBudget
+
+            code = EXIT_USAGE if isinstance(e, UsageError) else EXIT_BUILD if isinstance(e, OverBudget) \
+                else EXIT_MANIFEST
+            raise PlanFailed(code, e)
         self.plan = plan
         if getattr(cmd, "name", None) in ("build", "release"):
             try:

@@ -198,14 +198,18 @@ def plan_manifest(manifest, plan: Plan, hasher: FileHasher, artifacts_root: Path
             verify_spec["tokenizer"] = tokenizer.key
         else:
             verify_spec.pop("runner_prompt", None)
+        # A backend that stores 4-bit scales under dynamic activations rounded has a reference
+        # of its own computing with them so; other references (and their keys) are unchanged.
+        scales = getattr(backend, "REFERENCE_SCALES", None) if _dynamic_int4(scheme) else None
         ref_key = stable_hash("reference", quant.key, export_spec, verify_spec,
+                              *([{"scales": scales}] if scales else []),
                               _versions("torch", "transformers", "executorch",
                                         code=step_code("reference", task=task)))
         reference = plan.add(Step(
-            kind=StepKind.REFERENCE, name=f"reference:{tag}.{_short(ref_key)}", key=ref_key,
+            kind=StepKind.REFERENCE, name=f"reference:{tag}{f'.{scales}-scales' if scales else ''}.{_short(ref_key)}", key=ref_key,
             deps=[quant.name, *([tokenizer.name] if "tokenizer" in verify_spec else [])],
             params={"weights": weights.key, "quantized": quant.key, "dtype": tdtype,
-                    **export_spec, **verify_spec},
+                    **export_spec, **verify_spec, **({"scales": scales} if scales else {})},
             label=f"{manifest.name} {tag}"))
 
         tname = f"{manifest.name}/{target.name}"
@@ -362,6 +366,13 @@ def _text_spec(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer, spec
     digest = hasher.hash(path)
     return {"params": {**spec, "dataset": {"file": str(path.resolve()), "sha256": digest}},
             "identity": {**spec, "dataset": {"sha256": digest, "format": path.suffix}}, "text": True}
+
+
+def _dynamic_int4(scheme: dict) -> bool:
+    """Whether any rule of a scheme makes 4-bit weights under int8 dynamic activations."""
+    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
+    return any(r and r.get("format", "affine") == "affine" and r.get("activations") == "int8_dynamic"
+               and r.get("bits") == 4 for r in rules)
 
 
 def _short(key: str) -> str:

@@ -108,6 +108,9 @@ class ReferenceParams(ExportSpec):
     # The runner check's prompt (tokens of the shipped corpus), when a tokenizer travels.
     tokenizer: str | None = None
     runner_prompt: int = 0
+    # The dtype the targets' backend stores dynamic-activation 4-bit scales in (its
+    # REFERENCE_SCALES), where it rounds them.
+    scales: Dtype | None = None
 
 
 class LowerParams(ExportSpec):

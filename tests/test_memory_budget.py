@@ -132,7 +132,9 @@ def test_a_step_over_the_budget_fails_before_it_starts(tmp_path, subprocess_env)
     line = next(ln for ln in (p.stdout + p.stderr).splitlines() if "memory budget" in ln)
     assert "weights mem (fp32): needs an estimated 400 MB, over the memory budget of 300 MB" in line, line
     assert "(--memory-budget or MLXBUILD_MEMORY_BUDGET)" in line
-    assert not list((tmp_path / "cache").glob("**/model.safetensors"))  # nothing written
+    # refused when planned: not after the steps before it have run
+    assert "more step(s) too; nothing was run (--target builds the others)" in line, line
+    assert not list((tmp_path / "cache").glob("*/*"))  # no step ran, not even the tokenizer
     assert not (tmp_path / "artifacts" / "mem").exists()
 
 
@@ -153,6 +155,9 @@ def test_steps_that_do_not_fit_together_run_one_after_the_other(tmp_path, subpro
         else:
             assert not _overlaps(heavy), _overlaps(heavy)
             assert any(s.get("waited") for s in heavy) and "waiting for memory" in p.stdout + p.stderr
+            # once built, a budget below its steps' estimates refuses nothing: they don't run
+            again = _build(root, subprocess_env, "--memory-budget", "300M")
+            assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
 
 
 def test_the_ledger_waits_for_room_and_forgets_dead_holders(tmp_path):

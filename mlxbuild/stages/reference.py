@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from mlxbuild import families
 from mlxbuild.families import text_runner
 from mlxbuild.quantize import device_for
@@ -17,11 +19,29 @@ from mlxbuild.stages.quantize import quantized_model
 from mlxbuild.steps import ReferenceParams, ReferenceResult
 
 
+def round_dynamic_int4_scales(model: torch.nn.Module, dtype: str) -> int:
+    """Round, in place, the scales of the 4-bit weights that run under int8 dynamic
+    activations to ``dtype`` (kept in their own dtype), as a backend that stores them so
+    computes with them (its ``REFERENCE_SCALES``). Returns how many weights were rounded."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    to = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    n = 0
+    for p in model.parameters():
+        if isinstance(p, IntxUnpackedToInt8Tensor) and p.activation_quantization \
+                and p.target_dtype == torch.int4:
+            p.scale.copy_(p.scale.to(to).to(p.scale.dtype))
+            n += 1
+    return n
+
+
 def run(params: ReferenceParams, cache, out: Path) -> ReferenceResult:
     plain = params.plain()
     if params.tokenizer:
         plain["tokenizer_dir"] = str(cache.read("tokenizer", params.tokenizer))
     model = quantized_model(cache, params)
+    if params.scales:
+        round_dynamic_int4_scales(model, params.scales)
     kind = families.get(params.task)
     with device_for(model):
         info = kind.reference(model, plain, out)
