@@ -15,9 +15,24 @@ def as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def compare(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
+# A bf16/fp16 reference's logits computed once more in float32 (same quantized codes, same
+# tokens): what that precision costs the eager model itself.
+PRECISE_LOGITS = "logits_fp32.npy"
+# As PyTorch's accuracy checks judge low-precision results (torch._dynamo.utils.same with an
+# fp64 reference): an artifact is faithful if it is no further from the more precise
+# computation than this many times the eager model in the same precision is. Two bf16
+# implementations of one model part by about twice what either carries, and that grows
+# with width and depth: at Llama-3.1-8B's shapes (4,096 wide, 32 layers) the MLX artifact
+# was 0.064 of the largest logit from eager bf16, over the table's 0.04, while eager bf16 is
+# 0.012 from float32 at two layers of that width and 0.019 at 32 layers 1,024 wide.
+PRECISE_MULTIPLIER = 2.0
+
+
+def compare(got: np.ndarray, ref: np.ndarray, tol: dict, precise: np.ndarray | None = None) -> dict:
     """Logit rows against the reference: error relative to the largest reference logit,
-    and top-1 agreement where the reference's winner is clear."""
+    and top-1 agreement where the reference's winner is clear. With ``precise`` (the
+    reference in float32), an error over the table's is still faithful where the artifact
+    is within ``PRECISE_MULTIPLIER`` times the reference's own distance from float32."""
     if got.shape != ref.shape:
         return {"passed": False, "reason": f"logits shape {got.shape} != reference {ref.shape}"}
     scale = float(np.abs(ref).max()) or 1.0
@@ -29,13 +44,74 @@ def compare(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
     # Only positions where the reference's winner is clear must agree.
     decisive = (srt[:, -1] - srt[:, -2]) > 2 * err
     decisive_agree = float((top_ref == top_got)[decisive].mean()) if decisive.any() else 1.0
-    passed = rel <= tol["max_rel_error"] and decisive_agree >= tol["min_top1_agreement"]
+    allowed = tol["max_rel_error"]
+    extra = {}
+    if precise is not None and precise.shape == ref.shape:
+        p_scale = float(np.abs(precise).max()) or 1.0
+        own = float(np.abs(ref - precise).max()) / p_scale
+        art = float(np.abs(got - precise).max()) / p_scale
+        extra["float32_reference"] = {"reference_rel_error": own, "artifact_rel_error": art,
+                                      "multiplier": PRECISE_MULTIPLIER}
+        if art <= PRECISE_MULTIPLIER * own:
+            # the artifact may then part from the reference by both errors together
+            allowed = max(allowed, (PRECISE_MULTIPLIER + 1) * own)
+    passed = rel <= allowed and decisive_agree >= tol["min_top1_agreement"]
     reason = "" if passed else (
-        f"max abs error {err:.3g} ({rel:.3g} of the largest logit, allowed {tol['max_rel_error']:.3g}), "
-        f"top-1 agreement {agree:.2%} ({decisive_agree:.2%} where decisive)")
+        f"max abs error {err:.3g} ({rel:.3g} of the largest logit, allowed {allowed:.3g}), "
+        f"top-1 agreement {agree:.2%} ({decisive_agree:.2%} where decisive)"
+        + (f"; {extra['float32_reference']['artifact_rel_error']:.3g} from float32 against the "
+           f"reference's own {extra['float32_reference']['reference_rel_error']:.3g}" if extra else ""))
     return {"passed": passed, "reason": reason, "executed": True, "max_abs_error": err,
             "max_rel_error": rel, "top1_agreement": agree, "top1_agreement_decisive": decisive_agree,
-            "positions": int(ref.shape[0]), "tolerance": tol}
+            "positions": int(ref.shape[0]), "tolerance": tol, "allowed_rel_error": allowed, **extra}
+
+
+def precise_pass_applies(model) -> bool:
+    """Whether the reference also runs in float32: a bf16/fp16 transformers model behind a
+    static cache whose unquantized weights are no larger than its quantized ones, so that
+    their float32 copies stay within the quantized model's own size (an unquantized 8B model
+    would need 32 GB more; its targets are held to the table alone)."""
+    import torch
+
+    from mlxbuild.families import gated_delta, hf
+
+    if not hf.is_hf(model) or gated_delta.is_hybrid(model):
+        return False
+    plain = quantized = 0
+    dtypes = set()
+    for p in model.parameters():
+        if type(p) in (torch.Tensor, torch.nn.Parameter):
+            if p.is_floating_point():
+                plain += p.numel() * p.element_size()
+                dtypes.add(p.dtype)
+        else:
+            quantized += p.numel()  # a byte per value or less, as torchao unpacks them
+            dtypes.add(p.dtype)
+    return bool(quantized) and plain <= quantized and bool(dtypes & {torch.bfloat16, torch.float16}) \
+        and not dtypes & {torch.float32}
+
+
+def in_float32(model, fn):
+    """``fn()`` with ``model``'s parameters in float32 (quantized ones keep their codes and
+    get float32 scales; tied ones stay tied); then the original parameters are put back."""
+    import torch
+
+    swapped, copies = [], {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, p in list(table.items()):
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                    if id(p) not in copies:
+                        f32 = p.detach().to(torch.float32)
+                        copies[id(p)] = torch.nn.Parameter(f32, requires_grad=False) \
+                            if isinstance(p, torch.nn.Parameter) else f32
+                    swapped.append((table, name, p))
+                    table[name] = copies[id(p)]
+    try:
+        return fn()
+    finally:
+        for table, name, p in swapped:
+            table[name] = p
 
 
 def compare_tensor(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:

@@ -93,7 +93,7 @@ def reference(model, params: dict, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from mlxbuild.families import hf
+    from mlxbuild.families import common, hf
 
     exportable = hf.make_exportable(model, params["max_context_length"]).eval()
     vocab = hf.text_config(model).get("vocab_size") or params.get("vocab_size", 2)
@@ -113,7 +113,27 @@ def reference(model, params: dict, out: Path) -> dict:
     np.save(out / "logits.npy", torch.cat(logits, dim=0).cpu().numpy())
     info = {"prompt": params["prompt"], "decode_steps": params["decode_steps"],
             "positions": int(sum(x.shape[0] for x in logits))}
+    if common.precise_pass_applies(model):
+        del exportable, step
+        precise = common.in_float32(model, lambda: _teacher_forced(model, params, torch.cat(fed, dim=1)))
+        np.save(out / common.PRECISE_LOGITS, precise.cpu().numpy())
     return info
+
+
+def _teacher_forced(model, params: dict, fed):
+    """Logits of ``model`` fed exactly ``fed`` (the reference's own tokens): one prefill of the
+    prompt, then one token per step, as ``reference`` runs it."""
+    import torch
+
+    from mlxbuild.families import hf
+
+    exportable = hf.make_exportable(model, params["max_context_length"]).eval()
+    n = params["prompt"]
+    with torch.no_grad():
+        rows = [exportable(input_ids=fed[:, :n], cache_position=torch.arange(n))[0].float()]
+        for pos in range(n, fed.shape[1]):
+            rows.append(exportable(input_ids=fed[:, pos:pos + 1], cache_position=torch.tensor([pos]))[0].float())
+    return torch.cat(rows, dim=0)
 
 
 def run_pte(program, tokens, prompt: int):
@@ -130,11 +150,14 @@ def run_pte(program, tokens, prompt: int):
 def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
     import numpy as np
 
+    from mlxbuild.families import common
     from mlxbuild.families.common import compare
 
     tokens = np.load(reference_dir / "tokens.npy")
     ref = np.load(reference_dir / "logits.npy")
-    return compare(run_pte(program, tokens, info["prompt"]), ref, tol)
+    precise = reference_dir / common.PRECISE_LOGITS
+    return compare(run_pte(program, tokens, info["prompt"]), ref, tol,
+                   np.load(precise) if precise.is_file() else None)
 
 
 def run(program, args) -> dict:

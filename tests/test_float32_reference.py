@@ -1,0 +1,74 @@
+"""bf16/fp16 references computed once more in float32, and the rule PyTorch's own accuracy
+checks use for low precision: an artifact over the table's tolerance is still faithful where
+it is no further from float32 than ``PRECISE_MULTIPLIER`` times the eager model is."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mlxbuild.families import common, text_generation
+
+TOL = {"max_rel_error": 0.04, "min_top1_agreement": 1.0}
+
+
+def _logits(seed: int, scale: float = 1.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(6, 50)).astype(np.float32) * scale
+
+
+def test_an_error_within_the_references_own_passes_and_a_bug_does_not():
+    exact = _logits(0) * 5
+    exact[:, 7] += 30  # a decisive winner at every position
+    ref = exact + _logits(1, 0.5)   # eager bf16: 0.5-ish off float32
+    good = exact + _logits(2, 0.5)  # the artifact: as far off, elsewhere
+    rel = np.abs(good - ref).max() / np.abs(ref).max()
+    assert rel > TOL["max_rel_error"]  # the table alone would fail it
+    assert not common.compare(good, ref, TOL)["passed"]
+    result = common.compare(good, ref, TOL, exact)
+    assert result["passed"], result["reason"]
+    f32 = result["float32_reference"]
+    assert f32["artifact_rel_error"] <= 2 * f32["reference_rel_error"]
+    assert result["allowed_rel_error"] == 3 * f32["reference_rel_error"]
+    # a wrong artifact (a logit column moved) is far from both
+    bad = good.copy()
+    bad[:, 3] += 4
+    failed = common.compare(bad, ref, TOL, exact)
+    assert not failed["passed"]
+    assert "from float32 against the reference's own" in failed["reason"]
+
+
+def _tiny(dtype, scheme):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from mlxbuild.quantize import apply_scheme
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, tie_word_embeddings=True)).eval().to(dtype)
+    if scheme:
+        apply_scheme(model, scheme)
+    return model
+
+
+def test_the_reference_writes_float32_logits_for_a_quantized_bf16_model(tmp_path):
+    model = _tiny(torch.bfloat16, {"linear": {"bits": 4, "group_size": 32},
+                                   "embedding": {"bits": 4, "group_size": 32}})
+    assert common.precise_pass_applies(model)
+    params = {"max_context_length": 32, "prompt": 8, "decode_steps": 4, "seed": 0}
+    text_generation.reference(model, params, tmp_path)
+    bf16, f32 = np.load(tmp_path / "logits.npy"), np.load(tmp_path / common.PRECISE_LOGITS)
+    assert bf16.shape == f32.shape == (12, 256)
+    rel = np.abs(bf16 - f32).max() / np.abs(f32).max()
+    assert 1e-4 < rel < 0.05, rel  # bf16's own rounding, not another model
+    # the model is bf16 again afterwards (the runner reference runs it next)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # fed the same tokens in float32 from scratch: the same figures
+    again = common.in_float32(model, lambda: text_generation._teacher_forced(
+        model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy"))))
+    assert np.array_equal(again.numpy(), f32)
+
+
+def test_no_float32_pass_for_float32_or_mostly_unquantized_models():
+    assert not common.precise_pass_applies(_tiny(torch.float32, {"linear": {"bits": 4, "group_size": 32}}))
+    assert not common.precise_pass_applies(_tiny(torch.bfloat16, None))
