@@ -7,8 +7,9 @@ weights in the step's dtype, Q the quantized state (torchao's form: affine codes
 an int8 each plus a scale and a zero point per group; what the quantize step writes and
 export, the reference and lowering hold) and A the artifact:
 
-    weights     PROCESS + the largest piece (a layer, or the embeddings) x (4 B in fp32 + its cast
-                + 1.5 B of normal_'s work); a local checkpoint is linked, not loaded
+    weights     PROCESS + the largest piece (a layer, or the embeddings): its largest tensor x (4 B
+                in fp32 + its cast + 1.5 B of normal_'s work), the rest of it in the dtype; a
+                local checkpoint is linked, not loaded
     quantize    PROCESS + LINE(Q) + the largest piece in the step's dtype (round-to-nearest is
                 streamed a piece at a time, docs/quantization.md); GPTQ, AWQ and cuda_int4 load
                 the whole float model: PROCESS + WHOLE_QUANTIZE(W)
@@ -119,8 +120,11 @@ def _synthetic_shape(c: dict) -> dict | None:
     mlp = 3 * h * int(c.get("moe_intermediate_size") or inter) * experts if experts else 3 * h * inter
     layer = h * heads * hd * 2 + h * kv * hd * 2 + mlp
     embed = v * h * (1 if c.get("tie_word_embeddings", True) else 2)
-    # the pieces: each layer, and the rest (embedding and, untied, the output head)
-    return {"params": embed + layers * layer, "piece": max(embed, layer)}
+    # the pieces: each layer, and the rest (embedding and, untied, the output head); within a
+    # piece each module is cast as soon as it is initialized, so an untied head's embedding is
+    # already in the target dtype when the head is drawn in fp32 (a layer is counted whole)
+    piece = max(embed, layer)
+    return {"params": embed + layers * layer, "piece": piece, "tensor": v * h if embed > layer else piece}
 
 
 def _checkpoint_shape(folder: Path) -> dict | None:
@@ -201,9 +205,11 @@ def estimate(plan, step, shapes: dict | None = None) -> int:
     if kind == "weights":
         if "synthetic" not in step.params.load:
             return base
-        # the largest piece initialized in fp32, its cast copy, and normal_'s working memory
+        # the largest tensor initialized in fp32, its cast copy and normal_'s working memory,
+        # beside the rest of its piece already in the target dtype
         cast = DTYPE_BYTES[dtype] if dtype != "fp32" else 0
-        return int(base + shape["piece"] * (4 + cast + INIT_WORK_BYTES))
+        tensor = shape.get("tensor", shape["piece"])
+        return int(base + (shape["piece"] - tensor) * DTYPE_BYTES[dtype] + tensor * (4 + cast + INIT_WORK_BYTES))
     quant = _upstream(plan, step, "quantize")
     scheme = quant.params.scheme if quant else None
     if kind == "quantize" and not streams(scheme):
