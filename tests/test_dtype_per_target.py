@@ -104,7 +104,7 @@ def test_mixed_dtypes_build_and_verify(tmp_path, subprocess_env):
     # fp32 programs of bf16 weights compute in fp32: far below bf16's error
     assert records["mlx-4w-fp32"]["verification"]["max_rel_error"] < 1e-5 < records["mlx-4w"]["verification"]["max_rel_error"]
     # the bf16 target is also measured against its reference computed in float32
-    f32 = records["mlx-4w"]["verification"]["float32_reference"]
+    f32 = records["mlx-4w"]["verification"]["precise_reference"]
     assert 0 < f32["reference_rel_error"] < 0.05 and 0 < f32["artifact_rel_error"] < 0.1, f32
-    assert "float32_reference" not in records["mlx-4w-fp32"]["verification"]
+    assert "precise_reference" not in records["mlx-4w-fp32"]["verification"]
     assert p.stdout.count("ok weights ") == 1

@@ -15,24 +15,29 @@ def as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-# A bf16/fp16 reference's logits computed once more in float32 (same quantized codes, same
-# tokens): what that precision costs the eager model itself.
-PRECISE_LOGITS = "logits_fp32.npy"
+# The reference's logits computed once more without its own precision loss: in float32
+# arithmetic, and with activations left unquantized where the scheme rounds them to int8 per
+# token (same weight codes, same tokens). What that loss costs the eager model itself.
+PRECISE_LOGITS = "logits_precise.npy"
 # As PyTorch's accuracy checks judge low-precision results (torch._dynamo.utils.same with an
-# fp64 reference): an artifact is faithful if it is no further from the more precise
-# computation than this many times the eager model in the same precision is. Two bf16
-# implementations of one model part by about twice what either carries, and that grows
-# with width and depth: at Llama-3.1-8B's shapes (4,096 wide, 32 layers) the MLX artifact
-# was 0.064 of the largest logit from eager bf16, over the table's 0.04, while eager bf16 is
-# 0.012 from float32 at two layers of that width and 0.019 at 32 layers 1,024 wide.
+# fp64 reference): an artifact is faithful if it is no further from the precise computation
+# than this many times the eager model is. Two implementations that round part by about
+# twice what either carries, and that grows with width and depth:
+# - bf16: at Llama-3.1-8B's shapes (4,096 wide, 32 layers) the MLX artifact was 0.064 of the
+#   largest logit from eager bf16, over the table's 0.04; eager bf16 is 0.012 from float32 at
+#   two layers of that width and 0.019 at 32 layers 1,024 wide.
+# - int8 dynamic activations: float ops that differ in the last bit before a linear move an
+#   activation by a whole int8 step wherever they cross a rounding boundary. Two layers of
+#   Llama-3.2-3B's shapes on XNNPACK: rows bit-exact, others 0.02-0.05 off; 28 layers: 0.12.
 PRECISE_MULTIPLIER = 2.0
 
 
 def compare(got: np.ndarray, ref: np.ndarray, tol: dict, precise: np.ndarray | None = None) -> dict:
     """Logit rows against the reference: error relative to the largest reference logit,
     and top-1 agreement where the reference's winner is clear. With ``precise`` (the
-    reference in float32), an error over the table's is still faithful where the artifact
-    is within ``PRECISE_MULTIPLIER`` times the reference's own distance from float32."""
+    reference without its rounding, ``PRECISE_LOGITS``), an error over the table's is still
+    faithful where the artifact is within ``PRECISE_MULTIPLIER`` times the reference's own
+    distance from it."""
     if got.shape != ref.shape:
         return {"passed": False, "reason": f"logits shape {got.shape} != reference {ref.shape}"}
     scale = float(np.abs(ref).max()) or 1.0
@@ -50,7 +55,7 @@ def compare(got: np.ndarray, ref: np.ndarray, tol: dict, precise: np.ndarray | N
         p_scale = float(np.abs(precise).max()) or 1.0
         own = float(np.abs(ref - precise).max()) / p_scale
         art = float(np.abs(got - precise).max()) / p_scale
-        extra["float32_reference"] = {"reference_rel_error": own, "artifact_rel_error": art,
+        extra["precise_reference"] = {"reference_rel_error": own, "artifact_rel_error": art,
                                       "multiplier": PRECISE_MULTIPLIER}
         if art <= PRECISE_MULTIPLIER * own:
             # the artifact may then part from the reference by both errors together
@@ -59,18 +64,19 @@ def compare(got: np.ndarray, ref: np.ndarray, tol: dict, precise: np.ndarray | N
     reason = "" if passed else (
         f"max abs error {err:.3g} ({rel:.3g} of the largest logit, allowed {allowed:.3g}), "
         f"top-1 agreement {agree:.2%} ({decisive_agree:.2%} where decisive)"
-        + (f"; {extra['float32_reference']['artifact_rel_error']:.3g} from float32 against the "
-           f"reference's own {extra['float32_reference']['reference_rel_error']:.3g}" if extra else ""))
+        + (f"; {extra['precise_reference']['artifact_rel_error']:.3g} from the precise logits against the "
+           f"reference's own {extra['precise_reference']['reference_rel_error']:.3g}" if extra else ""))
     return {"passed": passed, "reason": reason, "executed": True, "max_abs_error": err,
             "max_rel_error": rel, "top1_agreement": agree, "top1_agreement_decisive": decisive_agree,
             "positions": int(ref.shape[0]), "tolerance": tol, "allowed_rel_error": allowed, **extra}
 
 
 def precise_pass_applies(model) -> bool:
-    """Whether the reference also runs in float32: a bf16/fp16 transformers model behind a
-    static cache whose unquantized weights are no larger than its quantized ones, so that
-    their float32 copies stay within the quantized model's own size (an unquantized 8B model
-    would need 32 GB more; its targets are held to the table alone)."""
+    """Whether the reference also runs precisely: a transformers model behind a static cache
+    that rounds (bf16/fp16 weights, or int8 dynamic activations) and whose unquantized weights
+    are no larger than its quantized ones, so that their float32 copies stay within the
+    quantized model's own size (an unquantized 8B bf16 model would need 32 GB more; its
+    targets are held to the table alone)."""
     import torch
 
     from mlxbuild.families import gated_delta, hf
@@ -78,7 +84,7 @@ def precise_pass_applies(model) -> bool:
     if not hf.is_hf(model) or gated_delta.is_hybrid(model):
         return False
     plain = quantized = 0
-    dtypes = set()
+    dtypes, dynamic = set(), False
     for p in model.parameters():
         if type(p) in (torch.Tensor, torch.nn.Parameter):
             if p.is_floating_point():
@@ -87,90 +93,45 @@ def precise_pass_applies(model) -> bool:
         else:
             quantized += p.numel()  # a byte per value or less, as torchao unpacks them
             dtypes.add(p.dtype)
-    return bool(quantized) and plain <= quantized and bool(dtypes & {torch.bfloat16, torch.float16}) \
-        and not dtypes & {torch.float32}
+            dynamic = dynamic or bool(getattr(p, "activation_quantization", None))
+    low = bool(dtypes & {torch.bfloat16, torch.float16}) and not dtypes & {torch.float32}
+    return bool(quantized) and plain <= quantized and (low or dynamic)
 
 
-def in_float32(model, fn):
-    """``fn()`` with ``model``'s parameters in float32 (quantized ones keep their codes and
-    get float32 scales; tied ones stay tied); then the original parameters are put back."""
+def _precise(p):
+    import torch
+
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    if isinstance(p, IntxUnpackedToInt8Tensor):
+        # the same codes, float32 scales, the activations as they come
+        p = IntxUnpackedToInt8Tensor(p.qdata, p.scale.to(torch.float32), p.zero_point, p.target_dtype,
+                                     p.block_size, torch.float32, None)
+        return torch.nn.Parameter(p, requires_grad=False)
+    f32 = p.detach().to(torch.float32)
+    return torch.nn.Parameter(f32, requires_grad=False) if isinstance(p, torch.nn.Parameter) else f32
+
+
+def precisely(model, fn):
+    """``fn()`` with ``model``'s parameters and buffers in float32 and its weights under
+    int8 dynamic activations taking them unquantized (quantized weights keep their codes;
+    tied ones stay tied); then the original tensors are put back."""
     import torch
 
     swapped, copies = [], {}
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, p in list(table.items()):
-                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
-                    if id(p) not in copies:
-                        f32 = p.detach().to(torch.float32)
-                        copies[id(p)] = torch.nn.Parameter(f32, requires_grad=False) \
-                            if isinstance(p, torch.nn.Parameter) else f32
-                    swapped.append((table, name, p))
-                    table[name] = copies[id(p)]
+                if p is None or not p.is_floating_point():
+                    continue
+                if p.dtype == torch.float32 and not getattr(p, "activation_quantization", None):
+                    continue
+                if id(p) not in copies:
+                    copies[id(p)] = _precise(p)
+                swapped.append((table, name, p))
+                table[name] = copies[id(p)]
     try:
         return fn()
     finally:
         for table, name, p in swapped:
             table[name] = p
-
-
-def compare_tensor(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
-    """A hidden-state output against the reference, relative to its largest value."""
-    if got.shape != ref.shape:
-        return {"passed": False, "reason": f"shape {got.shape} != reference {ref.shape}"}
-    err = float(np.abs(got.astype(np.float32) - ref).max())
-    rel = err / (float(np.abs(ref).max()) or 1.0)
-    passed = rel <= tol["max_rel_error"]
-    return {"passed": passed, "max_abs_error": err, "max_rel_error": rel,
-            "reason": "" if passed else f"max abs error {err:.3g} ({rel:.3g} of the largest value, "
-                                        f"allowed {tol['max_rel_error']:.3g})"}
-
-
-def runtime_failure(e: Exception, log: dict) -> dict:
-    tail = " | ".join(log["text"].strip().splitlines()[-3:])
-    return {"passed": False, "executed": True,
-            "reason": f"runtime error: {e}" + (f" (runtime log: {tail})" if tail else "")}
-
-
-def kv_cache_methods(params: dict) -> dict:
-    """Constant methods every runner of a KV-cached decoder reads (LLM and ASR runners alike)."""
-    return {
-        "get_max_seq_len": params["max_context_length"],
-        "get_max_context_len": params["max_context_length"],
-        "get_prefill_chunk_size": params["max_prefill_chunk"],
-        "use_kv_cache": True,
-        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
-    }
-
-
-def first_parting(got: list, want: list, margins: list, max_abs_error: float, who: str) -> dict | None:
-    """Where a runner's tokens first part from eager greedy's: ``None`` if nowhere in their
-    common length; else the check's result. They may part only at a near tie of the eager
-    model (a top-1 margin within twice the artifact's largest logit error, the rule
-    ``compare`` uses for decisive positions); after that the two continue from different
-    tokens and are not compared. ``who`` names the runner in the reason."""
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a != b:
-            if margins[i] <= 2 * max_abs_error:
-                return {"passed": True, "matched": i,
-                        "note": f"parted from eager at token {i} of {len(want)}, a near tie "
-                                f"(margin {margins[i]:.3g} <= 2 x {max_abs_error:.3g})"}
-            return {"passed": False, "matched": i,
-                    "reason": f"{who}'s token {i} is {a!r}, eager greedy gives {b!r} "
-                              f"(a decisive choice: margin {margins[i]:.3g})"}
-    return None
-
-
-def export_methods(modules: dict, examples: dict, names) -> dict:
-    """``torch.export`` (strict) each of ``names`` with its (example kwargs, dynamic shapes)."""
-    import torch
-
-    from mlxbuild import progress
-
-    programs = {}
-    with torch.no_grad():
-        for name in names:
-            progress.note(f"torch.export {name}")
-            kwargs, dynamic = examples[name]
-            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
-    return programs

@@ -115,7 +115,7 @@ def reference(model, params: dict, out: Path) -> dict:
             "positions": int(sum(x.shape[0] for x in logits))}
     if common.precise_pass_applies(model):
         del exportable, step
-        precise = common.in_float32(model, lambda: _teacher_forced(model, params, torch.cat(fed, dim=1)))
+        precise = common.precisely(model, lambda: _teacher_forced(model, params, torch.cat(fed, dim=1)))
         np.save(out / common.PRECISE_LOGITS, precise.cpu().numpy())
     return info
 

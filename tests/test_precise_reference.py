@@ -1,6 +1,7 @@
-"""bf16/fp16 references computed once more in float32, and the rule PyTorch's own accuracy
-checks use for low precision: an artifact over the table's tolerance is still faithful where
-it is no further from float32 than ``PRECISE_MULTIPLIER`` times the eager model is."""
+"""References computed once more without their own rounding (float32 arithmetic, int8
+dynamic activations left unquantized), and the rule PyTorch's own accuracy checks use for
+low precision: an artifact over the table's tolerance is still faithful where it is no
+further from the precise logits than ``PRECISE_MULTIPLIER`` times the eager model is."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_an_error_within_the_references_own_passes_and_a_bug_does_not():
     assert not common.compare(good, ref, TOL)["passed"]
     result = common.compare(good, ref, TOL, exact)
     assert result["passed"], result["reason"]
-    f32 = result["float32_reference"]
+    f32 = result["precise_reference"]
     assert f32["artifact_rel_error"] <= 2 * f32["reference_rel_error"]
     assert result["allowed_rel_error"] == 3 * f32["reference_rel_error"]
     # a wrong artifact (a logit column moved) is far from both
@@ -34,7 +35,7 @@ def test_an_error_within_the_references_own_passes_and_a_bug_does_not():
     bad[:, 3] += 4
     failed = common.compare(bad, ref, TOL, exact)
     assert not failed["passed"]
-    assert "from float32 against the reference's own" in failed["reason"]
+    assert "from the precise logits against the reference's own" in failed["reason"]
 
 
 def _tiny(dtype, scheme):
@@ -64,7 +65,7 @@ def test_the_reference_writes_float32_logits_for_a_quantized_bf16_model(tmp_path
     # the model is bf16 again afterwards (the runner reference runs it next)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     # fed the same tokens in float32 from scratch: the same figures
-    again = common.in_float32(model, lambda: text_generation._teacher_forced(
+    again = common.precisely(model, lambda: text_generation._teacher_forced(
         model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy"))))
     assert np.array_equal(again.numpy(), f32)
 
@@ -72,3 +73,26 @@ def test_the_reference_writes_float32_logits_for_a_quantized_bf16_model(tmp_path
 def test_no_float32_pass_for_float32_or_mostly_unquantized_models():
     assert not common.precise_pass_applies(_tiny(torch.float32, {"linear": {"bits": 4, "group_size": 32}}))
     assert not common.precise_pass_applies(_tiny(torch.bfloat16, None))
+
+
+def test_the_reference_of_int8_dynamic_activations_is_also_run_unquantized(tmp_path):
+    model = _tiny(torch.float32, {"linear": {"bits": 4, "group_size": 32, "activations": "int8_dynamic"}})
+    assert common.precise_pass_applies(model)
+    params = {"max_context_length": 32, "prompt": 8, "decode_steps": 4, "seed": 0}
+    text_generation.reference(model, params, tmp_path)
+    rounded, precise = np.load(tmp_path / "logits.npy"), np.load(tmp_path / common.PRECISE_LOGITS)
+    rel = np.abs(rounded - precise).max() / np.abs(precise).max()
+    assert 1e-4 < rel < 0.2, rel  # the activations' int8 rounding, the same weight codes
+    # the weights quantize their activations again afterwards
+    assert all(p.activation_quantization == "int8_asym_per_token" for p in model.parameters()
+               if hasattr(p, "activation_quantization"))
+    # unquantized activations are what the weight-only form of the same codes computes
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    for m in model.modules():
+        w = m._parameters.get("weight")
+        if isinstance(w, IntxUnpackedToInt8Tensor):
+            m.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor(
+                w.qdata, w.scale, w.zero_point, w.target_dtype, w.block_size, w.dtype, None), requires_grad=False)
+    again = text_generation._teacher_forced(model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
+    assert np.array_equal(again.numpy(), precise)
