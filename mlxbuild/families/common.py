@@ -135,3 +135,65 @@ def precisely(model, fn):
     finally:
         for table, name, p in swapped:
             table[name] = p
+
+
+def compare_tensor(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
+    """A hidden-state output against the reference, relative to its largest value."""
+    if got.shape != ref.shape:
+        return {"passed": False, "reason": f"shape {got.shape} != reference {ref.shape}"}
+    err = float(np.abs(got.astype(np.float32) - ref).max())
+    rel = err / (float(np.abs(ref).max()) or 1.0)
+    passed = rel <= tol["max_rel_error"]
+    return {"passed": passed, "max_abs_error": err, "max_rel_error": rel,
+            "reason": "" if passed else f"max abs error {err:.3g} ({rel:.3g} of the largest value, "
+                                        f"allowed {tol['max_rel_error']:.3g})"}
+
+
+def runtime_failure(e: Exception, log: dict) -> dict:
+    tail = " | ".join(log["text"].strip().splitlines()[-3:])
+    return {"passed": False, "executed": True,
+            "reason": f"runtime error: {e}" + (f" (runtime log: {tail})" if tail else "")}
+
+
+def kv_cache_methods(params: dict) -> dict:
+    """Constant methods every runner of a KV-cached decoder reads (LLM and ASR runners alike)."""
+    return {
+        "get_max_seq_len": params["max_context_length"],
+        "get_max_context_len": params["max_context_length"],
+        "get_prefill_chunk_size": params["max_prefill_chunk"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": params["max_prefill_chunk"] > 1,
+    }
+
+
+def first_parting(got: list, want: list, margins: list, max_abs_error: float, who: str) -> dict | None:
+    """Where a runner's tokens first part from eager greedy's: ``None`` if nowhere in their
+    common length; else the check's result. They may part only at a near tie of the eager
+    model (a top-1 margin within twice the artifact's largest logit error, the rule
+    ``compare`` uses for decisive positions); after that the two continue from different
+    tokens and are not compared. ``who`` names the runner in the reason."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            if margins[i] <= 2 * max_abs_error:
+                return {"passed": True, "matched": i,
+                        "note": f"parted from eager at token {i} of {len(want)}, a near tie "
+                                f"(margin {margins[i]:.3g} <= 2 x {max_abs_error:.3g})"}
+            return {"passed": False, "matched": i,
+                    "reason": f"{who}'s token {i} is {a!r}, eager greedy gives {b!r} "
+                              f"(a decisive choice: margin {margins[i]:.3g})"}
+    return None
+
+
+def export_methods(modules: dict, examples: dict, names) -> dict:
+    """``torch.export`` (strict) each of ``names`` with its (example kwargs, dynamic shapes)."""
+    import torch
+
+    from mlxbuild import progress
+
+    programs = {}
+    with torch.no_grad():
+        for name in names:
+            progress.note(f"torch.export {name}")
+            kwargs, dynamic = examples[name]
+            programs[name] = torch.export.export(modules[name], (), kwargs, dynamic_shapes=dynamic, strict=True)
+    return programs
