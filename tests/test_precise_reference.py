@@ -36,6 +36,11 @@ def test_an_error_within_the_references_own_passes_and_a_bug_does_not():
     failed = common.compare(bad, ref, TOL, exact)
     assert not failed["passed"]
     assert "from the precise logits against the reference's own" in failed["reason"]
+    # a wrong reference (every 7th column moved by the largest logit) excuses nothing, even
+    # where the artifact is close to the precise logits
+    wrong = ref.copy()
+    wrong[:, ::7] += np.abs(ref).max()
+    assert not common.compare(good, wrong, TOL, exact)["passed"]
 
 
 def _tiny(dtype, scheme):
