@@ -103,7 +103,7 @@ class ManifestLoader(TaskLoader2):
                     from mlxbuild import memory
                     from mlxbuild.cache import Cache
 
-                    memory.refuse_over_budget(plan, Cache(r.cache), memory.budget())
+                    refuse_over_budget(plan, Cache(r.cache), memory.budget())
         except MlxbuildError as e:
             # One line, and the exit code doit uses for errors before any task runs.
             print(f"error: {e}", file=sys.stderr)
@@ -125,6 +125,22 @@ class ManifestLoader(TaskLoader2):
         Cache(r.cache).clean_scratch()  # what builds killed earlier left behind
         run = self.executor.run if getattr(self, "executor", None) else None
         return generate_tasks("mlxbuild", task_dicts(plan, r, **({"run": run} if run else {})))
+
+
+def refuse_over_budget(plan, cache, limit: int) -> None:
+    """Refuse, before any step runs, a build with a step that has to run here and alone
+    exceeds the budget: otherwise it fails only when its turn comes, after hours of the
+    steps before it (an 8B model's XNNPACK lowering after its quantization and export).
+    A step already in the cache does not run and is not counted."""
+    from mlxbuild.memory import OverBudget, over_budget
+    from mlxbuild.tasks import is_done
+
+    over = [s for s in plan.steps.values() if s.memory > limit and not is_done(plan, s, cache)]
+    if over:
+        first = over[0]
+        more = f"; {len(over) - 1} more step(s) too" if len(over) > 1 else ""
+        raise OverBudget(over_budget(f"{first.kind} {first.label}", first.memory, limit) + more
+                         + "; nothing was run (--target builds the others)")
 
 
 def writable(*folders: Path) -> None:

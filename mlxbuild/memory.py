@@ -299,21 +299,6 @@ def over_budget(label: str, need: int, limit: int) -> str:
             f"(--memory-budget or {BUDGET_ENV})")
 
 
-def refuse_over_budget(plan, cache, limit: int) -> None:
-    """Refuse, before any step runs, a build with a step that has to run here and alone
-    exceeds the budget: otherwise it fails only when its turn comes, after hours of the
-    steps before it (an 8B model's XNNPACK lowering after its quantization and export).
-    A step already in the cache does not run and is not counted."""
-    from mlxbuild.tasks import is_done
-
-    over = [s for s in plan.steps.values() if s.memory > limit and not is_done(plan, s, cache)]
-    if over:
-        first = over[0]
-        more = f"; {len(over) - 1} more step(s) too" if len(over) > 1 else ""
-        raise OverBudget(over_budget(f"{first.kind} {first.label}", first.memory, limit) + more
-                         + "; nothing was run (--target builds the others)")
-
-
 @contextlib.contextmanager
 def reserve(root: Path, need: int, limit: int, label: str, on_wait=None):
     """Hold ``need`` bytes of the budget ``limit`` while the block runs: wait while the steps
