@@ -23,7 +23,7 @@ from mlxbuild.families.text_generation import VERIFY_DECODE_STEPS, VERIFY_PROMPT
 from mlxbuild.steps import PARAMS, Params, StepKind
 from mlxbuild.families.audio import FILES as PREPROCESSOR_FILES
 from mlxbuild.tokenizer import SYNTHETIC_FILES
-from mlxbuild.tolerance import tolerance
+from mlxbuild.tolerance import active_rules, tolerance
 
 
 @dataclass
@@ -370,9 +370,8 @@ def _text_spec(manifest, manifest_dir: Path, hasher: FileHasher, tokenizer, spec
 
 def _dynamic_int4(scheme: dict) -> bool:
     """Whether any rule of a scheme makes 4-bit weights under int8 dynamic activations."""
-    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
-    return any(r and r.get("format", "affine") == "affine" and r.get("activations") == "int8_dynamic"
-               and r.get("bits") == 4 for r in rules)
+    return any(r.get("format", "affine") == "affine" and r.get("activations") == "int8_dynamic"
+               and r.get("bits") == 4 for r in active_rules(scheme))
 
 
 def _short(key: str) -> str:

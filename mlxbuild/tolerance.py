@@ -20,6 +20,13 @@ from __future__ import annotations
 TURBOQUANT_REL = 0.3
 
 
+def active_rules(scheme: dict) -> list[dict]:
+    """The rules of a scheme that quantize something (its linear and embedding defaults and
+    its per-layer rules)."""
+    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
+    return [r for r in rules if r and r.get("format", "affine") != "none"]
+
+
 def tolerance(dtype: str, scheme: dict, kv_cache: str = "static") -> dict:
     """The allowed error for a scheme: the loosest that any of its rules needs.
 
@@ -28,8 +35,7 @@ def tolerance(dtype: str, scheme: dict, kv_cache: str = "static") -> dict:
     dynamic activations brings the int8 kernels' rounding differences. A compressed KV
     cache adds its own error (``TURBOQUANT_REL``).
     """
-    rules = [scheme.get("linear"), scheme.get("embedding"), *(scheme.get("rules") or [])]
-    active = [r for r in rules if r and r.get("format", "affine") != "none"]
+    active = active_rules(scheme)
     dynamic = any(r.get("activations") == "int8_dynamic" for r in active)
     rel = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2}[dtype]
     if active:

@@ -82,3 +82,18 @@ def run_json(capsys, *args) -> tuple[int, dict | None, str]:
     rc = cli.main(["run", *map(str, args), "--json"])
     out, err = capsys.readouterr()
     return rc, (json.loads(out) if rc == 0 else None), err
+
+
+def validate_with_target(tmp_path: Path, manifest: Path, target: dict) -> tuple[int, str, Path]:
+    """``manifest`` with ``target`` as its only target, validated by the CLI: (exit code, the
+    last line of its stderr, the file it read)."""
+    import subprocess
+
+    import yaml
+
+    data = yaml.safe_load(manifest.read_text())
+    data["targets"] = [target]
+    path = tmp_path / manifest.name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(path)], capture_output=True, text=True)
+    return p.returncode, p.stderr.strip().splitlines()[-1], path

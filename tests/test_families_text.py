@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from buildlog import doit_command
+from buildlog import doit_command, validate_with_target
 import torch
 import yaml
 
@@ -382,13 +382,9 @@ def test_qwen35_mlx_greedy_tokens_match_transformers(built):
 
 
 def test_qwen35_refuses_backends_that_cannot_lower_it(tmp_path):
-    manifest = yaml.safe_load((REPO / "manifests" / "qwen3.5-tiny.yaml").read_text())
-    manifest["targets"] = [{"name": "coreml-fp16", "backend": "coreml", "quantization": "none"}]
-    path = tmp_path / "q.yaml"
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(path)], capture_output=True, text=True)
-    assert p.returncode != 0
-    line = p.stderr.strip().splitlines()[-1]
+    code, line, path = validate_with_target(tmp_path, REPO / "manifests" / "qwen3.5-tiny.yaml",
+                                            {"name": "coreml-fp16", "backend": "coreml", "quantization": "none"})
+    assert code != 0
     assert f"{path}:" in line and "targets[0].backend" in line and "cannot be built for 'coreml'" in line
 
 

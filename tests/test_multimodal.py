@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 import buildlog
-from buildlog import build, eager_model, run_json as _run_json
+from buildlog import build, eager_model, run_json as _run_json, validate_with_target
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "voxtral-tiny.yaml"
@@ -262,13 +262,7 @@ def test_llava_run_refuses_audio_and_unreadable_images(llava_built, tmp_path, ca
 
 
 def test_llava_refuses_core_ml_at_validation(tmp_path):
-    import sys
-
-    data = yaml.safe_load(LLAVA.read_text())
-    data["targets"] = [{"name": "coreml-fp32", "backend": "coreml", "quantization": "none"}]
-    path = tmp_path / "l.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(path)], capture_output=True, text=True)
-    assert p.returncode != 0
-    line = p.stderr.strip().splitlines()[-1]
+    code, line, path = validate_with_target(tmp_path, LLAVA, {"name": "coreml-fp32", "backend": "coreml",
+                                                              "quantization": "none"})
+    assert code != 0
     assert f"{path}:" in line and "targets[0].backend" in line and "'llava' cannot be built for 'coreml'" in line

@@ -70,7 +70,7 @@ def test_the_reference_writes_float32_logits_for_a_quantized_bf16_model(tmp_path
     # the model is bf16 again afterwards (the runner reference runs it next)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     # fed the same tokens in float32 from scratch: the same figures
-    again = common.precisely(model, lambda: text_generation._teacher_forced(
+    _, again = common.precisely(model, lambda: text_generation._decode(
         model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy"))))
     assert np.array_equal(again.numpy(), f32)
 
@@ -99,5 +99,5 @@ def test_the_reference_of_int8_dynamic_activations_is_also_run_unquantized(tmp_p
         if isinstance(w, IntxUnpackedToInt8Tensor):
             m.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor(
                 w.qdata, w.scale, w.zero_point, w.target_dtype, w.block_size, w.dtype, None), requires_grad=False)
-    again = text_generation._teacher_forced(model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
+    _, again = text_generation._decode(model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
     assert np.array_equal(again.numpy(), precise)

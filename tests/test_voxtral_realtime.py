@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 import buildlog
-from buildlog import build, eager_model, run_json as _run_json
+from buildlog import build, eager_model, run_json as _run_json, validate_with_target
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "manifests" / "voxtral-realtime-tiny.yaml"
@@ -203,15 +203,9 @@ def test_mel_stream_equals_the_extractor_on_the_whole_utterance():
 
 
 def test_manifest_refuses_backends_the_stream_does_not_lower_to(tmp_path):
-    import sys
-
-    data = yaml.safe_load(MANIFEST.read_text())
-    data["targets"] = [{"name": "vulkan-fp32", "backend": "vulkan", "quantization": "none"}]
-    path = tmp_path / "v.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    p = subprocess.run([sys.executable, "-m", "mlxbuild.cli", "validate", str(path)], capture_output=True, text=True)
-    assert p.returncode != 0
-    line = p.stderr.strip().splitlines()[-1]
+    code, line, path = validate_with_target(tmp_path, MANIFEST, {"name": "vulkan-fp32", "backend": "vulkan",
+                                                                 "quantization": "none"})
+    assert code != 0
     assert f"{path}:" in line and "targets[0].backend" in line
     assert "'voxtral_realtime' cannot be built for 'vulkan'" in line
 

@@ -91,49 +91,41 @@ def prompt_tokens(vocab_size: int, n: int, seed: int):
 def reference(model, params: dict, out: Path) -> dict:
     """Eager logits: one prefill chunk, then greedy single-token steps through a static cache."""
     import numpy as np
-    import torch
 
     from mlxbuild.families import common, hf
 
-    exportable = hf.make_exportable(model, params["max_context_length"]).eval()
     vocab = hf.text_config(model).get("vocab_size") or params.get("vocab_size", 2)
     tokens = prompt_tokens(vocab, params["prompt"], params["seed"])
-    logits, fed = [], [tokens]
-    with torch.no_grad():
-        step = exportable(input_ids=tokens, cache_position=torch.arange(tokens.shape[1]))
-        logits.append(step[0].float())
-        pos = tokens.shape[1]
-        for _ in range(params["decode_steps"]):
-            nxt = step[0, -1].argmax().view(1, 1)
-            fed.append(nxt)
-            step = exportable(input_ids=nxt, cache_position=torch.tensor([pos]))
-            logits.append(step[0].float())
-            pos += 1
-    np.save(out / "tokens.npy", torch.cat(fed, dim=1).cpu().numpy())
-    np.save(out / "logits.npy", torch.cat(logits, dim=0).cpu().numpy())
-    info = {"prompt": params["prompt"], "decode_steps": params["decode_steps"],
-            "positions": int(sum(x.shape[0] for x in logits))}
+    fed, logits = _decode(model, params, tokens)
+    np.save(out / "tokens.npy", fed.cpu().numpy())
+    np.save(out / "logits.npy", logits.cpu().numpy())
+    info = {"prompt": params["prompt"], "decode_steps": params["decode_steps"], "positions": int(logits.shape[0])}
     if common.precise_pass_applies(model):
-        del exportable, step
-        precise = common.precisely(model, lambda: _teacher_forced(model, params, torch.cat(fed, dim=1)))
+        _, precise = common.precisely(model, lambda: _decode(model, params, fed))
         np.save(out / common.PRECISE_LOGITS, precise.cpu().numpy())
     return info
 
 
-def _teacher_forced(model, params: dict, fed):
-    """Logits of ``model`` fed exactly ``fed`` (the reference's own tokens): one prefill of the
-    prompt, then one token per step, as ``reference`` runs it."""
+def _decode(model, params: dict, tokens):
+    """(every token fed, every logit row): a prefill of ``params["prompt"]`` tokens, then one
+    token per step, greedy where ``tokens`` holds only the prompt, else the tokens given
+    (the precise pass is fed the reference's own)."""
     import torch
 
     from mlxbuild.families import hf
 
     exportable = hf.make_exportable(model, params["max_context_length"]).eval()
     n = params["prompt"]
+    fed, rows = [tokens[:, :n]], []
     with torch.no_grad():
-        rows = [exportable(input_ids=fed[:, :n], cache_position=torch.arange(n))[0].float()]
-        for pos in range(n, fed.shape[1]):
-            rows.append(exportable(input_ids=fed[:, pos:pos + 1], cache_position=torch.tensor([pos]))[0].float())
-    return torch.cat(rows, dim=0)
+        step = exportable(input_ids=fed[0], cache_position=torch.arange(n))
+        rows.append(step[0].float())
+        for pos in range(n, n + params["decode_steps"]):
+            nxt = tokens[:, pos:pos + 1] if tokens.shape[1] > pos else step[0, -1].argmax().view(1, 1)
+            fed.append(nxt)
+            step = exportable(input_ids=nxt, cache_position=torch.tensor([pos]))
+            rows.append(step[0].float())
+    return torch.cat(fed, dim=1), torch.cat(rows, dim=0)
 
 
 def run_pte(program, tokens, prompt: int):
@@ -151,12 +143,11 @@ def verify(program, reference_dir: Path, info: dict, tol: dict) -> dict:
     import numpy as np
 
     from mlxbuild.families import common
-    from mlxbuild.families.common import compare
 
     tokens = np.load(reference_dir / "tokens.npy")
     ref = np.load(reference_dir / "logits.npy")
     precise = reference_dir / common.PRECISE_LOGITS
-    return compare(run_pte(program, tokens, info["prompt"]), ref, tol,
+    return common.compare(run_pte(program, tokens, info["prompt"]), ref, tol,
                    np.load(precise) if precise.is_file() else None)
 
 

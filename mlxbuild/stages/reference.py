@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mlxbuild import families
-from mlxbuild.families import text_runner
+from mlxbuild.families import hf, text_runner
 from mlxbuild.quantize import device_for
 from mlxbuild.stages.quantize import quantized_model
 from mlxbuild.steps import ReferenceParams, ReferenceResult
@@ -25,7 +25,7 @@ def round_dynamic_int4_scales(model: torch.nn.Module, dtype: str) -> int:
     computes with them (its ``REFERENCE_SCALES``). Returns how many weights were rounded."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    to = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    to = hf.DTYPES[dtype]
     n = 0
     for p in model.parameters():
         if isinstance(p, IntxUnpackedToInt8Tensor) and p.activation_quantization \
