@@ -53,6 +53,32 @@ def to_executorch(programs: dict, partitioners: list, constant_methods: dict, *,
 WEIGHTS_TAG = "model"  # the external data's name: model.ptd
 
 
+def share_weights_with_preprocess(backend_cls) -> None:
+    """ExecuTorch deep-copies each partition's program, weights included, before a backend's
+    preprocess, in case the backend edits it: every partition at once, so the lower step holds
+    the program's weights twice. ``copy_exported_program_for_preprocess`` is the hook for a
+    backend that doesn't need the copy, and ExecuTorch's CUDA backend uses it so: a copy of
+    the graph that shares the tensors. A backend calls this for its own class only where its
+    preprocess never writes a tensor it reads (the backend module says why); the .pte bytes
+    are unchanged (tests/test_streaming.py, tests/test_lowering_copy.py). Only the base
+    class's copy is replaced, should a later ExecuTorch bring the backend's own."""
+    import copy
+
+    import torch
+    from executorch.exir.backend.backend_details import BackendDetails
+
+    if backend_cls.copy_exported_program_for_preprocess.__func__ is not \
+            BackendDetails.copy_exported_program_for_preprocess.__func__:
+        return
+
+    def copy_sharing_tensors(cls, edge_program, compile_specs):
+        memo = {id(t): t for values in (edge_program.state_dict, edge_program.constants)
+                for t in values.values() if isinstance(t, torch.Tensor)}
+        return copy.deepcopy(edge_program, memo)
+
+    backend_cls.copy_exported_program_for_preprocess = classmethod(copy_sharing_tensors)
+
+
 def _weights_tagger(programs: dict):
     """A transform pass (after to_edge, before partitioning) that tags every placeholder but
     the user inputs and the buffers (the KV cache, which the program mutates): parameters and

@@ -45,30 +45,14 @@ def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool 
 
 
 def _share_weights_with_preprocess() -> None:
-    """ExecuTorch deep-copies each partition's program, weights included, before a backend's
-    preprocess, in case the backend edits it; ``copy_exported_program_for_preprocess`` is
-    the hook for a backend that doesn't need the copy, and ExecuTorch's CUDA backend uses
-    it so: a copy of the graph that shares the tensors. The MLX preprocess packs weights
-    into new tensors and never writes the ones it reads, so it gets the same (without it
-    the lower step of a 0.6B 4-bit model held the quantized weights twice: +0.67 GB of its
-    2.9 GB peak). Only the base class's copy is replaced, should a later MLXBackend bring
-    its own. The .pte bytes are unchanged (tests/test_streaming.py)."""
-    import copy
-
-    import torch
+    """The MLX preprocess packs weights into new tensors and never writes the ones it reads
+    (without the sharing copy the lower step of a 0.6B 4-bit model held the quantized
+    weights twice: +0.67 GB of its 2.9 GB peak; backends.lowering)."""
     from executorch.backends.mlx.preprocess import MLXBackend
-    from executorch.exir.backend.backend_details import BackendDetails
 
-    if MLXBackend.copy_exported_program_for_preprocess.__func__ is not \
-            BackendDetails.copy_exported_program_for_preprocess.__func__:
-        return
+    from backends.lowering import share_weights_with_preprocess
 
-    def copy_sharing_tensors(cls, edge_program, compile_specs):
-        memo = {id(t): t for values in (edge_program.state_dict, edge_program.constants)
-                for t in values.values() if isinstance(t, torch.Tensor)}
-        return copy.deepcopy(edge_program, memo)
-
-    MLXBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_tensors)
+    share_weights_with_preprocess(MLXBackend)
 
 
 def _pack_in_row_blocks() -> None:

@@ -14,8 +14,8 @@ export, the reference and lowering hold) and A the artifact:
                 streamed a piece at a time, docs/quantization.md); GPTQ, AWQ and cuda_int4 load
                 the whole float model: PROCESS + WHOLE_QUANTIZE(W)
     export, reference, lower
-                PROCESS + LINE(Q); lowering for XNNPACK, Core ML or Vulkan + Q (ExecuTorch's
-                copy of the program for the backend's preprocess)
+                PROCESS + LINE(Q); lowering for Core ML or Vulkan + Q (ExecuTorch's copy of
+                the program for the backend's preprocess)
     baseline    PROCESS + LINE(W) + one sequence's logits and log-probabilities (the float model)
     verify      PROCESS + LINE(A)     quality   PROCESS + LINE(A) + every sequence's logits, twice
     preprocessor PROCESS              tokenizer, package   0 (no model; a few MB)
@@ -76,10 +76,10 @@ OVER = {"baseline": "W", "verify": "A", "quality": "A"}
 REF = {"W": W_REF, "Q": Q_REF, "A": A_REF}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # ExecuTorch deep-copies each partition's program, weights included, before these backends'
-# preprocess (backends/mlx.py hands MLX a copy that shares them; CUDA's backend shares its
-# own; portable delegates nothing): Llama-3.2-3B's XNNPACK 8da4w fp32 lowering measured
-# 11.05 GB against 7.77 GB for the MLX line alone.
-DEEP_COPY_BACKENDS = frozenset({"xnnpack", "coreml", "vulkan"})
+# preprocess (MLX and XNNPACK get a copy that shares them, backends.lowering; CUDA's backend
+# shares its own; portable delegates nothing): Llama-3.2-3B's XNNPACK 8da4w fp32 lowering
+# measured 11.05 GB with ExecuTorch's copy against 7.77 GB for the MLX line alone.
+DEEP_COPY_BACKENDS = frozenset({"coreml", "vulkan"})
 INIT_WORK_BYTES = 1.5  # per parameter of a piece, what torch's normal_ holds besides it (measured)
 # The evaluation's float32 [L, V] blocks held at once: the baseline writes one sequence's
 # log-probabilities as it scores it (its logits and their log-probabilities); the quality

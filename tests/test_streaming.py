@@ -295,7 +295,8 @@ def test_streamed_quantize_peaks_at_a_piece_not_the_model(tmp_path):
     _same_state(tmp_path / "auto", tmp_path / "never")
 
 
-def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
+def _lower(tmp_path: Path, w: Path, q: Path, name: str, backend: str = "mlx", options: dict | None = None) -> Path:
+    import backends
     from mlxbuild.stages import export as export_stage
     from mlxbuild.stages import lower as lower_stage
     from mlxbuild.steps import ExportParams, LowerParams
@@ -305,9 +306,14 @@ def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
     e.mkdir()
     lo.mkdir()
     cache = _Cache(weights=w, quantize=q, export=e)
-    export_stage.run(ExportParams(weights="w", quantized="q", flavour="mlx", dtype="fp32", **spec), cache, e)
-    lower_stage.run(LowerParams(export="e", weights="w", backend="mlx", **spec), cache, lo)
-    return (lo / "model.pte").read_bytes()
+    flavour = backends.flavour_of(backend, options or {})
+    export_stage.run(ExportParams(weights="w", quantized="q", flavour=flavour, dtype="fp32", **spec), cache, e)
+    lower_stage.run(LowerParams(export="e", weights="w", backend=backend, options=options, **spec), cache, lo)
+    return lo
+
+
+def _lower_mlx(tmp_path: Path, w: Path, q: Path, name: str) -> bytes:
+    return (_lower(tmp_path, w, q, name) / "model.pte").read_bytes()
 
 
 @pytest.mark.parametrize("scheme", ["4w", "mixed"], ids=["tied-head", "untied-head"])
@@ -335,11 +341,38 @@ def test_the_pte_is_the_whole_models(tmp_path, monkeypatch, scheme):
     monkeypatch.setenv("MLXBUILD_STREAMING", "never")
     monkeypatch.setattr(MLXBackend, "copy_exported_program_for_preprocess",
                         classmethod(BackendDetails.copy_exported_program_for_preprocess.__func__))
-    monkeypatch.setattr("backends.mlx._share_weights_with_preprocess", lambda: None)
+    monkeypatch.setattr("backends.lowering.share_weights_with_preprocess", lambda backend_cls: None)
     monkeypatch.setattr("mlxbuild.stages.export.drop_unused_state", lambda program: None)
     monkeypatch.setattr("mlxbuild.stages.export.weights_not_cloned", contextlib.nullcontext)
     whole = _lower_mlx(tmp_path, w, _quantize(tmp_path, w, SCHEMES[scheme], "fp32", "q2"), "whole")
     assert len(streamed) > 10_000 and streamed == whole
+
+
+@pytest.mark.parametrize("options", [{}, {"external_weights": True}], ids=["pte", "ptd"])
+def test_xnnpack_lowers_the_same_bytes_sharing_the_weights(tmp_path, monkeypatch, options):
+    """The XNNPACK preprocess gets a copy of each partition that shares its weights
+    (backends/xnnpack.py) instead of ExecuTorch's deep copy: the same .pte (and .ptd) bytes,
+    for 8da4w, whose 4-bit weights its node visitors pack and whose embedding stays on CPU
+    kernels."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend.backend_details import BackendDetails
+
+    w = _weights(tmp_path, QWEN, "fp32")
+    q = _quantize(tmp_path, w, SCHEMES["8da4w"], "fp32", "q")
+    shared = _lower(tmp_path, w, q, "shared", "xnnpack", options)
+    assert XnnpackBackend.copy_exported_program_for_preprocess.__func__ is not \
+        BackendDetails.copy_exported_program_for_preprocess.__func__  # the sharing copy was installed
+    monkeypatch.setattr(XnnpackBackend, "copy_exported_program_for_preprocess",
+                        classmethod(BackendDetails.copy_exported_program_for_preprocess.__func__))
+    monkeypatch.setattr("backends.lowering.share_weights_with_preprocess", lambda backend_cls: None)
+    copied = _lower(tmp_path, w, q, "copied", "xnnpack", options)
+    files = sorted(p.name for p in shared.iterdir() if p.suffix in (".pte", ".ptd"))
+    assert files == (["model.ptd", "model.pte"] if options else ["model.pte"])
+    assert files == sorted(p.name for p in copied.iterdir() if p.suffix in (".pte", ".ptd"))
+    for name in files:
+        a, b = (shared / name).read_bytes(), (copied / name).read_bytes()
+        assert len(a) > 10_000 or name == "model.pte" and options, (name, len(a))
+        assert a == b, name
 
 
 def test_export_hands_parameters_over_uncloned_and_still_clones_buffers():
