@@ -101,3 +101,32 @@ def test_the_reference_of_int8_dynamic_activations_is_also_run_unquantized(tmp_p
                 w.qdata, w.scale, w.zero_point, w.target_dtype, w.block_size, w.dtype, None), requires_grad=False)
     _, again = text_generation._decode(model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
     assert np.array_equal(again.numpy(), precise)
+
+
+def test_the_precise_pass_dequantizes_a_block_of_rows_at_a_time(monkeypatch):
+    """torchao dequantizes a whole weight at every call; in float32 a large head's temporaries
+    were the reference step's peak. The precise pass dequantizes a linear's weight a block of
+    rows at a time and an embedding's looked-up rows only, and computes what the whole
+    weight computes."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    model = _tiny(torch.bfloat16, {"linear": {"bits": 4, "group_size": 32},
+                                   "embedding": {"bits": 4, "group_size": 32}})
+    params = {"max_context_length": 32, "prompt": 8, "decode_steps": 4, "seed": 0}
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    _, whole = common.precisely(model, lambda: text_generation._decode(model, params, tokens))
+    # 64 columns of float32: 16 rows a block, so the 256-row head takes 16 blocks
+    monkeypatch.setattr(common, "PRECISE_BLOCK_BYTES", 16 * 64 * 4)
+    seen = []
+    dequantize = IntxUnpackedToInt8Tensor.dequantize
+    monkeypatch.setattr(IntxUnpackedToInt8Tensor, "dequantize",
+                        lambda self: seen.append(tuple(self.shape)) or dequantize(self))
+    _, blocked = common.precisely(model, lambda: text_generation._decode(model, params, tokens))
+    assert seen and max(rows for rows, _ in seen) <= 16, sorted(set(seen))[-3:]
+    assert (8, 64) in seen and (1, 64) in seen  # the prompt's rows, then one token's
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+    # the model's own forwards are back: bf16, torchao's whole-weight path
+    assert not any("forward" in vars(m) for m in model.modules())
+    seen.clear()
+    text_generation._decode(model, params, tokens)
+    assert (256, 64) in seen

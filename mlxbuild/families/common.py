@@ -119,10 +119,13 @@ def _precise(p):
 def precisely(model, fn):
     """``fn()`` with ``model``'s parameters and buffers in float32 and its weights under
     int8 dynamic activations taking them unquantized (quantized weights keep their codes;
-    tied ones stay tied); then the original tensors are put back."""
+    tied ones stay tied); then the original tensors are put back. Quantized linears and
+    embeddings run a block of rows at a time meanwhile (``_blocked``): torchao dequantizes a
+    whole weight at every call, and in float32 a 151,936-row head's temporaries took the
+    reference step of a Qwen3-0.6B-shaped model from 1.8 to 2.6 GB."""
     import torch
 
-    swapped, copies = [], {}
+    swapped, copies, forwards = [], {}, []
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, p in list(table.items()):
@@ -134,11 +137,51 @@ def precisely(model, fn):
                     copies[id(p)] = _precise(p)
                 swapped.append((table, name, p))
                 table[name] = copies[id(p)]
+        blocked = _blocked(module)
+        if blocked is not None:
+            forwards.append(module)
+            module.forward = blocked  # an instance attribute: nn.Module calls it over the class's
     try:
         return fn()
     finally:
+        for module in forwards:
+            del module.forward
         for table, name, p in swapped:
             table[name] = p
+
+
+PRECISE_BLOCK_BYTES = 32 * 2**20  # of one float32 block of a dequantized weight
+
+
+def _blocked(module):
+    """A forward for an ``nn.Linear`` or ``nn.Embedding`` whose weight is torchao's
+    IntxUnpackedToInt8Tensor that dequantizes it a block of rows at a time (a linear; each
+    output column is still one dot product in float32) or only the rows looked up (an
+    embedding), through torchao's own dequantization; else ``None``."""
+    import torch
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    w = getattr(module, "weight", None)
+    if not isinstance(w, IntxUnpackedToInt8Tensor):
+        return None
+    if isinstance(module, torch.nn.Embedding):
+        def embedding(ids):
+            flat = ids.reshape(-1)
+            rows = IntxUnpackedToInt8Tensor(w.qdata[flat], w.scale[flat], w.zero_point[flat], w.target_dtype,
+                                            w.block_size, w.dtype, None).dequantize()
+            return rows.reshape(*ids.shape, w.shape[1])
+        return embedding
+    if not isinstance(module, torch.nn.Linear):
+        return None
+    step = max(1, PRECISE_BLOCK_BYTES // (4 * w.shape[1]))
+
+    def linear(x):
+        out = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
+        for r in range(0, w.shape[0], step):
+            bias = None if module.bias is None else module.bias[r:r + step]
+            out[..., r:r + step] = torch.nn.functional.linear(x, w[r:r + step].dequantize(), bias)
+        return out
+    return linear
 
 
 def compare_tensor(got: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
