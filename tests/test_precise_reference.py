@@ -69,10 +69,15 @@ def test_the_reference_writes_float32_logits_for_a_quantized_bf16_model(tmp_path
     assert 1e-4 < rel < 0.05, rel  # bf16's own rounding, not another model
     # the model is bf16 again afterwards (the runner reference runs it next)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    # fed the same tokens in float32 from scratch: the same figures
-    _, again = common.precisely(model, lambda: text_generation._decode(
-        model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy"))))
+    # fed the same tokens in float32 from scratch, behind a cache as long as they are: the
+    # same figures; behind the context's cache, the same to float32's rounding (the masked
+    # positions add nothing but move the attention's summation)
+    tokens = torch.from_numpy(np.load(tmp_path / "tokens.npy"))
+    short = {**params, "max_context_length": 12}
+    _, again = common.precisely(model, lambda: text_generation._decode(model, short, tokens))
     assert np.array_equal(again.numpy(), f32)
+    _, whole = common.precisely(model, lambda: text_generation._decode(model, params, tokens))
+    np.testing.assert_allclose(whole.numpy(), f32, rtol=0, atol=1e-5 * np.abs(f32).max())
 
 
 def test_no_float32_pass_for_float32_or_mostly_unquantized_models():
@@ -99,7 +104,9 @@ def test_the_reference_of_int8_dynamic_activations_is_also_run_unquantized(tmp_p
         if isinstance(w, IntxUnpackedToInt8Tensor):
             m.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor(
                 w.qdata, w.scale, w.zero_point, w.target_dtype, w.block_size, w.dtype, None), requires_grad=False)
-    _, again = text_generation._decode(model, params, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
+    # (behind a cache as long as the tokens fed, as the precise pass runs)
+    short = {**params, "max_context_length": 12}
+    _, again = text_generation._decode(model, short, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
     assert np.array_equal(again.numpy(), precise)
 
 
