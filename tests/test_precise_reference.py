@@ -128,7 +128,14 @@ def test_the_precise_pass_dequantizes_a_block_of_rows_at_a_time(monkeypatch):
     dequantize = IntxUnpackedToInt8Tensor.dequantize
     monkeypatch.setattr(IntxUnpackedToInt8Tensor, "dequantize",
                         lambda self: seen.append(tuple(self.shape)) or dequantize(self))
-    _, blocked = common.precisely(model, lambda: text_generation._decode(model, params, tokens))
+
+    def decode():
+        # no whole float32 copy of a quantized weight's scales: its blocks widen theirs
+        quantized = [p for p in model.parameters() if isinstance(p, IntxUnpackedToInt8Tensor)]
+        assert quantized and all(p.scale.dtype == torch.bfloat16 and p.dtype == torch.float32 for p in quantized)
+        return text_generation._decode(model, params, tokens)
+
+    _, blocked = common.precisely(model, decode)
     assert seen and max(rows for rows, _ in seen) <= 16, sorted(set(seen))[-3:]
     assert (8, 64) in seen and (1, 64) in seen  # the prompt's rows, then one token's
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)

@@ -102,14 +102,17 @@ def precise_pass_applies(model) -> bool:
     return bool(quantized) and plain <= quantized and (low or dynamic)
 
 
-def _precise(p):
+def _precise(p, widen: bool = True):
     import torch
 
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     if isinstance(p, IntxUnpackedToInt8Tensor):
-        # the same codes, float32 scales, the activations as they come
-        p = IntxUnpackedToInt8Tensor(p.qdata, p.scale.to(torch.float32), p.zero_point, p.target_dtype,
+        # the same codes, float32 scales, the activations as they come; unwidened where a
+        # blocked forward widens them (``_blocked``): float32 all the same, as the model's
+        # dtype (which its static cache takes) is read from its parameters
+        scale = p.scale.to(torch.float32) if widen else p.scale
+        p = IntxUnpackedToInt8Tensor(p.qdata, scale, p.zero_point, p.target_dtype,
                                      p.block_size, torch.float32, None)
         return torch.nn.Parameter(p, requires_grad=False)
     f32 = p.detach().to(torch.float32)
@@ -127,6 +130,10 @@ def precisely(model, fn):
 
     swapped, copies, forwards = [], {}, []
     for module in model.modules():
+        blocked = _blocked(module)
+        if blocked is not None:
+            forwards.append(module)
+            module.forward = blocked  # an instance attribute: nn.Module calls it over the class's
         for table in (module._parameters, module._buffers):
             for name, p in list(table.items()):
                 if p is None or not p.is_floating_point():
@@ -134,13 +141,11 @@ def precisely(model, fn):
                 if p.dtype == torch.float32 and not getattr(p, "activation_quantization", None):
                     continue
                 if id(p) not in copies:
-                    copies[id(p)] = _precise(p)
+                    # a blocked module's weight: its blocks widen their scales as they go
+                    copies[id(p)] = _precise(p, widen=not (blocked and table is module._parameters
+                                                            and name == "weight"))
                 swapped.append((table, name, p))
                 table[name] = copies[id(p)]
-        blocked = _blocked(module)
-        if blocked is not None:
-            forwards.append(module)
-            module.forward = blocked  # an instance attribute: nn.Module calls it over the class's
     try:
         return fn()
     finally:
@@ -155,31 +160,31 @@ PRECISE_BLOCK_BYTES = 32 * 2**20  # of one float32 block of a dequantized weight
 
 def _blocked(module):
     """A forward for an ``nn.Linear`` or ``nn.Embedding`` whose weight is torchao's
-    IntxUnpackedToInt8Tensor that dequantizes it a block of rows at a time (a linear; each
-    output column is still one dot product in float32) or only the rows looked up (an
-    embedding), through torchao's own dequantization; else ``None``."""
+    IntxUnpackedToInt8Tensor that dequantizes it in float32 a block of rows at a time (a
+    linear; each output column is still one dot product in float32) or only the rows looked
+    up (an embedding), through torchao's own dequantization; else ``None``. The scales are
+    widened a block at a time too: whole, a Llama-3.1-8B's would take 1 GB in float32."""
     import torch
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
     w = getattr(module, "weight", None)
-    if not isinstance(w, IntxUnpackedToInt8Tensor):
+    if not isinstance(w, IntxUnpackedToInt8Tensor) or not isinstance(module, (torch.nn.Embedding, torch.nn.Linear)):
         return None
+
+    def rows(index):
+        # the same codes with float32 scales (bf16 and fp16 widen exactly), activations as they come
+        return IntxUnpackedToInt8Tensor(w.qdata[index], w.scale[index].to(torch.float32), w.zero_point[index],
+                                        w.target_dtype, w.block_size, torch.float32, None).dequantize()
+
     if isinstance(module, torch.nn.Embedding):
-        def embedding(ids):
-            flat = ids.reshape(-1)
-            rows = IntxUnpackedToInt8Tensor(w.qdata[flat], w.scale[flat], w.zero_point[flat], w.target_dtype,
-                                            w.block_size, w.dtype, None).dequantize()
-            return rows.reshape(*ids.shape, w.shape[1])
-        return embedding
-    if not isinstance(module, torch.nn.Linear):
-        return None
+        return lambda ids: rows(ids.reshape(-1)).reshape(*ids.shape, w.shape[1])
     step = max(1, PRECISE_BLOCK_BYTES // (4 * w.shape[1]))
 
     def linear(x):
         out = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
         for r in range(0, w.shape[0], step):
             bias = None if module.bias is None else module.bias[r:r + step]
-            out[..., r:r + step] = torch.nn.functional.linear(x, w[r:r + step].dequantize(), bias)
+            out[..., r:r + step] = torch.nn.functional.linear(x, rows(slice(r, r + step)), bias)
         return out
     return linear
 
