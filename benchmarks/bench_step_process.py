@@ -87,6 +87,11 @@ def build(mode: str, target: str, workdir: Path, etrecord: bool = True,
             "peak_over_largest_artifact": round(usage.ru_maxrss * 1024 / largest, 2) if largest else None,
             "cache_mb": cache_mb, "cache_total_mb": round(sum(cache_mb.values()), 1),
             "verified": [t.get("verification", {}) and t["verification"].get("passed") for t in targets],
+            # per target: how far the artifact is from the reference, the bound it was held to and,
+            # where the reference rounds, both distances from the precise logits
+            "verification": {t["target"]: {k: (t.get("verification") or {}).get(k) for k in
+                                            ("max_rel_error", "allowed_rel_error", "top1_agreement_decisive",
+                                             "precise_reference")} for t in targets},
             "failures": [t["failure"]["message"] for t in targets if t.get("failure")],
             "quality": [{k: (t.get("quality") or {}).get(k) for k in ("kld_mean", "top1", "passed")} for t in targets],
             "steps": steps}
