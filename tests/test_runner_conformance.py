@@ -259,6 +259,19 @@ def test_bundled_programs_carry_the_verification_and_catch_a_wrong_output(releas
     assert "Result verification failed" in run_bundled_program(tmp_path / "bad.bpte", "forward", 1e-3, 0.0)
 
 
+def test_a_program_past_a_flatbuffers_reach_is_not_bundled(released, tmp_path, monkeypatch):
+    """A bundled program is one flatbuffer holding the program, which cannot pass 2 GiB: a
+    larger program (Llama-3.2-3B's XNNPACK 8da4w, 2.2 GB) is verified without one, saying
+    why, instead of failing its verification on flatbuffers' BuilderSizeError."""
+    from mlxbuild.stages import verify
+
+    pte = released[2] / "0.1.0" / "runner-tiny-portable-fp32.pte"
+    monkeypatch.setattr(verify, "BUNDLED_MAX_PROGRAM", pte.stat().st_size - 1)
+    result = verify.bundled(pte, tmp_path / "no-reference", {"max_rel_error": 1e-3}, tmp_path)
+    assert result["passed"] and "flatbuffer of at most 2 GiB" in result["skipped"]
+    assert not (tmp_path / verify.BUNDLED).exists()
+
+
 def test_check_bundle_checks_the_tokenizer(released, tmp_path):
     from mlxbuild.bundle import check_bundle
 
