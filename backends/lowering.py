@@ -60,7 +60,7 @@ def share_weights_with_preprocess(backend_cls) -> None:
     backend that doesn't need the copy, and ExecuTorch's CUDA backend uses it so: a copy of
     the graph that shares the tensors. A backend calls this for its own class only where its
     preprocess never writes a tensor it reads (the backend module says why); the .pte bytes
-    are unchanged (tests/test_streaming.py, tests/test_lowering_copy.py). Only the base
+    are unchanged (tests/test_streaming.py). Only the base
     class's copy is replaced, should a later ExecuTorch bring the backend's own."""
     import copy
 

@@ -30,29 +30,23 @@ def _ready() -> None:
 
 def lower(programs: dict, options: dict, constant_methods: dict, etrecord: bool = False):
     _ready()
-    _share_weights_with_preprocess()
-    _pack_in_row_blocks()
     from executorch.backends.mlx import MLXPartitioner
     from executorch.backends.mlx.passes import get_default_passes
+    from executorch.backends.mlx.preprocess import MLXBackend
 
-    from backends.lowering import to_executorch
+    from backends.lowering import share_weights_with_preprocess, to_executorch
+
+    # The MLX preprocess packs weights into new tensors and never writes the ones it reads
+    # (with ExecuTorch's deep copy the lower step of a 0.6B 4-bit model held the quantized
+    # weights twice: +0.67 GB of its 2.9 GB peak).
+    share_weights_with_preprocess(MLXBackend)
+    _pack_in_row_blocks()
 
     # Settings from ExecuTorch's MLX LLM export: the MLX graph builder needs the
     # default passes and contiguous dim order; graph inputs are planned memory.
     return to_executorch(programs, [MLXPartitioner()], constant_methods,
                          transform_passes=get_default_passes(), skip_dim_order=True,
                          alloc_graph_input=True, etrecord=etrecord)
-
-
-def _share_weights_with_preprocess() -> None:
-    """The MLX preprocess packs weights into new tensors and never writes the ones it reads
-    (without the sharing copy the lower step of a 0.6B 4-bit model held the quantized
-    weights twice: +0.67 GB of its 2.9 GB peak; backends.lowering)."""
-    from executorch.backends.mlx.preprocess import MLXBackend
-
-    from backends.lowering import share_weights_with_preprocess
-
-    share_weights_with_preprocess(MLXBackend)
 
 
 def _pack_in_row_blocks() -> None:
