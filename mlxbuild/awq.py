@@ -108,9 +108,10 @@ def _round(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """``w`` rounded as the scheme rounds it (torchao's HQQ scale-only grid, the one
     ``IntxWeightOnlyConfig(intx_choose_qparams_algorithm="hqq_scale_only")`` computes),
     dequantized."""
-    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_scale_only_hqq
+    from mlxbuild import hqq
 
     n, k = w.shape
-    qdata, scale = _choose_qparams_and_quantize_scale_only_hqq(
-        w, [1, group], -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    # The same grid as torchao's function, bit for bit, in cache-sized blocks (mlxbuild.hqq):
+    # the search rounds every candidate scaling of every layer.
+    qdata, scale = hqq.quantize(w, group, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return (qdata.float().reshape(n, k // group, group) * scale.float().reshape(n, k // group, 1)).reshape(n, k)

@@ -327,7 +327,7 @@ def _quantize_group(model, q: dict, names: list[str], floats: dict, hs: dict) ->
     if q["format"] == "cuda_int4":
         _quantize_on_gpu(model, names, config)
         return
-    # The largest matrices (embeddings, output heads) in row blocks, to the same bytes.
+    # HQQ in cache-sized row blocks, to torchao's bytes: faster, and no fp32 copy of a whole matrix.
     blocked = {n for n in names if hqq.applies(model.get_submodule(n), config)}
     for name in blocked:
         hqq.quantize_module(model.get_submodule(name), config)

@@ -119,12 +119,11 @@ def test_row_blocks_give_torchaos_tensor_bit_for_bit(monkeypatch, dtype, kind):
         "int2-g16": IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(16),
                                          intx_choose_qparams_algorithm="hqq_scale_only"),
     }[kind]
-    monkeypatch.setattr(hqq, "MIN_BYTES", 0)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1000, 128, generator=gen) * torch.logspace(-2, 1, 1000).unsqueeze(1)
     w[7] = 0  # a row of zeros: den == 0 keeps the previous scale
     for rows in (1, 96, 1000, 4096):
-        monkeypatch.setattr(hqq, "ROWS", rows)
+        monkeypatch.setattr(hqq, "BLOCK_BYTES", rows * 4 * 128)
         theirs = torch.nn.Linear(128, 1000, bias=False).to(dtype)
         theirs.weight = torch.nn.Parameter(w.to(dtype))
         ours = torch.nn.Linear(128, 1000, bias=False).to(dtype)
@@ -148,11 +147,32 @@ def test_what_row_blocks_leave_to_torchao():
     hqq_cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32),
                                    intx_choose_qparams_algorithm="hqq_scale_only")
     affine = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
-    big = torch.nn.Embedding(hqq.MIN_BYTES // 4 // 64, 64, device="meta")
-    small = torch.nn.Embedding(1000, 64, device="meta")
-    assert hqq.applies(big, hqq_cfg)
-    assert not hqq.applies(small, hqq_cfg)       # torchao's own function: blocking would not pay
-    assert not hqq.applies(big, affine)          # another parameter choice
+    assert hqq.applies(torch.nn.Embedding(1000, 64, device="meta"), hqq_cfg)
+    assert hqq.applies(torch.nn.Linear(64, 8, device="meta"), hqq_cfg)  # every size: it is the faster path
+    assert not hqq.applies(torch.nn.Embedding(1000, 64, device="meta"), affine)  # another parameter choice
+    conv = torch.nn.Conv1d(64, 8, 3, device="meta")
+    assert not hqq.applies(conv, hqq_cfg)        # not a matrix
+
+
+def test_blocks_follow_the_width():
+    """A block holds ``BLOCK_BYTES`` of fp32 whatever the width, and at least one row."""
+    w = torch.randn(40, 256)
+    q, s = hqq.quantize(w, 32, -8, 7)
+    for rows in (1, 3, 40):
+        assert torch.equal(hqq.quantize(w, 32, -8, 7, rows=rows)[0], q)
+    calls = []
+    real = torch.Tensor.to
+
+    def spy(self, *a, **k):
+        if self.dim() == 2 and self.shape[1] == 256:
+            calls.append(self.shape[0])
+        return real(self, *a, **k)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(hqq, "BLOCK_BYTES", 4 * 256 * 8), mock.patch.object(torch.Tensor, "to", spy):
+        hqq.quantize(w, 32, -8, 7)
+    assert calls and max(calls) == 8
 
 
 # ----------------------------------------------------------------------------- streamed quantize
@@ -164,8 +184,7 @@ def test_what_row_blocks_leave_to_torchao():
 ], ids=["qwen-fp32-4w", "qwen-bf16-4w", "qwen-fp32-8da4w", "qwen-fp16-mixed", "gemma3-bf16-mixed",
         "whisper-fp32-4w"])
 def test_streamed_quantization_is_the_whole_models(tmp_path, monkeypatch, recipe, dtype, scheme):
-    monkeypatch.setattr(hqq, "MIN_BYTES", 4096)  # the embeddings take the row-block path too
-    monkeypatch.setattr(hqq, "ROWS", 24)
+    monkeypatch.setattr(hqq, "BLOCK_BYTES", 4096)  # several blocks in every tiny matrix
     w = _weights(tmp_path, recipe, dtype)
     assert streaming.layout(w, dtype) is not None
     streamed = _quantize(tmp_path, w, SCHEMES[scheme], dtype, "streamed")
