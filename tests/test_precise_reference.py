@@ -6,6 +6,7 @@ further from the precise logits than ``PRECISE_MULTIPLIER`` times the eager mode
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mlxbuild.families import common, text_generation
@@ -69,15 +70,17 @@ def test_the_reference_writes_float32_logits_for_a_quantized_bf16_model(tmp_path
     assert 1e-4 < rel < 0.05, rel  # bf16's own rounding, not another model
     # the model is bf16 again afterwards (the runner reference runs it next)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    # fed the same tokens in float32 from scratch, behind a cache as long as they are: the
-    # same figures; behind the context's cache, the same to float32's rounding (the masked
-    # positions add nothing but move the attention's summation)
+    # fed the same tokens in float32 from scratch in one prefill, behind a cache as long as
+    # they are: the same figures; step by step as the eager pass runs (behind the short cache
+    # or the context's), the same to float32's rounding: the attention sums the same terms in
+    # another order
     tokens = torch.from_numpy(np.load(tmp_path / "tokens.npy"))
-    short = {**params, "max_context_length": 12}
-    _, again = common.precisely(model, lambda: text_generation._decode(model, short, tokens))
+    one = {**params, "max_context_length": 12, "prompt": 12, "decode_steps": 0}
+    _, again = common.precisely(model, lambda: text_generation._decode(model, one, tokens))
     assert np.array_equal(again.numpy(), f32)
-    _, whole = common.precisely(model, lambda: text_generation._decode(model, params, tokens))
-    np.testing.assert_allclose(whole.numpy(), f32, rtol=0, atol=1e-5 * np.abs(f32).max())
+    for steps in ({**params, "max_context_length": 12}, params):
+        _, stepped = common.precisely(model, lambda: text_generation._decode(model, steps, tokens))
+        np.testing.assert_allclose(stepped.numpy(), f32, rtol=0, atol=1e-5 * np.abs(f32).max())
 
 
 def test_no_float32_pass_for_float32_or_mostly_unquantized_models():
@@ -104,9 +107,9 @@ def test_the_reference_of_int8_dynamic_activations_is_also_run_unquantized(tmp_p
         if isinstance(w, IntxUnpackedToInt8Tensor):
             m.weight = torch.nn.Parameter(IntxUnpackedToInt8Tensor(
                 w.qdata, w.scale, w.zero_point, w.target_dtype, w.block_size, w.dtype, None), requires_grad=False)
-    # (behind a cache as long as the tokens fed, as the precise pass runs)
-    short = {**params, "max_context_length": 12}
-    _, again = text_generation._decode(model, short, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
+    # (in one prefill behind a cache as long as the tokens fed, as the precise pass runs)
+    one = {**params, "max_context_length": 12, "prompt": 12, "decode_steps": 0}
+    _, again = text_generation._decode(model, one, torch.from_numpy(np.load(tmp_path / "tokens.npy")))
     assert np.array_equal(again.numpy(), precise)
 
 
@@ -144,3 +147,57 @@ def test_the_precise_pass_dequantizes_a_block_of_rows_at_a_time(monkeypatch):
     seen.clear()
     text_generation._decode(model, params, tokens)
     assert (256, 64) in seen
+
+
+# ----------------------------------------------------------------------------- the eager pass, leaner
+
+
+@pytest.mark.parametrize("dtype,scheme", [
+    (torch.bfloat16, {"linear": {"bits": 4, "group_size": 32}, "embedding": {"bits": 4, "group_size": 32}}),
+    (torch.float32, {"linear": {"bits": 4, "group_size": 32, "activations": "int8_dynamic"},
+                     "embedding": {"bits": 8, "group_size": "per_channel"}}),
+    (torch.float16, {"linear": {"bits": 8, "group_size": "per_channel"}, "embedding": {"bits": 2, "group_size": 16}}),
+], ids=["bf16-4w", "fp32-8da4w", "fp16-8w-2w"])
+def test_the_lean_eager_pass_computes_torchaos_logits_bit_for_bit(dtype, scheme):
+    """The reference's eager pass dequantizes each weight with fewer passes and an embedding's
+    looked-up rows only (``common.leanly``): the very logits torchao's forwards give."""
+    model = _tiny(dtype, scheme)
+    params = {"max_context_length": 32, "prompt": 8, "decode_steps": 4, "seed": 0}
+    tokens = text_generation.prompt_tokens(256, 8, 0)
+    fed, theirs = text_generation._decode(model, params, tokens)
+    calls = []
+    real = common._lean
+
+    def counted(module):
+        lean = real(module)
+        if lean is not None:
+            calls.append(type(module).__name__)
+        return lean
+
+    import unittest.mock as mock
+
+    with mock.patch.object(common, "_lean", counted):
+        fed2, ours = common.leanly(model, lambda: text_generation._decode(model, params, tokens))
+    assert "Embedding" in calls and "Linear" in calls  # the lean forwards ran
+    assert torch.equal(fed, fed2) and torch.equal(theirs, ours)
+    assert not any("forward" in vars(m) for m in model.modules())  # torchao's forwards back
+
+
+def test_the_lean_dequantization_keeps_nonzero_zero_points():
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.quant_primitives import MappingType
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16, bias=True).to(torch.bfloat16)
+    emb = torch.nn.Embedding(40, 64).to(torch.bfloat16)
+    model = torch.nn.ModuleDict({"lin": lin, "emb": emb})
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(16),
+                                          mapping_type=MappingType.ASYMMETRIC),
+              filter_fn=lambda m, fqn: isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    assert lin.weight.zero_point.any()
+    ids = torch.tensor([[3, 39, 0, 3]])
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    want = (emb(ids), lin(x))
+    got = common.leanly(model, lambda: (emb(ids), lin(x)))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
