@@ -185,7 +185,7 @@ def _lean(module):
     w = getattr(module, "weight", None)
     if not isinstance(w, IntxUnpackedToInt8Tensor) or w.dim() != 2 or tuple(w.block_size)[0] != 1:
         return None
-    n, k = w.shape
+    k = w.shape[1]
     group = w.block_size[1]
     zeros = not bool(w.zero_point.any())
 

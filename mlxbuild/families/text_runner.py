@@ -42,23 +42,22 @@ def runner_reference(model, params: dict, tokenizer_dir: Path) -> dict:
     last_row = model.get_output_embeddings().register_forward_pre_hook(
         lambda _module, args: (args[0][:, -1:], *args[1:]))
 
-    def generate():
-        nonlocal logits
-        for pos in range(len(ids), ctx):
-            top = torch.topk(logits.float(), 2)
-            tokens.append(int(top.indices[0]))
-            margins.append(float(top.values[0] - top.values[1]))
-            if (len(tokens) > 1 and tokens[-1] in eos) or pos + 1 == ctx:
-                break
-            logits = exportable(input_ids=torch.tensor([[tokens[-1]]]), cache_position=torch.tensor([pos]))[0, -1]
+    def greedy():
+        with torch.no_grad():
+            try:
+                logits = exportable(input_ids=torch.tensor([ids]), cache_position=torch.arange(len(ids)))[0, -1]
+            finally:
+                last_row.remove()
+            for pos in range(len(ids), ctx):
+                top = torch.topk(logits.float(), 2)
+                tokens.append(int(top.indices[0]))
+                margins.append(float(top.values[0] - top.values[1]))
+                if (len(tokens) > 1 and tokens[-1] in eos) or pos + 1 == ctx:
+                    break
+                logits = exportable(input_ids=torch.tensor([[tokens[-1]]]), cache_position=torch.tensor([pos]))[0, -1]
 
-    with torch.no_grad():
-        try:
-            logits = exportable(input_ids=torch.tensor([ids]), cache_position=torch.arange(len(ids)))[0, -1]
-        finally:
-            last_row.remove()
-        # one whole-model pass a token: torchao's forwards' arithmetic, with less of their work
-        common.leanly(model, generate)
+    # one whole-model pass a token: torchao's forwards' arithmetic, with less of their work
+    common.leanly(model, greedy)
     return {"prompt": text, "prompt_ids": ids, "prompt_tokens": len(ids), "tokens": tokens,
             "margins": margins, "new_tokens": len(tokens),
             "pieces": tokenizer.pieces(tokenizer_dir, tokens)}
